@@ -1,0 +1,78 @@
+"""The Gemma 4 assistant, one draft step, in LiteRT-LM's `mtp_drafter` contract."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..contract import k_name, v_name
+from ..spec import FULL, SLIDING, DrafterSpec, TargetSpec
+from .layers import DecoderLayer, RMSNorm, attend, rope_cos_sin, rope_inv_freq, sliding_window_mask
+
+
+class Drafter(nn.Module):
+    """activations [1,1,2Hb] = concat(scaled target embedding of the last token, carry) -> logits, next carry.
+
+    `input_pos` int32 [1] follows LiteRT-LM: it is N-1 for the token at position N, and the query is roped at
+    input_pos + 1 (what transformers does). `mask` [1,1,1,C] is the committed-context mask (keys [0, N-1]); the
+    sliding layers also hide keys at or before input_pos - window. The caches are the target's store-layer caches,
+    passed under the target's own names. With the centroid head, the logits of tokens outside the top clusters are
+    min(candidate scores) - 1, computed in-graph (no host sync).
+    """
+
+    def __init__(self, spec: DrafterSpec, target: TargetSpec, sliding_window: int | None = None):
+        super().__init__()
+        self.spec = spec
+        self.store_layers = dict(target.store_layers)
+        self.window = sliding_window if sliding_window is not None else spec.sliding_window
+        h = spec.hidden_size
+        self.embed_tokens = nn.Embedding(spec.vocab_size, h)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, False, spec.intermediate_size)
+                                    for i in range(spec.num_layers))
+        self.norm = RMSNorm(h, spec.rms_eps)
+        self.pre_projection = nn.Linear(2 * spec.backbone_hidden_size, h, bias=False)
+        self.post_projection = nn.Linear(h, spec.backbone_hidden_size, bias=False)
+        if spec.use_ordered_embeddings:
+            self.centroids = nn.Linear(h, spec.num_centroids, bias=False)
+            self.register_buffer("token_ordering", torch.arange(spec.vocab_size, dtype=torch.int32))
+        for kind in (SLIDING, FULL):
+            self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(spec, kind), persistent=False)
+
+    def cache_names(self) -> list[str]:
+        """The target caches this drafter reads (store layers of the attention types it uses)."""
+        layers = sorted({self.store_layers[k] for k in self.spec.layer_types})
+        return [n for i in layers for n in (k_name(i), v_name(i))]
+
+    def head(self, y: torch.Tensor) -> torch.Tensor:
+        """Logits [1,1,V] from the final-normed state y [1,1,h]: dense tied head or the centroid head."""
+        table = self.embed_tokens.weight
+        if not self.spec.use_ordered_embeddings:
+            return torch.matmul(y, table.t())
+        s = self.spec
+        _, top = torch.topk(self.centroids(y).reshape(-1), s.centroid_top_k)
+        clusters = self.token_ordering.reshape(s.num_centroids, s.tokens_per_centroid)
+        candidates = clusters.index_select(0, top).reshape(-1).long()
+        scores = torch.matmul(table.index_select(0, candidates), y.reshape(-1, 1)).reshape(-1)
+        fill = (scores.min() - 1.0).reshape(1).expand(s.vocab_size)
+        return fill.scatter(0, candidates, scores).reshape(1, 1, s.vocab_size)
+
+    def forward(self, activations: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
+                **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
+        s = self.spec
+        context = mask.shape[-1]
+        query_pos = input_pos + 1
+        rope = {kind: rope_cos_sin(query_pos, getattr(self, f"inv_freq_{kind}")) for kind in (SLIDING, FULL)}
+        masks = {FULL: mask, SLIDING: torch.minimum(mask, sliding_window_mask(input_pos, self.window, context))}
+        x = self.pre_projection(activations)
+        for i, layer in enumerate(self.layers):
+            kind = s.layer_types[i]
+            src = self.store_layers[kind]
+            attn = layer.self_attn
+
+            def attention(a: torch.Tensor, attn=attn, kind=kind, src=src) -> torch.Tensor:
+                q = attn.query(a, *rope[kind])
+                return attn.o_proj(attend(q, kv_caches[k_name(src)], kv_caches[v_name(src)], masks[kind]))
+
+            x = layer(x, attention)
+        y = self.norm(x)
+        return {"logits": self.head(y), "projected_activations": self.post_projection(y)}

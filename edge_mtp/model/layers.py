@@ -1,0 +1,179 @@
+"""Gemma 4 building blocks on a static, explicit KV cache (gemma4.md §2).
+
+Everything here is export-friendly: static shapes, no host syncs, cache rows written with `scatter` at `input_pos`,
+grouped-query attention as a plain 4-D matmul (no repeat_kv, which the LiteRT converter miscompiles).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..contract import MASK_HIDDEN
+from ..spec import FULL, AttentionGeometry
+
+
+def stored_scale(value: float, dtype: torch.dtype) -> float:
+    """A scale factor rounded the way transformers rounds it: cast to the checkpoint's weight dtype first."""
+    return float(torch.tensor(value, dtype=torch.float32, device="cpu").to(dtype).float())
+
+
+class RMSNorm(nn.Module):
+    """x * (mean(x^2) + eps)^-1/2 * w, computed in fp32 (the scale is w itself; with_scale=False has none)."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.to(x.dtype)
+
+
+def rope_inv_freq(spec: AttentionGeometry, layer_type: str) -> torch.Tensor:
+    """Inverse frequencies [hd/2]: default RoPE for sliding layers, 'proportional' partial RoPE for full layers."""
+    if layer_type == FULL:
+        hd, theta = spec.global_head_dim, spec.rope_theta_full
+        rotated = int(spec.partial_rotary_full * hd // 2)
+    else:
+        hd, theta = spec.head_dim, spec.rope_theta_sliding
+        rotated = hd // 2
+    inv = 1.0 / (theta ** (torch.arange(0, 2 * rotated, 2, dtype=torch.float32, device="cpu") / hd))
+    return torch.cat([inv, torch.zeros(hd // 2 - rotated, device="cpu")])
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, hd] for integer positions [T] (rotate-half pairing: dim i with dim i + hd/2)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [1, heads, T, hd] by cos/sin [T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def sliding_window_mask(query_pos: torch.Tensor, window: int, context: int) -> torch.Tensor:
+    """[T, C] additive mask hiding keys at or before query_pos - window (window keys, the query's own included)."""
+    keys = torch.arange(context, dtype=torch.int32)
+    visible = keys[None, :] > (query_pos[:, None] - window)
+    return torch.where(visible, 0.0, MASK_HIDDEN)
+
+
+def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write rows k [1,Hkv,T,hd] and v [1,Hkv,T,hd] at input_pos into K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C]."""
+    _, hkv, t, hd = k.shape
+    k_index = input_pos.long().view(1, 1, t, 1).expand(1, hkv, t, hd)
+    v_index = input_pos.long().view(1, 1, 1, t).expand(1, hkv, hd, t)
+    return k_cache.scatter(2, k_index, k), v_cache.scatter(3, v_index, v.transpose(2, 3))
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention of q [1,H,T,hd] over K [1,Hkv,C,hd], V^T [1,Hkv,hd,C]; mask [1,1,T,C] or [T,C].
+
+    Scale 1 (q and k are normalised), softmax in fp32. Query heads of one KV head are folded into the row axis so
+    every matmul is a plain 4-D one. Returns [1, T, H*hd].
+    """
+    _, h, t, hd = q.shape
+    hkv = k_cache.shape[1]
+    groups = h // hkv
+    q = q.reshape(1, hkv, groups * t, hd)
+    scores = torch.matmul(q, k_cache.transpose(2, 3)).float()
+    scores = scores + mask.reshape(1, 1, t, -1).repeat(1, 1, groups, 1)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = torch.matmul(v_cache, probs.transpose(2, 3))  # [1, Hkv, hd, G*T]
+    return out.reshape(1, hkv, hd, groups, t).permute(0, 4, 1, 3, 2).reshape(1, t, h * hd)
+
+
+class MLP(nn.Module):
+    """GELU(tanh)-gated feed-forward."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Gemma 4 attention projections; with own_kv it also projects K/V, otherwise it only queries a cache."""
+
+    def __init__(self, spec: AttentionGeometry, layer: int, own_kv: bool):
+        super().__init__()
+        hd = spec.layer_head_dim(layer)
+        self.head_dim = hd
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.q_proj = nn.Linear(spec.hidden_size, spec.num_heads * hd, bias=False)
+        self.q_norm = RMSNorm(hd, spec.rms_eps)
+        self.own_kv = own_kv
+        if own_kv:
+            self.k_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * hd, bias=False)
+            self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * hd, bias=False)
+            self.k_norm = RMSNorm(hd, spec.rms_eps)
+            self.v_norm = RMSNorm(hd, spec.rms_eps, with_scale=False)
+        self.o_proj = nn.Linear(spec.num_heads * hd, spec.hidden_size, bias=False)
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """q [1, H, T, hd]: projected, normalised, roped."""
+        t = x.shape[1]
+        q = self.q_norm(self.q_proj(x).view(1, t, self.num_heads, self.head_dim)).transpose(1, 2)
+        return apply_rope(q, cos, sin)
+
+    def key_value(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New k, v rows [1, Hkv, T, hd] (k roped; v normalised without weight, not roped)."""
+        t = x.shape[1]
+        k = self.k_norm(self.k_proj(x).view(1, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_norm(self.v_proj(x).view(1, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+
+class DecoderLayer(nn.Module):
+    """Pre/post-normed attention and MLP, optional PLE branch, then the layer scalar.
+
+    `forward` takes a callable computing the attention output from the normalised input, so the same layer serves
+    the target (own or shared cache) and the drafter (query-only over the target's cache).
+    """
+
+    def __init__(self, spec: AttentionGeometry, layer: int, own_kv: bool, inter: int, ple_dim: int = 0):
+        super().__init__()
+        h, eps = spec.hidden_size, spec.rms_eps
+        self.self_attn = Attention(spec, layer, own_kv)
+        self.mlp = MLP(h, inter)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.ple_dim = ple_dim
+        if ple_dim:
+            self.per_layer_input_gate = nn.Linear(h, ple_dim, bias=False)
+            self.per_layer_projection = nn.Linear(ple_dim, h, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(h, eps)
+
+    def forward(self, h: torch.Tensor, attention, per_layer_input: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.post_attention_layernorm(attention(self.input_layernorm(h)))
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        if self.ple_dim:
+            gated = F.gelu(self.per_layer_input_gate(h), approximate="tanh") * per_layer_input
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        return h * self.layer_scalar
+
+
+def embed_scale(width: int, dtype: torch.dtype) -> float:
+    """sqrt(width) as transformers applies it to an embedding stored in `dtype`."""
+    return stored_scale(math.sqrt(width), dtype)

@@ -1,0 +1,129 @@
+"""Random-weight checkpoints in the exact Hugging Face layout, streamed tensor by tensor.
+
+A safetensors file is an 8-byte header length, a JSON header of offsets, then raw data; since every shape is known
+from the spec, the header is written first and each tensor is generated and written in row chunks, so even the
+e2b preset (4.6 B parameters) is written without holding the model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .atomic import atomic_directory
+from .hf_config import drafter_config, generation_config, target_config
+from .layout import MULTIMODAL_PREFIX, NORM, ORDERING, SCALAR, TEXT_PREFIX, TensorEntry, drafter_tensors, target_tensors
+from .spec import DrafterSpec, TargetSpec
+from .tokenizer_files import write_char_tokenizer
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _dtype_for(entry: TensorEntry, dtype: torch.dtype) -> torch.dtype:
+    return torch.int64 if entry.role == ORDERING else dtype
+
+
+def _chunks(entry: TensorEntry, dtype: torch.dtype, std: float, gen: torch.Generator) -> Iterable[torch.Tensor]:
+    """The tensor's values, in row chunks (gemma4.md §5 init: norms/scalars 1 ± 0.1, ordering a permutation)."""
+    if entry.role == ORDERING:
+        yield torch.randperm(entry.shape[0], generator=gen)
+        return
+    rows = entry.shape[0]
+    row_size = entry.numel // rows
+    step = max(1, CHUNK_ELEMENTS // row_size)
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        values = torch.randn((n, *entry.shape[1:]), generator=gen)
+        if entry.role in (NORM, SCALAR):
+            values = 1.0 + 0.1 * values
+        else:
+            values = values * std
+        yield values.to(dtype)
+
+
+def _plan_shards(entries: list[tuple[str, TensorEntry]], dtype: torch.dtype, shard_bytes: int) -> list[list]:
+    shards: list[list] = [[]]
+    size = 0
+    for name, entry in entries:
+        nbytes = entry.numel * _dtype_for(entry, dtype).itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, entry))
+        size += nbytes
+    return shards
+
+
+def write_safetensors(directory: Path, entries: list[tuple[str, TensorEntry]], dtype: torch.dtype, std: float,
+                      seed: int, shard_bytes: int = 2 << 30, progress: Callable[[int], None] | None = None) -> None:
+    """Write `entries` (full name, entry) as model.safetensors, or as shards plus an index when over shard_bytes."""
+    shards = _plan_shards(entries, dtype, shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, shard in enumerate(shards):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, entry in shard:
+            dt = _dtype_for(entry, dtype)
+            nbytes = entry.numel * dt.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(entry.shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = file
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(directory / file, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, entry in shard:
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, name)) * 7919 + len(name))
+                for chunk in _chunks(entry, _dtype_for(entry, dtype), std, gen):
+                    f.write(chunk.contiguous().view(torch.uint8).numpy().tobytes())
+                total += entry.numel * _dtype_for(entry, dtype).itemsize
+                if progress:
+                    progress(total)
+    if len(shards) > 1:
+        (directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _default_std(hidden: int) -> float:
+    """0.2 keeps toy models lively (gemma4.md §5); wide models get 1/sqrt(width) so activations stay finite."""
+    return 0.2 if hidden <= 128 else 1.0 / math.sqrt(hidden)
+
+
+def write_target(directory: Path, spec: TargetSpec, seed: int = 0, multimodal: bool = False,
+                 shard_bytes: int = 2 << 30, progress: Callable[[int], None] | None = None) -> None:
+    """A random Gemma 4 target checkpoint (config, generation config, tokenizer, safetensors) at `directory`."""
+    dtype = getattr(torch, spec.dtype)
+    prefix = MULTIMODAL_PREFIX if multimodal else TEXT_PREFIX
+    with atomic_directory(directory) as tmp:
+        (tmp / "config.json").write_text(json.dumps(target_config(spec, multimodal), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(spec), indent=2))
+        write_char_tokenizer(tmp, spec.vocab_size)
+        entries = [(prefix + e.name, e) for e in target_tensors(spec)]
+        write_safetensors(tmp, entries, dtype, _default_std(spec.hidden_size), seed, shard_bytes, progress)
+
+
+def write_drafter(directory: Path, spec: DrafterSpec, target: TargetSpec, seed: int = 1,
+                  shard_bytes: int = 2 << 30, progress: Callable[[int], None] | None = None) -> None:
+    """A random Gemma 4 assistant checkpoint for `target` at `directory`."""
+    dtype = getattr(torch, spec.dtype)
+    with atomic_directory(directory) as tmp:
+        (tmp / "config.json").write_text(json.dumps(drafter_config(spec), indent=2))
+        (tmp / "generation_config.json").write_text(
+            json.dumps(generation_config(target, spec.num_assistant_tokens), indent=2))
+        entries = [(e.name, e) for e in drafter_tensors(spec)]
+        write_safetensors(tmp, entries, dtype, _default_std(spec.hidden_size), seed, shard_bytes, progress)
+
+
+def total_bytes(spec: TargetSpec | DrafterSpec, entries: Iterable[TensorEntry]) -> int:
+    """Bytes the safetensors data of a spec takes."""
+    dtype = getattr(torch, spec.dtype)
+    return sum(e.numel * _dtype_for(e, dtype).itemsize for e in entries)
