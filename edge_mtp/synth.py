@@ -22,7 +22,7 @@ from .spec import DrafterSpec, TargetSpec
 from .tokenizer_files import write_char_tokenizer
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _dtype_for(entry: TensorEntry, dtype: torch.dtype) -> torch.dtype:
@@ -45,6 +45,11 @@ def _chunks(entry: TensorEntry, dtype: torch.dtype, std: float, gen: torch.Gener
         else:
             values = values * std
         yield values.to(dtype)
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """Seed of one tensor from its layout name, so every layout and dtype of a preset holds the same values."""
+    return seed * 1_000_003 + sum(ord(ch) * (i + 1) for i, ch in enumerate(name))
 
 
 def _plan_shards(entries: list[tuple[str, TensorEntry]], dtype: torch.dtype, shard_bytes: int) -> list[list]:
@@ -82,7 +87,7 @@ def write_safetensors(directory: Path, entries: list[tuple[str, TensorEntry]], d
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for name, entry in shard:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, name)) * 7919 + len(name))
+                gen = torch.Generator().manual_seed(_tensor_seed(seed, entry.name))
                 for chunk in _chunks(entry, _dtype_for(entry, dtype), std, gen):
                     f.write(chunk.contiguous().view(torch.uint8).numpy().tobytes())
                 total += entry.numel * _dtype_for(entry, dtype).itemsize

@@ -1,0 +1,45 @@
+"""Session-wide fixtures: checkpoints written once (by transformers and by our synth writer) and shared by tests."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+from edge_mtp.spec import preset_pair  # noqa: E402
+
+GEOMETRIES = ["tiny", "tiny-mqa"]
+
+
+@pytest.fixture(scope="session")
+def hf_pairs(tmp_path_factory) -> dict:
+    """For each test geometry: transformers target + assistant models and the directories they were saved to."""
+    from hf_models import hf_assistant, hf_target, save
+
+    out = {}
+    for name in GEOMETRIES:
+        target_spec, drafter_spec = preset_pair(name)
+        root = tmp_path_factory.mktemp(f"hf-{name}")
+        target, assistant = hf_target(target_spec, seed=3), hf_assistant(drafter_spec, seed=4)
+        out[name] = {"target": target, "assistant": assistant, "target_dir": save(target, root / "target"),
+                     "assistant_dir": save(assistant, root / "assistant")}
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_pair(tmp_path_factory) -> Path:
+    """The tiny preset written by our streaming synth writer (target/ and assistant/)."""
+    from edge_mtp.synth import write_drafter, write_target
+
+    root = tmp_path_factory.mktemp("synth-tiny")
+    target, drafter = preset_pair("tiny")
+    write_target(root / "target", target, seed=0)
+    write_drafter(root / "assistant", drafter, target, seed=1)
+    return root
