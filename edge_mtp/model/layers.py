@@ -71,12 +71,24 @@ def sliding_window_mask(query_pos: torch.Tensor, window: int, context: int) -> t
 
 
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write rows k [1,Hkv,T,hd] and v [1,Hkv,T,hd] at input_pos into K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C]."""
+                input_pos: torch.Tensor, mode: str = "scatter") -> tuple[torch.Tensor, torch.Tensor]:
+    """Write rows k [1,Hkv,T,hd] and v [1,Hkv,T,hd] at input_pos into K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C].
+
+    "scatter" writes row i at input_pos[i] (ONNX ScatterElements, done in place by onnxruntime); "dus" writes the
+    T rows as one block starting at input_pos[0] (LiteRT DYNAMIC_UPDATE_SLICE: the only form LiteRT-LM's runtime
+    updates correctly, since it fills the padding rows of a prefill chunk with positions of its own).
+    """
     _, hkv, t, hd = k.shape
+    v = v.transpose(2, 3)
+    if mode == "dus":
+        from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+
+        zero, start = torch.zeros([], dtype=torch.int32), input_pos[0].reshape([]).to(torch.int32)
+        return (dynamic_update_slice(k_cache, k, [zero, zero, start, zero]),
+                dynamic_update_slice(v_cache, v, [zero, zero, zero, start]))
     k_index = input_pos.long().view(1, 1, t, 1).expand(1, hkv, t, hd)
     v_index = input_pos.long().view(1, 1, 1, t).expand(1, hkv, hd, t)
-    return k_cache.scatter(2, k_index, k), v_cache.scatter(3, v_index, v.transpose(2, 3))
+    return k_cache.scatter(2, k_index, k), v_cache.scatter(3, v_index, v)
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

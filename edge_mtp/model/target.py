@@ -24,6 +24,7 @@ class Target(nn.Module):
     def __init__(self, spec: TargetSpec):
         super().__init__()
         self.spec = spec
+        self.cache_write = "scatter"  # the LiteRT exporter switches this to "dus" (see layers.write_cache)
         h = spec.hidden_size
         self.embed_tokens = nn.Embedding(spec.vocab_size, h)  # the tied output head
         if spec.ple_dim:
@@ -62,7 +63,7 @@ class Target(nn.Module):
                 if attn.own_kv:
                     k, v = attn.key_value(x, cos, sin)
                     caches[k_name(i)], caches[v_name(i)] = write_cache(
-                        caches[k_name(i)], caches[v_name(i)], k, v, input_pos)
+                        caches[k_name(i)], caches[v_name(i)], k, v, input_pos, self.cache_write)
                 q = attn.query(x, cos, sin)
                 return attn.o_proj(attend(q, caches[k_name(src)], caches[v_name(src)], masks[kind]))
 
