@@ -12,7 +12,8 @@ from typing import Iterator
 from .errors import EdgeMtpError
 
 
-def _writable_parent(path: Path) -> Path:
+def writable_parent(path: Path) -> Path:
+    """The folder that will hold `path`, created if needed; a clear error when it cannot be written."""
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +28,7 @@ def _writable_parent(path: Path) -> Path:
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `path`, on any error it is removed."""
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=_writable_parent(path)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=writable_parent(path)))
     try:
         yield tmp
         if path.exists():
@@ -42,7 +43,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling file path; on success it is renamed to `path`, on any error it is deleted."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=_writable_parent(path))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=writable_parent(path))
     os.close(fd)
     tmp = Path(name)
     try:

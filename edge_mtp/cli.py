@@ -64,13 +64,90 @@ def synth(preset: str, out: Path, seed: int, dtype: str | None, multimodal_layou
     click.echo(f"wrote {out / 'target'} and {out / 'assistant'} ({preset}, {target.dtype})")
 
 
+def _parse_lengths(text: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise EdgeMtpError(f"--prefill takes comma-separated token counts such as 32,128, not '{text}'.") from None
+    if not lengths or min(lengths) < 1:
+        raise EdgeMtpError("--prefill needs at least one positive length.")
+    return lengths
+
+
+def default_pair() -> tuple[Path, Path]:
+    """The built-in demo pair's checkpoint directories."""
+    root = Path(__file__).parent / "demo"
+    target, assistant = root / "target", root / "assistant"
+    if not (target / "config.json").is_file() or not (assistant / "config.json").is_file():
+        raise EdgeMtpError(f"The built-in demo pair is missing from {root}; pass --target and --assistant.")
+    return target, assistant
+
+
+@main.command()
+@click.option("--target", "target_dir", help="Target checkpoint directory or cached HF repo id (default: demo pair).")
+@click.option("--assistant", "assistant_dir", help="Assistant checkpoint directory or cached HF repo id.")
+@click.option("--no-assistant", is_flag=True, help="Export the target alone (no MTP drafter).")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("model.litertlm"), show_default=True)
+@click.option("--draft-len", default=3, show_default=True, help="Draft tokens per verify (verify takes G+1).")
+@click.option("--context", default=4096, show_default=True, help="KV cache length C (max tokens on device).")
+@click.option("--prefill", default="32,128", show_default=True, help="Prefill signature lengths.")
+@click.option("--quant", default="fp32", show_default=True, help="Quantization recipe (fp32 for now).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool, out: Path, draft_len: int,
+           context: int, prefill: str, quant: str, as_json: bool) -> None:
+    """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
+    from rich.console import Console
+
+    from .export.pipeline import export_litert
+
+    if quant != "fp32":
+        raise EdgeMtpError(f"Quantization recipe '{quant}' is not available yet; use --quant fp32.")
+    if target_dir is None:
+        target_dir, demo_assistant = default_pair()
+        assistant_dir = assistant_dir or demo_assistant
+    if no_assistant:
+        assistant_dir = None
+    elif assistant_dir is None:
+        raise EdgeMtpError("--assistant is required with --target (or pass --no-assistant to export without MTP).")
+    console = Console(stderr=True)
+    with console.status("exporting") as status:
+        summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
+                                prefill=_parse_lengths(prefill),
+                                on_stage=lambda s: (status.update(s), console.log(s)))
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    click.echo(f"wrote {summary.out} ({summary.bytes / 2**20:.1f} MiB) in {summary.wall_seconds:.0f} s, "
+               f"peak memory {summary.peak_rss_mib:.0f} MiB")
+    for section in summary.sections:
+        click.echo(f"  {section['type']:<18} {section['model_type'] or '':<28} {section['bytes']:>12,} bytes")
+    for model, sigs in summary.signatures.items():
+        worst = max((row["relative"] for sig in summary.checks.get(model, {}).values() for row in sig.values()),
+                    default=0.0)
+        click.echo(f"  {model:<20} {', '.join(sigs):<45} max rel. error vs PyTorch {worst:.1e}")
+
+
 @main.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(path: str, as_json: bool) -> None:
-    """Describe a checkpoint directory (geometry, parameters, KV sharing)."""
-    from .inspect_checkpoint import describe_checkpoint
+    """Describe a checkpoint directory (geometry, parameters, KV sharing) or a .litertlm bundle."""
+    from .inspect_checkpoint import describe_bundle, describe_checkpoint
 
+    if path.endswith(".litertlm"):
+        info = describe_bundle(Path(path))
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        click.echo(f"bundle {info['path']} (LiteRT-LM format {info['version']}, {info['bytes']:,} bytes), "
+                   f"speculative decoding: {'yes' if info['supports_mtp'] else 'no'}")
+        for section in info["sections"]:
+            click.echo(f"  {section['type']:<18} {section.get('model_type') or '':<28} {section['bytes']:>12,} bytes")
+            for sig, io in section.get("signatures", {}).items():
+                click.echo(f"    {sig}")
+                for kind in ("inputs", "outputs"):
+                    click.echo(f"      {kind}: " + ", ".join(f"{t['name']}{t['shape']}:{t['dtype']}" for t in io[kind]))
+        return
     info = describe_checkpoint(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))

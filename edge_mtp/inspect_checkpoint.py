@@ -32,3 +32,34 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "kv_bytes_per_token_bf16": spec.kv_bytes_per_token(2),
         "geometry": spec_to_dict(spec),
     }
+
+
+def describe_bundle(path: Path) -> dict[str, Any]:
+    """Sections, model types, signatures and tensor names/shapes/dtypes of a .litertlm bundle."""
+    from .export.litertlm import read_litertlm
+
+    bundle = read_litertlm(path)
+    sections = []
+    for s in bundle.sections:
+        row: dict[str, Any] = {"type": s.data_type, "model_type": s.model_type, "bytes": s.end - s.begin}
+        if s.data_type == "tflite_model":
+            row["signatures"] = tflite_signatures(bundle.read(s))
+        sections.append(row)
+    return {"path": str(path), "version": ".".join(map(str, bundle.version)), "bytes": path.stat().st_size,
+            "supports_mtp": bundle.model_section("tf_lite_mtp_drafter") is not None, "manifest": bundle.manifest,
+            "sections": sections}
+
+
+def tflite_signatures(model: bytes) -> dict[str, dict[str, list]]:
+    """Every signature of a TFLite flatbuffer with its input/output names, shapes and dtypes."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model)
+    out = {}
+    for name in interpreter.get_signature_list():
+        runner = interpreter.get_signature_runner(name)
+        out[name] = {kind: [{"name": n, "shape": [int(d) for d in t["shape"]], "dtype": t["dtype"].__name__}
+                            for n, t in sorted(details.items())]
+                     for kind, details in (("inputs", runner.get_input_details()),
+                                           ("outputs", runner.get_output_details()))}
+    return out

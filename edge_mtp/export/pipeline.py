@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, writable_parent
 from ..contract import Contract
 from ..errors import EdgeMtpError
 from ..model.loading import load_drafter, load_target
@@ -93,6 +93,7 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
         raise EdgeMtpError(f"Output {out} should end in .litertlm (use --format onnx for an ONNX bundle).")
     if draft_len < 1:
         raise EdgeMtpError("--draft-len must be at least 1.")
+    writable_parent(out)
     stages: list[str] = []
 
     def stage(text: str) -> None:
@@ -109,7 +110,7 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
     models.target.cache_write = "dus"
     paths: dict[str, Path] = {}
     checks: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent if out.parent.exists() else None) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as tmp:
         work = Path(tmp)
         for unit in export_units(models, drafter, contract):
             stage(f"converting {unit.name}: {', '.join(s.name for s, _ in unit.signatures)}")

@@ -1,0 +1,112 @@
+"""distill: the training path is the inference path, training helps, resume is exact, the output loads everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_mtp.contract import causal_mask, drafter_mask
+from edge_mtp.distill import (STATE_FILE, _kv_zeros, _run_target, cluster_of_tokens, cluster_tokens, default_drafter_spec, distill,
+                              draft_rows, greedy_continue, head_argmax)
+from edge_mtp.model.loading import load_drafter, load_target
+from edge_mtp.spec import check_pair
+
+ARGS = dict(steps=30, batch=6, seq_len=24, prompt_len=6, num_sequences=96, eval_prompts=3, eval_tokens=24,
+            save_every=10, lr=5e-3)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def trained(synth_pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "assistant"
+    return out, distill(synth_pair / "target", out, **ARGS)
+
+
+def test_training_lowers_loss_and_raises_acceptance(trained):
+    _, result = trained
+    assert len(result.losses) == ARGS["steps"]
+    assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5])
+    assert result.acceptance_after > result.acceptance_before
+    assert result.mean_accepted_length_after > result.mean_accepted_length_before
+
+
+def test_resume_continues_from_the_saved_step(synth_pair, trained, tmp_path):
+    _, full = trained
+    out = tmp_path / "assistant"
+
+    def stop_at_15(step, total, loss, acc):
+        if step == 15:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        distill(synth_pair / "target", out, progress=stop_at_15, **ARGS)
+    assert torch.load(out / STATE_FILE, weights_only=False)["step"] == 10
+    resumed = distill(synth_pair / "target", out, resume=True, **ARGS)
+    assert resumed.start_step == 10 and len(resumed.losses) == ARGS["steps"]
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-4)
+    assert resumed.acceptance_before == full.acceptance_before
+
+
+def test_output_loads_with_our_loader_and_transformers(synth_pair, trained):
+    from transformers import Gemma4AssistantForCausalLM
+
+    out, _ = trained
+    models = load_target(synth_pair / "target")
+    drafter = load_drafter(out, models.spec)
+    check_pair(models.spec, drafter.spec)
+    assert drafter.spec.num_assistant_tokens == 3 and drafter.spec.use_ordered_embeddings
+    assert sorted(drafter.token_ordering.tolist()) == list(range(models.spec.vocab_size))
+    model, info = Gemma4AssistantForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.generation_config.num_assistant_tokens == 3
+
+
+@torch.no_grad()
+def test_batched_rows_equal_one_step_drafter_calls(synth_pair):
+    """Every row of the block-diagonal training batch equals the real one-row drafter step on that sequence alone."""
+    models = load_target(synth_pair / "target")
+    drafter = load_drafter(synth_pair / "assistant", models.spec)
+    seqs = greedy_continue(models, [[2, 40, 41, 42], [2, 7, 100, 9, 33]], 14)
+    rows = draft_rows(models, drafter, seqs, 3)
+    clusters = cluster_of_tokens(drafter)
+    length = seqs.shape[1]
+    for r in (0, 4, len(rows.bonus) - 1):
+        b, n = int(rows.block[r]), int(rows.bonus[r])
+        tgt = _run_target(models, seqs[b], torch.arange(length), torch.from_numpy(causal_mask(0, length, length)),
+                          _kv_zeros(models.spec, length))
+        caches = {k: tgt[k] for k in drafter.cache_names()}
+        carry = tgt["activations"][:, n - 1:n]
+        for i in range(3):
+            emb = models.embedder(seqs[b, n + i].view(1, 1).int())["embeddings"]
+            out = drafter(torch.cat([emb, carry], -1), torch.tensor([n - 1], dtype=torch.int32),
+                          torch.from_numpy(drafter_mask(n - 1, length)), **caches)
+            carry = out["projected_activations"]
+            torch.testing.assert_close(rows.carries[i][r], carry[0, 0], rtol=1e-4, atol=1e-4)
+            y = rows.hidden[i][r:r + 1]
+            assert int(head_argmax(drafter, y, y @ drafter.embed_tokens.weight.t(), clusters)) == int(out["logits"].argmax())
+            torch.testing.assert_close(rows.teacher[i][r], tgt["logits"][0, n + i], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_continue_matches_plain_decoding(synth_pair):
+    from edge_mtp.contract import Contract
+    from edge_mtp.runtime.backends.torch import TorchBackend
+    from edge_mtp.runtime.speculative import generate_tokens
+
+    models = load_target(synth_pair / "target")
+    prompts = [[2, 40, 41, 42], [2, 7, 100, 9, 33, 18]]
+    seqs = greedy_continue(models, prompts, 20)
+    backend = TorchBackend(models, None, Contract(models.spec, None, 32, 3, (8,)))
+    for prompt, seq in zip(prompts, seqs):
+        plain, _ = generate_tokens(backend, prompt, max_tokens=20 - len(prompt), mtp=False)
+        assert seq.tolist() == prompt + plain
+
+
+def test_clusters_are_a_balanced_permutation_and_geometry_matches_target(synth_pair):
+    models = load_target(synth_pair / "target")
+    spec = default_drafter_spec(models.spec)
+    check_pair(models.spec, spec)
+    ordering = cluster_tokens(models.target.embed_tokens.weight, spec.num_centroids)
+    assert sorted(ordering.tolist()) == list(range(models.spec.vocab_size))

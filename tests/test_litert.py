@@ -1,0 +1,142 @@
+"""LiteRT export: converted graphs vs PyTorch, the bundle in Google's LiteRT-LM runtime, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from transformers import AutoTokenizer
+
+from edge_mtp.cli import main
+from edge_mtp.contract import Contract
+from edge_mtp.errors import EdgeMtpError, PairMismatchError, UnsupportedModelError
+from edge_mtp.export.litertlm import read_litertlm
+from edge_mtp.export.pipeline import TOLERANCE, export_litert
+from edge_mtp.model.loading import load_drafter, load_target
+from edge_mtp.runtime.backends.torch import TorchBackend
+from edge_mtp.runtime.litertlm_engine import run_litertlm
+from edge_mtp.runtime.speculative import generate_tokens
+
+CONTEXT, PREFILL = 64, (8, 16)
+PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on a phone, exactly."]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(synth_pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("litert") / "tiny.litertlm"
+    summary = export_litert(synth_pair / "target", synth_pair / "assistant", out, context=CONTEXT, prefill=PREFILL)
+    return out, summary
+
+
+def _ours(pair_dir: Path, prompts, max_tokens: int, mtp: bool = True):
+    models = load_target(pair_dir / "target")
+    drafter = load_drafter(pair_dir / "assistant", models.spec)
+    backend = TorchBackend(models, drafter, Contract(models.spec, drafter.spec, CONTEXT, 3, PREFILL))
+    tok = AutoTokenizer.from_pretrained(pair_dir / "target")
+    texts, accepted, drafted = [], 0, 0
+    for prompt in prompts:
+        tokens, stats = generate_tokens(backend, tok(prompt)["input_ids"], max_tokens=max_tokens, mtp=mtp,
+                                        stop_tokens=list(models.spec.eos_token_ids))
+        texts.append(tok.decode(tokens, skip_special_tokens=False))
+        accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    return texts, accepted, drafted
+
+
+def test_every_signature_matches_pytorch(tiny_bundle):
+    _, summary = tiny_bundle
+    assert set(summary.checks) == {"embedder", "per_layer_embedder", "target", "drafter"}
+    assert set(summary.checks["target"]) == {"prefill_8", "prefill_16", "decode", "verify"}
+    for model, signatures in summary.checks.items():
+        for signature, outputs in signatures.items():
+            for name, row in outputs.items():
+                assert row["relative"] <= TOLERANCE, (model, signature, name, row)
+    assert {"logits", "activations", "kv_cache_k_0", "kv_cache_v_2"} <= set(summary.checks["target"]["verify"])
+    assert {"logits", "projected_activations"} == set(summary.checks["drafter"]["mtp_drafter"])
+
+
+def test_bundle_layout_follows_the_contract(tiny_bundle):
+    path, _ = tiny_bundle
+    bundle = read_litertlm(path)
+    types = [s.model_type for s in bundle.sections if s.data_type == "tflite_model"]
+    assert types == ["tf_lite_embedder", "tf_lite_per_layer_embedder", "tf_lite_prefill_decode", "tf_lite_mtp_drafter"]
+    assert bundle.manifest["draft_len"] == 3 and bundle.manifest["context"] == CONTEXT
+    info = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
+    sections = {s["model_type"]: s for s in info["sections"] if s["model_type"]}
+    verify = sections["tf_lite_prefill_decode"]["signatures"]["verify"]
+    shapes = {t["name"]: t["shape"] for t in verify["inputs"] + verify["outputs"]}
+    assert shapes["input_pos"] == [4] and shapes["activations"] == [1, 4, 64]
+    assert shapes["kv_cache_k_2"] == [1, 2, CONTEXT, 32] and shapes["kv_cache_v_2"] == [1, 2, 32, CONTEXT]
+    drafter = sections["tf_lite_mtp_drafter"]["signatures"]["mtp_drafter"]
+    d_shapes = {t["name"]: t["shape"] for t in drafter["inputs"] + drafter["outputs"]}
+    assert d_shapes["activations"] == [1, 1, 128] and d_shapes["projected_activations"] == [1, 1, 64]
+    assert {n for n in d_shapes if n.startswith("kv_")} == {"kv_cache_k_1", "kv_cache_v_1", "kv_cache_k_2", "kv_cache_v_2"}
+    assert all(d_shapes[n] == shapes[n] for n in d_shapes if n.startswith("kv_"))
+    gallery = json.loads((path.parent / "tiny.allowlist.json").read_text())["models"][0]
+    assert gallery["modelFile"] == "tiny.litertlm" and gallery["sizeInBytes"] == path.stat().st_size
+
+
+def test_litert_lm_runs_the_bundle_with_mtp_identically(tiny_bundle, synth_pair):
+    path, _ = tiny_bundle
+    on = run_litertlm(path, PROMPTS, max_tokens=20, context=CONTEXT, mtp=True)
+    off = run_litertlm(path, PROMPTS, max_tokens=20, context=CONTEXT, mtp=False)
+    ours, accepted, drafted = _ours(synth_pair, PROMPTS, 20)
+    assert on.supports_mtp
+    assert on.texts == off.texts == ours
+    assert on.success_rate is not None and on.success_rate == pytest.approx(accepted / drafted, abs=1e-5)
+
+
+def test_truncated_bundle_is_reported(tiny_bundle, tmp_path):
+    path, _ = tiny_bundle
+    cut = tmp_path / "cut.litertlm"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(EdgeMtpError, match="is truncated: section"):
+        read_litertlm(cut)
+    (tmp_path / "junk.litertlm").write_bytes(b"not a bundle at all" * 4)
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "junk.litertlm")])
+    assert result.exit_code == 2 and "is not a .litertlm bundle" in result.output
+
+
+def test_mismatched_pair_leaves_no_output(hf_pairs, synth_pair, tmp_path):
+    out = tmp_path / "bad.litertlm"
+    with pytest.raises(PairMismatchError):
+        export_litert(hf_pairs["tiny-mqa"]["target_dir"], synth_pair / "assistant", out, context=CONTEXT, prefill=(8,))
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_unwritable_output_location(synth_pair):
+    with pytest.raises(EdgeMtpError, match="Cannot create output folder /proc/edge-mtp"):
+        export_litert(synth_pair / "target", synth_pair / "assistant", Path("/proc/edge-mtp/x.litertlm"),
+                      context=CONTEXT)
+
+
+def test_output_under_a_file_is_a_clear_error(synth_pair, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EdgeMtpError, match="Cannot create output folder"):
+        export_litert(synth_pair / "target", synth_pair / "assistant", tmp_path / "afile" / "x.litertlm",
+                      context=CONTEXT, prefill=(8,))
+
+
+def test_interrupted_export_leaves_nothing(synth_pair, tmp_path):
+    out = tmp_path / "x.litertlm"
+
+    def interrupt(stage: str) -> None:
+        if stage.startswith("writing"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_litert(synth_pair / "target", None, out, context=CONTEXT, prefill=(8,), check=False, on_stage=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_config_is_refused_before_any_work(synth_pair, tmp_path):
+    import shutil
+    target = tmp_path / "moe"
+    shutil.copytree(synth_pair / "target", target)
+    cfg = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(cfg | {"enable_moe_block": True}))
+    result = CliRunner().invoke(main, ["export", "--target", str(target), "--assistant", str(synth_pair / "assistant"),
+                                       "--out", str(tmp_path / "m.litertlm")])
+    assert result.exit_code == 2 and "Mixture-of-Experts" in result.output
+    assert not (tmp_path / "m.litertlm").exists()
