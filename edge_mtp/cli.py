@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,12 +76,21 @@ def _parse_lengths(text: str) -> tuple[int, ...]:
 
 
 def default_pair() -> tuple[Path, Path]:
-    """The built-in demo pair's checkpoint directories."""
+    """The built-in demo pair; until one is shipped, a synthetic tiny pair written once to the user cache."""
     root = Path(__file__).parent / "demo"
-    target, assistant = root / "target", root / "assistant"
-    if not (target / "config.json").is_file() or not (assistant / "config.json").is_file():
-        raise EdgeMtpError(f"The built-in demo pair is missing from {root}; pass --target and --assistant.")
-    return target, assistant
+    if (root / "target" / "config.json").is_file() and (root / "assistant" / "config.json").is_file():
+        return root / "target", root / "assistant"
+    from .spec import preset_pair
+    from .synth import write_drafter, write_target
+
+    cache = Path(os.environ.get("EDGE_MTP_CACHE", Path.home() / ".cache" / "edge-mtp")) / "synthetic-tiny"
+    target, drafter = preset_pair("tiny")
+    if not (cache / "target" / "config.json").is_file():
+        write_target(cache / "target", target, seed=0)
+    if not (cache / "assistant" / "config.json").is_file():
+        write_drafter(cache / "assistant", drafter, target, seed=1)
+    click.echo(f"no demo pair shipped: using the synthetic tiny pair in {cache}", err=True)
+    return cache / "target", cache / "assistant"
 
 
 @main.command()
