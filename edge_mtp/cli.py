@@ -137,6 +137,67 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         click.echo(f"  {model:<20} {', '.join(sigs):<45} max rel. error vs PyTorch {worst:.1e}")
 
 
+def default_bundle() -> Path:
+    """The demo pair's bundle, exported once into the user cache on first use."""
+    from .export.pipeline import export_litert
+
+    target, assistant = default_pair()
+    cache = Path(os.environ.get("EDGE_MTP_CACHE", Path.home() / ".cache" / "edge-mtp"))
+    bundle = cache / f"demo-{target.parent.name}.litertlm"
+    if not bundle.is_file():
+        click.echo(f"exporting the demo pair once to {bundle} ...", err=True)
+        export_litert(target, assistant, bundle, context=1024, prefill=(32, 128))
+    return bundle
+
+
+@main.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None,
+              help="Default: the bundle's own format.")
+@click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu"]), default="cpu", show_default=True)
+@click.option("--prompt", default="Once upon a time", show_default=True)
+@click.option("--prompt-ids", default=None, help="Comma-separated token ids instead of --prompt.")
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--draft-len", type=int, default=None, help="Default: the bundle's.")
+@click.option("--no-mtp", is_flag=True, help="Plain decoding (no drafter).")
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
+def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str, prompt_ids: str | None,
+        max_tokens: int, draft_len: int | None, no_mtp: bool, temperature: float, top_k: int, top_p: float,
+        seed: int | None, chat: bool, as_json: bool) -> None:
+    """Generate with the on-device draft/verify loop; streams text, then prints the acceptance statistics."""
+    from .runtime.api import load
+
+    model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator)
+    source: str | list[int] = prompt
+    if prompt_ids:
+        try:
+            source = [int(x) for x in prompt_ids.split(",")]
+        except ValueError:
+            raise EdgeMtpError(f"--prompt-ids takes comma-separated integers, not '{prompt_ids}'.") from None
+    tokens: list[int] = []
+    shown = ""
+    for token in model.generate(source, max_tokens=max_tokens, draft_len=draft_len, mtp=not no_mtp,
+                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat):
+        tokens.append(token)
+        if not as_json:
+            text = model.tokenizer.decode(tokens)
+            click.echo(text[len(shown):], nl=False)
+            shown = text
+    stats = model.last_stats.to_dict()
+    if as_json:
+        click.echo(json.dumps({"tokens": tokens, "text": model.tokenizer.decode(tokens), "stats": stats}))
+        return
+    click.echo()
+    click.echo(f"[{len(tokens)} tokens, {stats['tokens_per_second']:.1f} tok/s, TTFT {stats['time_to_first_token_ms']:.0f} ms"
+               + ("" if no_mtp else f", acceptance {stats['acceptance_rate']:.2f}, {stats['mean_accepted_length']:.2f} "
+                  f"tokens/verify, drafted {stats['drafted']}, accepted {stats['accepted']}") + "]", err=True)
+
+
 @main.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -346,11 +346,16 @@ def spec_to_dict(spec: AttentionGeometry) -> dict[str, Any]:
     return asdict(spec)
 
 
+def spec_from_dict(cls: type, data: dict[str, Any]):
+    """Rebuild a TargetSpec or DrafterSpec from spec_to_dict output (as stored in bundle manifests)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
 def with_dtype(spec, dtype: str):
     """Copy of a spec with another storage dtype."""
     return replace(spec, dtype=dtype)
 
 
 __all__ = ["SLIDING", "FULL", "TargetSpec", "DrafterSpec", "TARGET_PRESETS", "DRAFTER_PRESETS", "preset_pair",
-           "read_config", "target_spec_from_config", "drafter_spec_from_config", "check_pair", "spec_to_dict",
+           "read_config", "target_spec_from_config", "drafter_spec_from_config", "check_pair", "spec_to_dict", "spec_from_dict",
            "with_dtype"]
