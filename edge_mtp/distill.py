@@ -85,13 +85,13 @@ def default_drafter_spec(target: TargetSpec, draft_len: int = 3) -> DrafterSpec:
 
 
 def _divisor_near(n: int, want: int) -> int:
-    divisors = [d for d in range(1, n + 1) if n % d == 0] if n < 1 << 20 else [1 << k for k in range(21) if n % (1 << k) == 0]
+    divisors = [d for d in range(1, min(n, 1 << 16) + 1) if n % d == 0]
     return min(divisors, key=lambda d: (abs(math.log(d / want)), d))
 
 
 @torch.no_grad()
 def cluster_tokens(embeddings: torch.Tensor, num_clusters: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
-    """token_ordering [V]: a permutation whose rows of V/K ids are balanced spherical k-means clusters of `embeddings`."""
+    """token_ordering [V]: a permutation whose V/K-id rows are balanced spherical k-means clusters of `embeddings`."""
     v = embeddings.shape[0]
     size = v // num_clusters
     gen = torch.Generator().manual_seed(seed)
@@ -157,7 +157,8 @@ def greedy_continue(models: TargetModels, prompts: Sequence[Sequence[int]], leng
     blocks = torch.tensor([b for b, s in enumerate(seqs) for _ in s])
     offs = torch.tensor([j for s in seqs for j in range(len(s))])
     ids = torch.tensor([t for s in seqs for t in s])
-    out = _run_target(models, ids, blocks * length + offs, _block_mask(blocks * length, blocks * length + offs, context), kv)
+    pos = blocks * length + offs
+    out = _run_target(models, ids, pos, _block_mask(blocks * length, pos, context), kv)
     last_rows = torch.cumsum(torch.tensor([len(s) for s in seqs]), 0) - 1
     pending = out["logits"][0, last_rows].argmax(-1)
     kv = {n: out[n] for n in kv}
@@ -284,7 +285,8 @@ def _init_drafter(spec: DrafterSpec, models: TargetModels, seed: int) -> Drafter
         table = rows @ torch.randn(rows.shape[1], spec.hidden_size)
         drafter.embed_tokens.weight.copy_(table * (spec.hidden_size ** -0.5 / table.std().clamp_min(1e-6)))
         if spec.use_ordered_embeddings:
-            drafter.token_ordering.copy_(cluster_tokens(models.target.embed_tokens.weight, spec.num_centroids, seed=seed))
+            ordering = cluster_tokens(models.target.embed_tokens.weight, spec.num_centroids, seed=seed)
+            drafter.token_ordering.copy_(ordering)
     return drafter
 
 
@@ -293,7 +295,8 @@ def _tensor_at(module: torch.nn.Module, local: str) -> torch.Tensor:
     return getattr(module.get_submodule(owner) if owner else module, attr)
 
 
-def save_assistant(drafter: Drafter, target: TargetSpec, out_dir: Path, draft_len: int, dtype: str | None = None) -> None:
+def save_assistant(drafter: Drafter, target: TargetSpec, out_dir: Path, draft_len: int,
+                   dtype: str | None = None) -> None:
     """Write `drafter` as a Hugging Face Gemma4AssistantForCausalLM checkpoint (each file atomically)."""
     from safetensors.torch import save_file
 
@@ -351,12 +354,14 @@ def _make_prompts(target_dir: Path, spec: TargetSpec, data: Sequence[Path] | Non
     if prompts is not None:
         tok = _tokenizer(target_dir)
         lines = Path(prompts).read_text().splitlines() if isinstance(prompts, (str, Path)) else list(prompts)
-        encoded = [bos + tok.encode(line, add_special_tokens=False).ids[: prompt_len - 1] for line in lines if line.strip()]
+        encoded = [bos + tok.encode(line, add_special_tokens=False).ids[: prompt_len - 1]
+                   for line in lines if line.strip()]
         if not encoded:
             raise EdgeMtpError(f"The prompt file {prompts} has no non-empty lines.")
         evals = encoded[-held_out:] if len(encoded) > 2 * held_out else encoded[:held_out]
         train = encoded[:-held_out] if len(encoded) > 2 * held_out else encoded
-        return [train[i % len(train)] for i in torch.randperm(max(count, len(train)), generator=gen).tolist()][:count], evals
+        order = torch.randperm(max(count, len(train)), generator=gen).tolist()[:count]
+        return [train[i % len(train)] for i in order], evals
     low = 3 if spec.vocab_size > 8 else 0  # skip pad/eos/bos
 
     def rand(n: int) -> list[list[int]]:

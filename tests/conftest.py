@@ -16,6 +16,7 @@ torch.set_num_threads(1)
 from edge_mtp.spec import preset_pair  # noqa: E402
 
 GEOMETRIES = ["tiny", "tiny-mqa"]
+BUNDLE_CONTEXT, BUNDLE_PREFILL = 64, (8, 16)
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +44,14 @@ def synth_pair(tmp_path_factory) -> Path:
     write_target(root / "target", target, seed=0)
     write_drafter(root / "assistant", drafter, target, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(synth_pair, tmp_path_factory):
+    """The synthetic tiny pair exported once to .litertlm: (path, export summary)."""
+    from edge_mtp.export.pipeline import export_litert
+
+    out = tmp_path_factory.mktemp("litert") / "tiny.litertlm"
+    summary = export_litert(synth_pair / "target", synth_pair / "assistant", out, context=BUNDLE_CONTEXT,
+                            prefill=BUNDLE_PREFILL)
+    return out, summary

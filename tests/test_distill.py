@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from edge_mtp.contract import causal_mask, drafter_mask
-from edge_mtp.distill import (STATE_FILE, _kv_zeros, _run_target, cluster_of_tokens, cluster_tokens, default_drafter_spec, distill,
-                              draft_rows, greedy_continue, head_argmax)
+from edge_mtp.distill import (STATE_FILE, _kv_zeros, _run_target, cluster_of_tokens, cluster_tokens,
+                              default_drafter_spec, distill, draft_rows, greedy_continue, head_argmax)
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.spec import check_pair
 
@@ -86,7 +86,8 @@ def test_batched_rows_equal_one_step_drafter_calls(synth_pair):
             carry = out["projected_activations"]
             torch.testing.assert_close(rows.carries[i][r], carry[0, 0], rtol=1e-4, atol=1e-4)
             y = rows.hidden[i][r:r + 1]
-            assert int(head_argmax(drafter, y, y @ drafter.embed_tokens.weight.t(), clusters)) == int(out["logits"].argmax())
+            dense = y @ drafter.embed_tokens.weight.t()
+            assert int(head_argmax(drafter, y, dense, clusters)) == int(out["logits"].argmax())
             torch.testing.assert_close(rows.teacher[i][r], tgt["logits"][0, n + i], rtol=1e-4, atol=1e-4)
 
 

@@ -19,15 +19,9 @@ from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
 
-CONTEXT, PREFILL = 64, (8, 16)
+from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
+
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on a phone, exactly."]
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(synth_pair, tmp_path_factory):
-    out = tmp_path_factory.mktemp("litert") / "tiny.litertlm"
-    summary = export_litert(synth_pair / "target", synth_pair / "assistant", out, context=CONTEXT, prefill=PREFILL)
-    return out, summary
 
 
 def _ours(pair_dir: Path, prompts, max_tokens: int, mtp: bool = True):
@@ -140,3 +134,34 @@ def test_unsupported_config_is_refused_before_any_work(synth_pair, tmp_path):
                                        "--out", str(tmp_path / "m.litertlm")])
     assert result.exit_code == 2 and "Mixture-of-Experts" in result.output
     assert not (tmp_path / "m.litertlm").exists()
+
+
+def test_our_litert_backend_reproduces_litert_lm(tiny_bundle, synth_pair):
+    import edge_mtp
+    path, _ = tiny_bundle
+    model = edge_mtp.load(path)
+    engine = run_litertlm(path, PROMPTS[:2], max_tokens=20, context=CONTEXT, mtp=True)
+    ours = []
+    for prompt in PROMPTS[:2]:
+        ours.append(model.tokenizer.decode(list(model.generate(prompt, max_tokens=20))))
+        assert model.last_stats.drafted == 3 * model.last_stats.verifies
+    assert ours == engine.texts
+    backend = model.backend
+    drafter_inputs, _ = backend._buffers("drafter", "mtp_drafter")
+    verify_inputs, verify_outputs = backend._buffers("target", "verify")
+    for name in ("kv_cache_k_1", "kv_cache_v_2"):
+        assert drafter_inputs[name] is backend.kv[name] is verify_inputs[name] is verify_outputs[name]
+    assert abs(backend.read_kv("kv_cache_k_1")).sum() > 0  # the target wrote into the shared buffer
+
+
+def test_run_command_streams_text_and_stats(tiny_bundle):
+    path, _ = tiny_bundle
+    result = CliRunner().invoke(main, ["run", str(path), "--prompt", "Hello", "--max-tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert len(data["tokens"]) == 8 and isinstance(data["text"], str)
+    for key in ("drafted", "accepted", "acceptance_rate", "mean_accepted_length", "per_position_acceptance",
+                "tokens_per_second", "time_to_first_token_ms", "ms_per_verify", "ms_per_draft_step"):
+        assert key in data["stats"]
+    plain = CliRunner().invoke(main, ["run", str(path), "--prompt", "Hello", "--max-tokens", "8", "--no-mtp", "--json"])
+    assert json.loads(plain.output.strip().splitlines()[-1])["tokens"] == data["tokens"]
