@@ -1,26 +1,13 @@
 #!/usr/bin/env python3
-"""Writes vectors.json: hand-made greedy MTP traces and the decisions and statistics they must produce.
+"""Writes vectors.json: greedy MTP traces and the decisions and statistics the Python runtime makes on them.
 
-Usage: python3 make_vectors.py   (standard library only; writes vectors.json next to this file)
+Usage: .venv/bin/python android_demo/spec-core/testdata/make_vectors.py   (from the repository root)
 
-Each case lists the model's answers (first decode, then per round the drafts and the target's greedy
-rows v0..vG; a round with no drafts is a plain decode). The `expected` block is computed below by a
-small reference of the loop, written independently of the Kotlin one, with these rules
-(LiteRT-LM's, reference/litertlm-mtp.md section 4):
-
-- After prefill a first decode gives t at position N = prompt_len.
-- Round: if G > 0 and N + G + 1 <= context, draft d1..dG, verify [t, d1..dG] -> v0..vG, accept
-  k = longest prefix with d_i == v_{i-1}, emit d1..dk then the bonus v_k, next t = v_k at N + k + 1.
-  Otherwise, if N < context, plain decode [t] -> v0, emit v0, N += 1; else stop (context full).
-- Output stops after max_tokens tokens (the first token counts; an accepted run is truncated) or at
-  a stop token (emitted, nothing after it), even inside an accepted run.
-- Statistics count every verify round in full, before truncation: drafted, accepted (sum of k),
-  verifies, plain_decodes, draft_acceptance_rate = accepted / drafted, acceptance_rate =
-  accepted / (accepted + rounds with k < G), mean_accepted_length = (accepted + verifies) / verifies,
-  per_position_acceptance[i] = fraction of verify rounds with k > i; x / 0 = 0.0.
-  accepted_per_round has one entry per verify round (plain decodes have none).
-
-The Python runtime (edge_mtp) is meant to regenerate this file with the same schema from real runs.
+Each case lists the models' answers (first decode, then per round the drafts and the target's greedy rows
+v0..vG; a round with no drafts is a plain decode). The `expected` block is what edge_mtp's own draft/verify loop
+(edge_mtp.runtime.speculative, the loop every Python backend runs) emits and counts when a ReplayBackend serves
+those answers; the Kotlin spec-core must reproduce it decision for decision. tests/test_kotlin_vectors.py fails
+when this file and the committed vectors.json disagree.
 """
 
 import json
@@ -77,67 +64,35 @@ CASES = [
 ]
 
 
-def ratio(a, b):
-    return a / b if b else 0.0
-
-
 def expected(c):
-    """Replays the case through the reference loop; checks that the trace is consistent with it."""
-    g, context, stop, max_tokens = c["draft_len"], c["context"], set(c["stop_tokens"]), c["max_tokens"]
-    rounds = iter(c["rounds"])
-    tokens, ks, plain, done = [], [], 0, False
+    """Run edge_mtp's loop over the case's answers and report what it emitted and counted."""
+    from edge_mtp.runtime.backends.replay import ReplayBackend, ReplayRound
+    from edge_mtp.runtime.speculative import generate_tokens
 
-    def emit(run):
-        nonlocal done
-        for tok in run:
-            if done:
-                return
-            tokens.append(tok)
-            done = tok in stop or len(tokens) >= max_tokens
+    g = c["draft_len"]
+    backend = ReplayBackend(c["first_token"], [ReplayRound(**r) for r in c["rounds"]], c["context"], g)
+    prompt = [3] * c["prompt_len"]
+    tokens, stats = generate_tokens(backend, prompt, max_tokens=c["max_tokens"], mtp=g > 0,
+                                    stop_tokens=c["stop_tokens"])
+    assert not backend.script, f"{c['name']}: unused rounds"
+    s = stats.to_dict()
+    keys = ("accepted_per_round", "drafted", "accepted", "verifies", "plain_decodes", "draft_acceptance_rate",
+            "acceptance_rate", "mean_accepted_length", "per_position_acceptance")
+    out = {"tokens": tokens, **{k: s[k] for k in keys}}
+    if g == 0:
+        out["per_position_acceptance"] = []
+    return out
 
-    t, n = c["first_token"], c["prompt_len"]
-    emit([t])
-    while not done:
-        if g > 0 and n + g + 1 <= context:
-            r = next(rounds)
-            d, v = r["drafts"], r["target_argmax"]
-            assert r["position"] == n and len(d) == g and len(v) == g + 1, (c["name"], r)
-            k = 0
-            while k < g and d[k] == v[k]:
-                k += 1
-            ks.append(k)
-            emit(d[:k] + [v[k]])
-            t, n = v[k], n + k + 1
-        elif n < context:
-            r = next(rounds)
-            assert r["position"] == n and r["drafts"] == [] and len(r["target_argmax"]) == 1, (c["name"], r)
-            plain += 1
-            t, n = r["target_argmax"][0], n + 1
-            emit([t])
-        else:
-            break
-    assert next(rounds, None) is None, f"{c['name']}: unused rounds"
-    verifies, accepted = len(ks), sum(ks)
-    rejected = sum(1 for k in ks if k < g)
-    return {
-        "tokens": tokens,
-        "accepted_per_round": ks,
-        "drafted": verifies * g,
-        "accepted": accepted,
-        "verifies": verifies,
-        "plain_decodes": plain,
-        "draft_acceptance_rate": ratio(accepted, verifies * g),
-        "acceptance_rate": ratio(accepted, accepted + rejected),
-        "mean_accepted_length": ratio(accepted + verifies, verifies),
-        "per_position_acceptance": [ratio(sum(1 for k in ks if k > i), verifies) for i in range(g)],
-    }
+
+def render():
+    """The vectors.json text for CASES."""
+    cases = [dict(c, expected=expected(c)) for c in CASES]
+    return json.dumps({"version": 1, "cases": cases}, indent=1) + "\n"
 
 
 def main():
-    cases = [dict(c, expected=expected(c)) for c in CASES]
-    text = json.dumps({"version": 1, "cases": cases}, indent=1)
-    (HERE / "vectors.json").write_text(text + "\n")
-    print(f"wrote {len(cases)} cases to vectors.json")
+    (HERE / "vectors.json").write_text(render())
+    print(f"wrote {len(CASES)} cases to vectors.json")
 
 
 if __name__ == "__main__":
