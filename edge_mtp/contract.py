@@ -35,6 +35,11 @@ def v_name(layer: int) -> str:
     return f"kv_cache_v_{layer}"
 
 
+def kv_output_name(name: str) -> str:
+    """ONNX name of an updated cache output (a graph output cannot reuse its input's name; LiteRT keeps the name)."""
+    return f"{name}_out"
+
+
 def prefill_name(length: int) -> str:
     """Signature name of the prefill over `length` tokens."""
     return f"prefill_{length}"
