@@ -14,7 +14,8 @@ from typing import Callable
 from ..atomic import atomic_file, writable_parent
 from ..contract import Contract
 from ..errors import EdgeMtpError
-from ..model.loading import load_drafter, load_target
+from ..model.drafter import Drafter
+from ..model.loading import TargetModels, load_drafter, load_target
 from ..spec import spec_to_dict
 from .litertlm import BundleMetadata, read_litertlm, write_litertlm
 from .signatures import export_units
@@ -85,29 +86,55 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
                   prefill: tuple[int, ...] = DEFAULT_PREFILL, check: bool = True,
                   on_stage: Callable[[str], None] = lambda s: None) -> ExportSummary:
     """Export a target (and its assistant) to a .litertlm bundle at `out`; every signature is checked numerically."""
-    from .litert import check_unit, convert_unit
-
-    start = time.time()
     out = Path(out)
+    check_output(out, draft_len)
+    on_stage("loading checkpoints")
+    models = load_target(target_dir)
+    drafter = load_drafter(assistant_dir, models.spec) if assistant_dir is not None else None
+    return export_litert_models(models, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
+                                check=check, on_stage=on_stage, source_assistant=assistant_dir)
+
+
+def check_output(out: Path, draft_len: int) -> None:
+    """Refuse a bad --out or --draft-len before any expensive work."""
     if out.suffix != ".litertlm":
         raise EdgeMtpError(f"Output {out} should end in .litertlm (use --format onnx for an ONNX bundle).")
     if draft_len < 1:
         raise EdgeMtpError("--draft-len must be at least 1.")
     writable_parent(out)
+
+
+def export_litert_models(models: TargetModels, drafter: Drafter | None, out: Path, *,
+                         draft_len: int = DEFAULT_DRAFT_LEN, context: int = DEFAULT_CONTEXT,
+                         prefill: tuple[int, ...] = DEFAULT_PREFILL, check: bool = True,
+                         on_stage: Callable[[str], None] = lambda s: None,
+                         source_assistant: str | Path | None = None) -> ExportSummary:
+    """Export already-loaded modules (see export_litert) to a .litertlm bundle at `out`."""
+    start = time.time()
+    check_output(out, draft_len)
     stages: list[str] = []
 
     def stage(text: str) -> None:
         stages.append(text)
         on_stage(text)
 
-    stage("loading checkpoints")
-    models = load_target(target_dir)
-    drafter = load_drafter(assistant_dir, models.spec) if assistant_dir is not None else None
     tokenizer, meta = tokenizer_files(models.path)
     if max(prefill) > context:
         raise EdgeMtpError(f"Prefill length {max(prefill)} exceeds the context {context}.")
     contract = Contract(models.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)))
-    models.target.cache_write = "dus"
+    previous_write, models.target.cache_write = models.target.cache_write, "dus"
+    try:
+        return _export(models, drafter, contract, out, tokenizer, meta, check, stage, stages, start, source_assistant)
+    finally:
+        models.target.cache_write = previous_write
+
+
+def _export(models: TargetModels, drafter: Drafter | None, contract: Contract, out: Path, tokenizer: Path,
+            meta: BundleMetadata, check: bool, stage: Callable[[str], None], stages: list[str], start: float,
+            source_assistant) -> ExportSummary:
+    from .litert import check_unit, convert_unit
+
+    draft_len, context = contract.draft_len, contract.context
     paths: dict[str, Path] = {}
     checks: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as tmp:
@@ -124,6 +151,7 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
             "context": context, "prefill_lengths": list(contract.prefill_lengths), "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]",
             "target": spec_to_dict(models.spec), "drafter": spec_to_dict(drafter.spec) if drafter else None,
             "quantization": "fp32",
+            "source": {"target": str(models.path), "assistant": str(source_assistant) if source_assistant else None},
         }
         stage("writing bundle")
         with atomic_file(out) as partial:
