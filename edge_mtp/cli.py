@@ -199,6 +199,55 @@ def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str,
 
 
 @main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", "target_dir", help="Original target checkpoint (default: the one recorded at export).")
+@click.option("--assistant", "assistant_dir", help="Original assistant checkpoint (default: recorded at export).")
+@click.option("--prompts", type=click.Path(exists=True, path_type=Path), help="Text file, one prompt per line.")
+@click.option("--max-tokens", default=24, show_default=True, help="Greedy tokens generated per prompt.")
+@click.option("--max-rel-error", type=float, default=None, help="Default 1e-3 (raise it for quantized bundles).")
+@click.option("--min-top1", type=float, default=None, help="Default 0.99.")
+@click.option("--min-acceptance-ratio", type=float, default=None, help="Default 0.8 of the PyTorch drafter's.")
+@click.option("--no-litert-lm", is_flag=True, help="Skip running Google's LiteRT-LM runtime.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write a markdown report.")
+def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, prompts: Path | None, max_tokens: int,
+             max_rel_error: float | None, min_top1: float | None, min_acceptance_ratio: float | None,
+             no_litert_lm: bool, as_json: bool, report_path: Path | None) -> None:
+    """Prove a bundle against the transformers originals; exit 0 pass, 1 fail, 2 unusable input."""
+    from dataclasses import replace
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .validate import Thresholds
+    from .validate import validate as run_validation
+
+    limits = Thresholds()
+    for name, value in (("max_relative_error", max_rel_error), ("min_top1_agreement", min_top1),
+                        ("min_acceptance_ratio", min_acceptance_ratio)):
+        if value is not None:
+            limits = replace(limits, **{name: value})
+    texts = [ln for ln in prompts.read_text().splitlines() if ln.strip()] if prompts else None
+    console = Console(stderr=True)
+    with console.status("validating") as status:
+        report = run_validation(bundle, target_dir, assistant_dir, texts, max_tokens, limits,
+                                use_litert_lm=not no_litert_lm, on_stage=status.update)
+    if report_path:
+        report_path.write_text(report.markdown())
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        table = Table(title=f"validate {bundle}")
+        for column in ("check", "subject", "result", "detail"):
+            table.add_column(column)
+        for c in report.checks:
+            table.add_row(c.kind, c.subject, "[green]pass" if c.passed else "[red]FAIL", c.detail)
+        Console().print(table)
+        click.echo("PASS" if report.passed else "FAIL")
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(path: str, as_json: bool) -> None:

@@ -1,0 +1,305 @@
+"""`edge-mtp export --format onnx`: checkpoints -> checked ONNX graphs + manifest in one bundle folder, atomically.
+
+Graphs: `embedder.onnx`, `per_layer_embedder.onnx` (with PLE), `target.onnx`, `drafter.onnx` (with an assistant).
+The target is ONE graph with a dynamic token axis T (1 <= T <= max(prefill, G+1)) that serves `prefill_<T>`,
+`decode` and `verify`: one weight copy on disk and in memory, one session. Its caches are written with
+ScatterElements whose outputs `kv_cache_*_out` are graph outputs, so onnxruntime updates a cache in place when the
+same OrtValue is bound as input and output (runtime/backends/onnx.py). Every graph is compared with the PyTorch
+module it came from, at every signature, before the bundle is published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import logging
+import resource
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_directory, writable_parent
+from ..contract import ACTIVATIONS, LOGITS, TARGET, Contract, Signature, kv_output_name
+from ..errors import EdgeMtpError
+from ..model.loading import load_drafter, load_target
+from .onnx_bundle import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
+                          is_onnx_bundle, model_file, onnx_output_name, read_manifest)
+from .pipeline import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, ExportSummary, _enforce_tolerance,
+                       _signature_names, tokenizer_files)
+from .signatures import ExportUnit, compare_outputs, run_reference, sample_inputs, export_units
+
+OPSET = 20
+
+# A quantize step takes (model name, path of the fp32 .onnx) and rewrites that file (and its .data) in place.
+# Quantization is a later issue: the only recipe is fp32, which leaves the graph untouched.
+Quantizer = Callable[[str, Path], None]
+QUANTIZERS: dict[str, Quantizer] = {"fp32": lambda model, path: None}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints its progress and logs warnings per stage; keep the user's terminal readable."""
+    loggers = [logging.root, logging.getLogger("torch.onnx"), logging.getLogger("onnxscript")]
+    previous = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, previous):
+                lg.setLevel(level)
+
+
+class _Positional(torch.nn.Module):
+    """A signature module called with positional tensors in contract order; returns outputs in contract order."""
+
+    def __init__(self, module: torch.nn.Module, signature: Signature):
+        super().__init__()
+        self.module = module
+        self.input_names = tuple(s.name for s in signature.inputs)
+        self.output_names = tuple(s.name for s in signature.outputs)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.module(**dict(zip(self.input_names, args)))
+        return tuple(out[n] for n in self.output_names)
+
+
+class _TargetGraph(torch.nn.Module):
+    """The target with its per-token inputs and its caches as two list arguments (what dynamic_shapes can match:
+    torch.onnx turns tuples into lists, so a *varargs cache tuple never matches its spec).
+
+    Always returns logits, activations and every updated cache, whatever T is.
+    """
+
+    def __init__(self, target: torch.nn.Module, contract: Contract):
+        super().__init__()
+        self.target = target
+        self.with_ple = bool(contract.target.ple_dim)
+        self.kv_names = tuple(s.name for s in contract.kv_tensors())
+
+    def forward(self, inputs: list[torch.Tensor], kv: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.with_ple:
+            embeddings, ple, input_pos, mask = inputs
+        else:
+            (embeddings, input_pos, mask), ple = inputs, None
+        out = self.target(embeddings, ple, input_pos, mask, **dict(zip(self.kv_names, kv)))
+        return (out[LOGITS], out[ACTIVATIONS], *(out[n] for n in self.kv_names))
+
+
+def token_axis_max(contract: Contract) -> int:
+    """Largest T the target graph accepts: the longest prefill or the verify window."""
+    return max(max(contract.prefill_lengths), contract.verify_len if contract.drafter is not None else 1)
+
+
+def target_graph_io(contract: Contract) -> tuple[list[str], list[str]]:
+    """Input and output names of the target graph (caches out as kv_output_name)."""
+    sig = contract.target_signature(DECODE_LIKE, 1)
+    return [s.name for s in sig.inputs], [onnx_output_name(contract, s.name) for s in sig.outputs]
+
+
+DECODE_LIKE = "decode"
+
+
+def _save(program, path: Path) -> None:
+    program.save(str(path), external_data=True)
+
+
+def export_target_graph(target: torch.nn.Module, contract: Contract, path: Path) -> Path:
+    """Trace the target once with a dynamic token axis and write `path` (+ `path`.data)."""
+    tmax = token_axis_max(contract)
+    sig = contract.target_signature(DECODE_LIKE, tmax)
+    sample = {k: torch.from_numpy(v) for k, v in sample_inputs(sig, contract, seed=0).items()}
+    kv_names = [s.name for s in contract.kv_tensors()]
+    in_names, out_names = target_graph_io(contract)
+    per_token = [n for n in in_names if n not in kv_names]
+    T = torch.export.Dim(TOKEN_AXIS, min=1, max=tmax)
+    axis = {"embeddings": 1, "per_layer_embeddings": 1, "input_pos": 0, "mask": 2}
+    dynamic = ([{axis[n]: T} for n in per_token], [None] * len(kv_names))
+    args = ([sample[n] for n in per_token], [sample[n] for n in kv_names])
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(_TargetGraph(target, contract).eval(), args, dynamo=True, opset_version=OPSET,
+                                    input_names=in_names, output_names=out_names, dynamic_shapes=dynamic,
+                                    external_data=True, verbose=False)
+        _save(program, path)
+    del program
+    return path
+
+
+def export_static_graph(signature: Signature, module: torch.nn.Module, contract: Contract, path: Path) -> Path:
+    """Trace a fixed-shape signature (embedders, drafter) and write `path` (+ `path`.data)."""
+    sample = sample_inputs(signature, contract, seed=0)
+    args = tuple(torch.from_numpy(sample[s.name]) for s in signature.inputs)
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(_Positional(module, signature).eval(), args, dynamo=True, opset_version=OPSET,
+                                    input_names=[s.name for s in signature.inputs],
+                                    output_names=[onnx_output_name(contract, s.name) for s in signature.outputs],
+                                    external_data=True, verbose=False)
+        _save(program, path)
+    del program
+    return path
+
+
+def _check_graph_names(path: Path, signature_inputs: list[str], outputs: list[str], model: str) -> None:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    got_in, got_out = [i.name for i in graph.input], [o.name for o in graph.output]
+    if got_in != signature_inputs or got_out != outputs:
+        raise EdgeMtpError(f"The exported {model} graph has inputs {got_in} and outputs {got_out} instead of the "
+                           f"contract's {signature_inputs} -> {outputs}; this is an exporter bug, please report it.")
+
+
+def _check_in_place_writes(path: Path, contract: Contract) -> None:
+    """Every cache output must come straight from a ScatterElements on its own input (what ORT runs in place)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for spec in contract.kv_tensors():
+        node = producer.get(kv_output_name(spec.name))
+        if node is None or node.op_type != "ScatterElements" or node.input[0] != spec.name:
+            raise EdgeMtpError(f"The exported target writes cache {spec.name} with "
+                               f"{node.op_type if node else 'no node'} instead of an in-place ScatterElements on "
+                               "its input; every decode step would copy the whole cache, please report it.")
+
+
+def export_unit(unit: ExportUnit, contract: Contract, path: Path) -> Path:
+    """Write one bundle model: the dynamic-T target graph or a static graph, and check its tensor names."""
+    if unit.name == TARGET:
+        export_target_graph(unit.signatures[0][1].model, contract, path)
+        _check_graph_names(path, *target_graph_io(contract), unit.name)
+        _check_in_place_writes(path, contract)
+    else:
+        (signature, module), = unit.signatures
+        export_static_graph(signature, module, contract, path)
+        _check_graph_names(path, [s.name for s in signature.inputs],
+                           [onnx_output_name(contract, s.name) for s in signature.outputs], unit.name)
+    return path
+
+
+def ort_session(path: Path, threads: int | None = None):
+    """A plain CPU onnxruntime session (used by the export checks)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, contract: Contract, signature: Signature, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run one contract signature on an onnxruntime session; outputs keyed by contract name."""
+    names = [s.name for s in signature.outputs]
+    values = session.run([onnx_output_name(contract, n) for n in names], inputs)
+    return dict(zip(names, values))
+
+
+def check_unit(unit: ExportUnit, contract: Contract, path: Path, seeds: int = 2) -> dict[str, dict]:
+    """Compare every signature the graph serves with its PyTorch module on random inputs; worst error per output."""
+    session = ort_session(path)
+    report: dict[str, dict] = {}
+    for signature, module in unit.signatures:
+        worst: dict[str, dict[str, float]] = {}
+        for seed in range(seeds):
+            inputs = sample_inputs(signature, contract, seed=100 + seed)
+            got = run_onnx(session, contract, signature, inputs)
+            for name, row in compare_outputs(got, run_reference(module, inputs)).items():
+                if name not in worst or row["relative"] > worst[name]["relative"]:
+                    worst[name] = row
+        report[signature.name] = worst
+    del session
+    return report
+
+
+def _prepare_out(out: Path) -> None:
+    if out.suffix == ".litertlm":
+        raise EdgeMtpError(f"Output {out} names a .litertlm file; an ONNX bundle is a folder (use --format litert "
+                           "for a .litertlm).")
+    if out.exists() and not out.is_dir():
+        raise EdgeMtpError(f"Output {out} is a file; an ONNX bundle is a folder, choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not is_onnx_bundle(out):
+        raise EdgeMtpError(f"Output folder {out} is not empty and is not an edge-mtp ONNX bundle; choose an empty "
+                           "or new folder so nothing of yours is overwritten.")
+    writable_parent(out)
+
+
+def export_onnx(target_dir: str | Path, assistant_dir: str | Path | None, out_dir: str | Path, *,
+                draft_len: int = DEFAULT_DRAFT_LEN, context: int = DEFAULT_CONTEXT,
+                prefill: tuple[int, ...] = DEFAULT_PREFILL, check: bool = True, quant: str = "fp32",
+                on_stage: Callable[[str], None] = lambda s: None) -> ExportSummary:
+    """Export a target (and its assistant) to an ONNX bundle folder `out_dir`; every graph is checked numerically."""
+    start = time.time()
+    out = Path(out_dir)
+    if draft_len < 1:
+        raise EdgeMtpError("--draft-len must be at least 1.")
+    if quant not in QUANTIZERS:
+        raise EdgeMtpError(f"Quantization recipe '{quant}' is not available for ONNX yet; use --quant fp32.")
+    _prepare_out(out)
+    stages: list[str] = []
+
+    def stage(text: str) -> None:
+        stages.append(text)
+        on_stage(text)
+
+    stage("loading checkpoints")
+    models = load_target(target_dir)
+    drafter = load_drafter(assistant_dir, models.spec) if assistant_dir is not None else None
+    tokenizer, meta = tokenizer_files(models.path)
+    if max(prefill) > context:
+        raise EdgeMtpError(f"Prefill length {max(prefill)} exceeds the context {context}.")
+    contract = Contract(models.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)))
+    models.target.cache_write = "scatter"  # ScatterElements: in place in onnxruntime (layers.write_cache)
+    checks: dict[str, dict] = {}
+    model_records: dict[str, dict] = {}
+    with atomic_directory(out) as work:
+        for unit in export_units(models, drafter, contract):
+            path = work / model_file(unit.name)
+            stage(f"exporting {unit.name}: {', '.join(s.name for s, _ in unit.signatures)}")
+            export_unit(unit, contract, path)
+            gc.collect()
+            if check:
+                stage(f"checking {unit.name} against PyTorch")
+                checks[unit.name] = check_unit(unit, contract, path)
+                _enforce_tolerance(unit.name, checks[unit.name])
+            QUANTIZERS[quant](unit.name, path)
+            record = {"file": path.name, "signatures": [s.name for s, _ in unit.signatures],
+                      "external_data": sorted(p.name for p in work.glob(f"{path.name}.data"))}
+            if unit.name == TARGET:
+                in_names, out_names = target_graph_io(contract)
+                record.update(token_axis={"name": TOKEN_AXIS, "min": 1, "max": token_axis_max(contract)},
+                              inputs=in_names, outputs=out_names,
+                              note="one graph for every target signature: prefill_<T> ignores logits/activations")
+            model_records[unit.name] = record
+        stage("writing bundle")
+        shutil.copyfile(tokenizer, work / TOKENIZER_FILE)
+        if (models.path / TOKENIZER_CONFIG).is_file():
+            shutil.copyfile(models.path / TOKENIZER_CONFIG, work / TOKENIZER_CONFIG)
+        if meta.chat_template:
+            (work / CHAT_TEMPLATE).write_text(meta.chat_template)
+        tokenizer_record = {
+            "file": TOKENIZER_FILE,
+            "config": TOKENIZER_CONFIG if (work / TOKENIZER_CONFIG).is_file() else None,
+            "chat_template": CHAT_TEMPLATE if meta.chat_template else None,
+            "bos": meta.start_token, "stop_tokens": list(meta.stop_tokens)}
+        manifest = build_manifest(contract, model_records, tokenizer_record, work, quantization=quant)
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        read_manifest(work)  # refuse to publish a bundle we cannot read back
+    files = read_manifest(out, verify=False)["files"]
+    return ExportSummary(
+        out=str(out), bytes=sum(f["bytes"] for f in files.values()) + (out / MANIFEST).stat().st_size,
+        sections=[{"type": "onnx" if name.endswith((".onnx", ".data")) else "file", "model_type": name,
+                   "bytes": f["bytes"]} for name, f in files.items()],
+        signatures={u: [s.name for s in sigs] for u, sigs in _signature_names(contract).items()},
+        checks=checks, wall_seconds=time.time() - start,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, stages=stages)

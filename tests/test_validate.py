@@ -1,0 +1,84 @@
+"""validate passes a good bundle and fails (with the reason) a tampered one; exit codes 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edge_mtp.cli import main
+from edge_mtp.export.pipeline import export_litert_models
+from edge_mtp.model.loading import load_drafter, load_target
+from edge_mtp.validate import validate
+
+from conftest import BUNDLE_CONTEXT
+
+PROMPTS = ["Hello world", "abc def"]
+
+
+def _failed(report) -> list[str]:
+    return [f"{c.kind}: {c.subject}" for c in report.checks if not c.passed]
+
+
+def test_good_bundle_passes_with_json_and_markdown(tiny_bundle, synth_pair, tmp_path):
+    path, _ = tiny_bundle
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    result = CliRunner().invoke(main, ["validate", str(path), "--target", str(synth_pair / "target"),
+                                       "--assistant", str(synth_pair / "assistant"), "--prompts", str(prompts),
+                                       "--max-tokens", "8", "--json", "--report", str(tmp_path / "r.md")])
+    assert result.exit_code == 0, result.output[-2000:]
+    report = json.loads(result.output[result.output.index("{"):])
+    kinds = {c["kind"] for c in report["checks"]}
+    assert report["passed"] and kinds == {"graph", "greedy", "acceptance"}
+    subjects = " ".join(c["subject"] for c in report["checks"])
+    for needle in ("embedder", "per_layer_embedder", "verify", "mtp_drafter", "LiteRT-LM", "transformers assisted"):
+        assert needle in subjects
+    assert "**Verdict: PASS**" in (tmp_path / "r.md").read_text()
+
+
+class ShiftedCaches(torch.nn.Module):
+    """A drafter wired one slot off: it reads the right buffers at the wrong positions."""
+
+    def __init__(self, drafter):
+        super().__init__()
+        self.drafter, self.spec = drafter, drafter.spec
+
+    def forward(self, activations, input_pos, mask, **caches):
+        shifted = {n: torch.roll(t, 1, dims=2 if "_k_" in n else 3) for n, t in caches.items()}
+        return self.drafter(activations, input_pos, mask, **shifted)
+
+
+def test_drafter_reading_the_wrong_cache_fails(synth_pair, tmp_path):
+    models = load_target(synth_pair / "target")
+    drafter = ShiftedCaches(load_drafter(synth_pair / "assistant", models.spec))
+    out = tmp_path / "wired-wrong.litertlm"
+    export_litert_models(models, drafter, out, context=BUNDLE_CONTEXT, prefill=(8,), check=False,
+                         source_assistant=synth_pair / "assistant")
+    report = validate(out, prompts=PROMPTS, max_tokens=8, use_litert_lm=False)
+    assert not report.passed
+    assert _failed(report) == ["graph: drafter: mtp_drafter logits + projected activations"]
+
+
+def test_one_perturbed_target_weight_fails(synth_pair, tmp_path):
+    models = load_target(synth_pair / "target")
+    with torch.no_grad():
+        models.target.layers[4].mlp.down_proj.weight[3, 7] += 2.0
+    out = tmp_path / "perturbed.litertlm"
+    export_litert_models(models, None, out, context=BUNDLE_CONTEXT, prefill=(8,), check=False)
+    result = CliRunner().invoke(main, ["validate", str(out), "--target", str(synth_pair / "target"),
+                                       "--max-tokens", "8", "--no-litert-lm", "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.output[result.output.index("{"):])
+    failed = [c["subject"] for c in report["checks"] if not c["passed"]]
+    assert any("decode logits" in s for s in failed)
+
+
+def test_truncated_bundle_exits_2(tiny_bundle, tmp_path):
+    path, _ = tiny_bundle
+    cut = tmp_path / "cut.litertlm"
+    cut.write_bytes(path.read_bytes()[:200_000])
+    result = CliRunner().invoke(main, ["validate", str(cut)])
+    assert result.exit_code == 2 and "truncated" in result.output
