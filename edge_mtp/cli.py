@@ -248,6 +248,43 @@ def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, pr
 
 
 @main.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None)
+@click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu"]), default="cpu", show_default=True)
+@click.option("--prompts", type=click.Path(exists=True, path_type=Path), help="Text file, one prompt per line.")
+@click.option("--max-tokens", default=48, show_default=True, help="Tokens generated per prompt and configuration.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write acceptance / speed-up plots (PNG).")
+def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: Path | None, max_tokens: int,
+          as_json: bool, plot_path: Path | None) -> None:
+    """Measure decode, verify and draft costs and acceptance; predict and measure speed-up; recommend a draft length."""
+    from .bench import bench as run_bench
+    from .bench import plot
+    from .runtime.api import load
+    from .validate import DEFAULT_PROMPTS
+
+    model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator)
+    texts = [ln for ln in prompts.read_text().splitlines() if ln.strip()] if prompts else DEFAULT_PROMPTS
+    result = run_bench(model.backend, [model.tokenizer.encode(t) for t in texts], max_tokens)
+    if plot_path:
+        plot(result, str(plot_path))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    base = result.baseline
+    click.echo(f"plain decoding: {base.tokens_per_second:.1f} tok/s, {base.ms_per_decode:.2f} ms per decode step")
+    if result.mtp:
+        click.echo(f"drafter step: {result.draft_cost:.2f} x decode; per-token acceptance a = {result.acceptance_fit:.2f}; "
+                   f"acceptance by position: {', '.join(f'{p:.2f}' for p in result.mtp[-1].per_position_acceptance)}")
+        click.echo(" γ   verify/decode   predicted   measured")
+        for g, predicted in result.predicted_speedup.items():
+            measured = result.measured_speedup.get(g)
+            click.echo(f"{g:2d}   {result.verify_cost[g]:13.2f}   {predicted:8.2f}x   "
+                       + (f"{measured:7.2f}x" if measured is not None else "  (needs re-export)"))
+    click.echo(result.recommendation)
+
+
+@main.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(path: str, as_json: bool) -> None:

@@ -1,0 +1,159 @@
+"""`edge-mtp bench`: what MTP costs and earns on this backend, and which draft length (if any) to use.
+
+All costs are measured as the loop pays them (embedding lookups, masks and argmax included), so the speed-up
+model below predicts the loop's own end-to-end numbers:
+
+    speed-up(γ) = E(γ) · decode / (γ · draft + verify(γ)),   E(γ) = 1 + Σ_{i≤γ} P(draft i accepted)
+
+P(draft i accepted) is measured per position up to the exported draft length G and extrapolated beyond it with
+the fitted per-token acceptance a (P_i ≈ a^i); verify(γ) is measured for γ ≤ G (the verify signature pads to G+1)
+and extrapolated linearly in the token count beyond G, where using γ would need a re-export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .runtime.backends.base import Backend
+from .runtime.speculative import Stats, generate_tokens
+
+MAX_GAMMA = 8
+
+
+@dataclass
+class Run:
+    """Aggregate of one configuration over the prompt set."""
+
+    draft_len: int  # 0 = plain decoding
+    tokens_per_second: float
+    ms_per_decode: float
+    ms_per_verify: float
+    ms_per_draft_step: float
+    per_position_acceptance: list[float]
+    mean_accepted_length: float
+
+
+@dataclass
+class BenchResult:
+    """Measured costs, acceptance, the fitted model's predictions, and the recommendation."""
+
+    backend: str
+    exported_draft_len: int
+    baseline: Run
+    mtp: list[Run]
+    acceptance_fit: float
+    verify_cost: dict[int, float]  # γ -> verify ms / decode ms (measured for γ ≤ G, extrapolated beyond)
+    draft_cost: float  # draft step ms / decode ms
+    predicted_speedup: dict[int, float]
+    measured_speedup: dict[int, float]
+    best_draft_len: int | None
+    recommendation: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON form."""
+        return asdict(self)
+
+
+def _run(backend: Backend, prompts: Sequence[Sequence[int]], max_tokens: int, draft_len: int) -> Run:
+    stats: list[Stats] = []
+    for prompt in prompts:
+        _, s = generate_tokens(backend, list(prompt), max_tokens=max_tokens, mtp=draft_len > 0,
+                               draft_len=draft_len or None)
+        stats.append(s)
+    decode_time = sum(s.total_ms - s.time_to_first_token_ms for s in stats)
+    tokens = sum(s.generated - 1 for s in stats)
+    rounds = [k for s in stats for k in s.accepted_per_round]
+    per_position = [float(np.mean([k > i for k in rounds])) if rounds else 0.0 for i in range(draft_len)]
+    mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
+    return Run(draft_len, tokens / decode_time * 1000 if decode_time else 0.0,
+               mean([m for s in stats for m in s.decode_ms[1:]] or [m for s in stats for m in s.decode_ms]),
+               mean([m for s in stats for m in s.verify_ms]), mean([m for s in stats for m in s.draft_ms]),
+               per_position, (sum(rounds) + len(rounds)) / len(rounds) if rounds else 0.0)
+
+
+def fit_acceptance(per_position: Sequence[float]) -> float:
+    """Per-token acceptance a such that P(draft i accepted) ≈ a^i (least squares in log space, positives only)."""
+    points = [(i + 1, p) for i, p in enumerate(per_position) if p > 0]
+    if not points:
+        return 0.0
+    x = np.array([i for i, _ in points], dtype=float)
+    y = np.log([p for _, p in points])
+    return float(min(1.0, np.exp((x @ y) / (x @ x))))
+
+
+def expected_tokens(per_position: Sequence[float], a: float, gamma: int) -> float:
+    """Tokens emitted per verify with γ drafts: 1 (the bonus) + Σ P(draft i accepted)."""
+    return 1.0 + sum(per_position[i - 1] if i <= len(per_position) else a ** i for i in range(1, gamma + 1))
+
+
+def predict(per_position: Sequence[float], a: float, verify_cost: dict[int, float], draft_cost: float) -> dict[int, float]:
+    """speed-up(γ) over plain decoding for γ = 1..MAX_GAMMA."""
+    return {g: expected_tokens(per_position, a, g) / (g * draft_cost + verify_cost[g]) for g in range(1, MAX_GAMMA + 1)}
+
+
+def bench(backend: Backend, prompts: Sequence[Sequence[int]], max_tokens: int = 48) -> BenchResult:
+    """Measure plain decoding and MTP at every available draft length, fit the model, recommend."""
+    g_max = backend.contract.draft_len if backend.has_drafter else 0
+    _run(backend, prompts[:1], min(max_tokens, 8), g_max)  # warm-up: first calls pay for lazy initialisation
+    baseline = _run(backend, prompts, max_tokens, 0)
+    decode = baseline.ms_per_decode
+    notes: list[str] = []
+    if not g_max:
+        return BenchResult(backend.name, 0, baseline, [], 0.0, {}, 0.0, {}, {}, None,
+                           "This bundle has no drafter: export it with an assistant to use MTP.", notes)
+    runs = [_run(backend, prompts, max_tokens, g) for g in range(1, g_max + 1)]
+    full = runs[-1]
+    a = fit_acceptance(full.per_position_acceptance)
+    verify_at_g = float(np.mean([r.ms_per_verify for r in runs])) / decode  # every γ ≤ G pays the padded verify
+    slope = (verify_at_g - 1.0) / g_max  # per extra token, between decode (T=1) and verify (T=G+1)
+    verify_cost = {g: verify_at_g if g <= g_max else verify_at_g + slope * (g - g_max) for g in range(1, MAX_GAMMA + 1)}
+    draft_cost = float(np.mean([r.ms_per_draft_step for r in runs])) / decode
+    predicted = predict(full.per_position_acceptance, a, verify_cost, draft_cost)
+    measured = {r.draft_len: r.tokens_per_second / baseline.tokens_per_second for r in runs}
+    best = max(range(1, g_max + 1), key=lambda g: measured[g])
+    if measured[best] < 1.0:
+        text = (f"MTP is slower on this backend ({measured[best]:.2f}x at best): disable it "
+                "(run with --no-mtp / leave speculative decoding off).")
+        best_len: int | None = None
+    else:
+        text = f"use draft length {best}: {measured[best]:.2f}x faster than plain decoding"
+        best_len = best
+        beyond = max(range(g_max + 1, MAX_GAMMA + 1), key=lambda g: predicted[g])
+        if predicted[beyond] > 1.05 * predicted[best]:
+            text += (f" (the model predicts {predicted[beyond]:.2f}x at draft length {beyond}: "
+                     f"re-export with --draft-len {beyond} to try it)")
+    notes.append(f"verify cost beyond G={g_max} is extrapolated linearly in the token count")
+    return BenchResult(backend.name, g_max, baseline, runs, a, verify_cost, draft_cost, predicted, measured, best_len,
+                       text, notes)
+
+
+def plot(result: BenchResult, path: str) -> None:
+    """Acceptance by draft position and speed-up against draft length, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import EdgeMtpError
+
+        raise EdgeMtpError("--plot needs matplotlib: pip install matplotlib.") from None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    pos = result.mtp[-1].per_position_acceptance if result.mtp else []
+    left.bar(range(1, len(pos) + 1), pos, label="measured")
+    xs = np.arange(1, MAX_GAMMA + 1)
+    left.plot(xs, result.acceptance_fit ** xs, "k--", label=f"fit a^i, a={result.acceptance_fit:.2f}")
+    left.set(xlabel="draft position i", ylabel="P(draft i accepted)", ylim=(0, 1.05), title="acceptance")
+    left.legend()
+    right.plot(list(result.predicted_speedup), list(result.predicted_speedup.values()), "o-", label="predicted")
+    right.plot(list(result.measured_speedup), list(result.measured_speedup.values()), "s", label="measured")
+    right.axhline(1.0, color="gray", lw=0.8)
+    right.set(xlabel="draft length γ", ylabel="speed-up over plain decoding", title=result.backend)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,237 @@
+"""ONNX export and the onnxruntime backend: graphs vs PyTorch, greedy MTP equality, one shared KV buffer, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_mtp.contract import DECODE, DRAFT, Contract, drafter_mask, k_name, v_name
+from edge_mtp.errors import EdgeMtpError
+from edge_mtp.export.onnx import export_onnx
+from edge_mtp.export.onnx_bundle import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
+from edge_mtp.export.pipeline import TOLERANCE
+from edge_mtp.export.signatures import compare_outputs, export_units, run_reference, sample_inputs
+from edge_mtp.model.loading import load_drafter, load_target
+from edge_mtp.runtime.api import Tokenizer
+from edge_mtp.runtime.backends.onnx import OnnxBackend, contract_and_tokenizer
+from edge_mtp.runtime.backends.torch import TorchBackend
+from edge_mtp.runtime.speculative import SpeculativeDecoder
+
+from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
+
+PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on a phone, exactly."]
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(synth_pair, tmp_path_factory):
+    """The synthetic tiny pair exported once to an ONNX bundle folder: (path, export summary)."""
+    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
+    summary = export_onnx(synth_pair / "target", synth_pair / "assistant", out, context=CONTEXT, prefill=PREFILL)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def reference(synth_pair):
+    """The PyTorch modules of the same pair and the contract the bundle was exported with."""
+    models = load_target(synth_pair / "target")
+    drafter = load_drafter(synth_pair / "assistant", models.spec)
+    return models, drafter, Contract(models.spec, drafter.spec, CONTEXT, 3, PREFILL)
+
+
+@pytest.fixture()
+def backend(onnx_bundle):
+    return OnnxBackend(onnx_bundle[0], threads=1)
+
+
+def test_export_checks_every_graph_and_signature(onnx_bundle):
+    path, summary = onnx_bundle
+    assert set(summary.checks) == {"embedder", "per_layer_embedder", "target", "drafter"}
+    assert set(summary.checks["target"]) == {"prefill_8", "prefill_16", "decode", "verify"}
+    for model, signatures in summary.checks.items():
+        for signature, outputs in signatures.items():
+            for name, row in outputs.items():
+                assert row["relative"] <= TOLERANCE, (model, signature, name, row)
+    assert {"logits", "activations", "kv_cache_k_0", "kv_cache_v_2"} <= set(summary.checks["target"]["verify"])
+    files = sorted(p.name for p in path.iterdir())
+    assert files == sorted(["manifest.json", "tokenizer.json", "tokenizer_config.json"] +
+                           [f"{m}.onnx{x}" for m in ("embedder", "per_layer_embedder", "target", "drafter")
+                            for x in ("", ".data")])
+
+
+def test_manifest_records_the_contract(onnx_bundle, reference):
+    path, _ = onnx_bundle
+    manifest = read_manifest(path)
+    assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["quantization"] == "fp32" and manifest["kv_output_name"] == "{name}_out"
+    assert manifest["models"]["target"]["token_axis"] == {"name": "T", "min": 1, "max": 16}
+    verify = manifest["signatures"]["verify"]
+    shapes = {t["name"]: t["shape"] for t in verify["inputs"] + verify["outputs"]}
+    assert shapes["input_pos"] == [4] and shapes["kv_cache_k_2"] == [1, 2, CONTEXT, 32]
+    assert shapes["kv_cache_v_2"] == [1, 2, 32, CONTEXT]
+    assert {"name": "kv_cache_k_0", "shape": [1, 2, CONTEXT, 16], "dtype": "float32",
+            "onnx_name": "kv_cache_k_0_out"} in verify["outputs"]
+    drafter_kv = {t["name"] for t in manifest["signatures"][DRAFT]["inputs"] if t["name"].startswith("kv_")}
+    assert drafter_kv == {"kv_cache_k_1", "kv_cache_v_1", "kv_cache_k_2", "kv_cache_v_2"}
+    assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {MANIFEST}
+    contract, tok = contract_and_tokenizer(path)
+    assert contract == reference[2]
+    tokenizer = Tokenizer(**tok)
+    assert tokenizer.bos == reference[0].spec.bos_token_id and tokenizer.stop_tokens == [1]
+    assert tokenizer.decode(tokenizer.encode("abc")[1:]) == "abc"
+
+
+def _new_rows(name: str, array: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    return array[:, :, positions] if name.startswith("kv_cache_k") else array[..., positions]
+
+
+def test_bound_graphs_match_pytorch_with_caches_written_in_place(backend, reference):
+    """Each target signature run through the backend's in-place binding vs the PyTorch module; new KV rows too."""
+    models, drafter, contract = reference
+    units = {u.name: u for u in export_units(models, drafter, contract)}
+    for signature, module in units["target"].signatures:
+        inputs = sample_inputs(signature, contract, seed=7)
+        for name, array in backend.kv_arrays.items():
+            np.copyto(array, inputs[name])
+        got = backend.run_target(signature.name, inputs["embeddings"], inputs["per_layer_embeddings"],
+                                 inputs["input_pos"], inputs["mask"])
+        got.update(backend.kv_arrays)
+        want = run_reference(module, inputs)
+        for name, row in compare_outputs(got, want).items():
+            assert row["relative"] <= TOLERANCE, (signature.name, name, row)
+        for name in backend.kv_arrays:  # the rows this signature wrote, on their own (not hidden by the old ones)
+            rows = _new_rows(name, want[name], inputs["input_pos"])
+            assert np.abs(_new_rows(name, got[name], inputs["input_pos"]) - rows).max() <= TOLERANCE * np.abs(rows).max()
+    (signature, module), = units["drafter"].signatures
+    inputs = sample_inputs(signature, contract, seed=8)
+    for name in backend.drafter_kv_values():
+        np.copyto(backend.kv_arrays[name], inputs[name])
+    got = backend.run_drafter(inputs["activations"], inputs["input_pos"], inputs["mask"])
+    for name, row in compare_outputs(got, run_reference(module, inputs)).items():
+        assert row["relative"] <= TOLERANCE, (DRAFT, name, row)
+
+
+def _generate(backend, prompts, tokenizer, mtp=True):
+    out = []
+    for prompt in prompts:
+        decoder = SpeculativeDecoder(backend)
+        tokens = list(decoder.generate(tokenizer.encode(prompt), max_tokens=20, mtp=mtp,
+                                       stop_tokens=tokenizer.stop_tokens))
+        out.append((tokens, [(r.position, r.drafts, r.target_argmax) for r in decoder.rounds]))
+    return out
+
+
+def test_greedy_mtp_equals_plain_and_pytorch(onnx_bundle, backend, reference):
+    models, drafter, contract = reference
+    tokenizer = Tokenizer(**contract_and_tokenizer(onnx_bundle[0])[1])
+    torch_backend = TorchBackend(models, drafter, contract)
+    onnx_mtp = _generate(backend, PROMPTS, tokenizer)
+    onnx_plain = _generate(backend, PROMPTS, tokenizer, mtp=False)
+    torch_mtp = _generate(torch_backend, PROMPTS, tokenizer)
+    assert [t for t, _ in onnx_mtp] == [t for t, _ in onnx_plain] == [t for t, _ in torch_mtp]
+    # every round drafted the same tokens from the same shared cache, and verify agreed with PyTorch's
+    assert [r for _, r in onnx_mtp] == [r for _, r in torch_mtp]
+    drafted = sum(len(d) for _, rounds in onnx_mtp for _, d, _ in rounds)
+    assert drafted >= 3 * len(PROMPTS)
+
+
+def test_target_and_drafter_share_one_kv_buffer(backend, reference):
+    models, drafter, contract = reference
+    pointers = {n: a.ctypes.data for n, a in backend.kv_arrays.items()}
+    assert all(backend.kv_values[n].data_ptr() == p for n, p in pointers.items())  # wrapped, not copied
+    assert all(v is backend.kv_values[n] for n, v in backend.drafter_kv_values().items())
+    backend.reset()
+    assert {n: a.ctypes.data for n, a in backend.kv_arrays.items()} == pointers
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 1, contract.target.hidden_size)).astype(np.float32)
+    ple = rng.standard_normal((1, 1, contract.target.num_layers, contract.target.ple_dim)).astype(np.float32)
+    from edge_mtp.contract import causal_mask
+
+    def decode_at(position: int, scale: float) -> None:
+        backend.run_target(DECODE, emb * scale, ple, np.array([position], np.int32), causal_mask(position, 1, CONTEXT))
+
+    for position in range(6):
+        decode_at(position, 1.0)
+    store_k = k_name(contract.target.store_layers["full"])
+    assert np.abs(backend.kv_arrays[store_k][:, :, 5]).max() > 0  # the target wrote into our own array
+    bound_out = {o.data_ptr() for o in backend.bound[DECODE].binding.get_outputs()}
+    assert set(pointers.values()) <= bound_out  # ...as the graph's output buffers, in place
+    activations = rng.standard_normal((1, 1, 2 * contract.target.hidden_size)).astype(np.float32)
+    pos, mask = np.array([5], np.int32), drafter_mask(5, CONTEXT)
+    before = backend.run_drafter(activations, pos, mask)["projected_activations"]
+    decode_at(5, -3.0)  # the target rewrites row 5; nothing is copied or rebound before the drafter runs again
+    after = backend.run_drafter(activations, pos, mask)["projected_activations"]
+    assert np.abs(after - before).max() > 1e-3
+    caches = {n: torch.from_numpy(backend.read_kv(n)) for n in drafter.cache_names()}
+    with torch.no_grad():
+        want = drafter(torch.from_numpy(activations), torch.from_numpy(pos), torch.from_numpy(mask), **caches)
+    assert np.abs(after - want["projected_activations"].numpy()).max() <= 1e-4 * np.abs(after).max()
+    assert {n: backend.kv_values[n].data_ptr() for n in pointers} == pointers
+
+
+# -- bad input ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def bundle_copy(onnx_bundle, tmp_path) -> Path:
+    return Path(shutil.copytree(onnx_bundle[0], tmp_path / "copy"))
+
+
+def test_missing_file_is_reported(bundle_copy):
+    (bundle_copy / "drafter.onnx.data").unlink()
+    with pytest.raises(EdgeMtpError, match=r"is incomplete: drafter\.onnx\.data, listed in manifest\.json, is missing"):
+        OnnxBackend(bundle_copy)
+
+
+def test_modified_file_is_reported(bundle_copy):
+    data = bytearray((bundle_copy / "target.onnx.data").read_bytes())
+    data[100] ^= 0xFF
+    (bundle_copy / "target.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(EdgeMtpError, match=r"target\.onnx\.data does not match its sha256 in manifest\.json"):
+        OnnxBackend(bundle_copy)
+
+
+def test_newer_format_version_is_refused(bundle_copy):
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(EdgeMtpError, match="was written by a newer edge-mtp .* upgrade edge-mtp"):
+        OnnxBackend(bundle_copy)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(EdgeMtpError, match="has no manifest.json, so it is not an edge-mtp ONNX bundle"):
+        OnnxBackend(tmp_path)
+
+
+def test_unknown_or_unavailable_provider(onnx_bundle):
+    with pytest.raises(EdgeMtpError, match=r"Unknown execution provider 'tpu'; choose one of cpu, xnnpack, nnapi, "
+                                           r"coreml, qnn \(this onnxruntime has: .*cpu"):
+        OnnxBackend(onnx_bundle[0], provider="tpu")
+    with pytest.raises(EdgeMtpError, match=r"'qnn' \(QNNExecutionProvider\) is not in this onnxruntime build; "
+                                           "available: .*cpu"):
+        OnnxBackend(onnx_bundle[0], provider="qnn")
+
+
+def test_export_refuses_to_overwrite_a_foreign_folder(synth_pair, tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(EdgeMtpError, match="is not empty and is not an edge-mtp ONNX bundle"):
+        export_onnx(synth_pair / "target", synth_pair / "assistant", tmp_path, context=CONTEXT, prefill=PREFILL)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    with pytest.raises(EdgeMtpError, match="an ONNX bundle is a folder"):
+        export_onnx(synth_pair / "target", synth_pair / "assistant", tmp_path / "x.litertlm", context=CONTEXT)
+
+
+def test_interrupted_export_leaves_nothing(synth_pair, tmp_path):
+    def interrupt(stage: str) -> None:
+        if stage.startswith("exporting target"):  # the embedders are already written in the partial folder
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(synth_pair / "target", synth_pair / "assistant", tmp_path / "b", context=CONTEXT,
+                    prefill=PREFILL, on_stage=interrupt)
+    assert list(tmp_path.iterdir()) == []
