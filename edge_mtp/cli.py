@@ -285,6 +285,46 @@ def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: P
 
 
 @main.command()
+@click.option("--target", "target_dir", required=True, help="Target checkpoint directory (or cached HF repo id).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Assistant checkpoint to write.")
+@click.option("--data", multiple=True, type=click.Path(exists=True), help="Text files to draw prompts from.")
+@click.option("--prompts", type=click.Path(exists=True), help="File of prompts, one per line.")
+@click.option("--steps", default=200, show_default=True)
+@click.option("--draft-len", default=3, show_default=True, help="Draft steps unrolled in training.")
+@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--batch", default=8, show_default=True)
+@click.option("--seq-len", default=64, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/distill_state.pt.")
+@click.option("--init", "init_from", help="Start from an existing assistant (e.g. Google's, for a fine-tuned target).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def distill(target_dir: str, out_dir: Path, data: tuple[str, ...], prompts: str | None, steps: int, draft_len: int,
+            lr: float, batch: int, seq_len: int, seed: int, resume: bool, init_from: str | None, as_json: bool) -> None:
+    """Train an MTP assistant for a target from the target's own activations and KV cache."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .distill import distill as run_distill
+
+    with Progress(TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]:.3f}  acceptance {task.fields[acc]:.2f}"),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("distill", total=steps, loss=float("nan"), acc=0.0)
+
+        def progress(step: int, total: int, loss: float, acceptance: float) -> None:
+            bar.update(task, completed=step, total=total, loss=loss, acc=acceptance)
+
+        result = run_distill(target_dir, out_dir, data=list(data) or None, prompts=prompts, steps=steps,
+                             draft_len=draft_len, lr=lr, batch=batch, seq_len=seq_len, seed=seed, resume=resume,
+                             init_from=init_from, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"wrote {out_dir}: acceptance {result.acceptance_before:.2f} -> {result.acceptance_after:.2f}, "
+               f"tokens per verify {result.mean_accepted_length_before:.2f} -> {result.mean_accepted_length_after:.2f} "
+               f"({result.seconds:.0f} s)")
+
+
+@main.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(path: str, as_json: bool) -> None:

@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -182,16 +181,6 @@ def greedy_continue(models: TargetModels, prompts: Sequence[Sequence[int]], leng
 # Drafter side
 
 
-@contextmanager
-def _rows_mode(drafter: Drafter) -> Iterator[Drafter]:
-    """Drafter.forward on T independent rows: its (one-row) output head is bypassed and `logits` holds y [1,T,h]."""
-    drafter.head = lambda y: y  # instance attribute shadows the method; the rest of forward is the real code
-    try:
-        yield drafter
-    finally:
-        del drafter.head
-
-
 def cluster_of_tokens(drafter: Drafter) -> torch.Tensor:
     """[V] cluster index of every token under the drafter's token_ordering."""
     s = drafter.spec
@@ -238,14 +227,13 @@ def draft_rows(models: TargetModels, drafter: Drafter, seqs: torch.Tensor, draft
     caches = {n: tgt[n] for n in drafter.cache_names()}
     carry = tgt["activations"][0, base + rn - 1][None]
     rows = DraftRows([], [], [], rb, rn)
-    with _rows_mode(drafter):
-        for i in range(draft_len):
-            emb = models.embedder(flat[base + rn + i][None].int())["embeddings"]
-            out = drafter(torch.cat([emb, carry], -1), input_pos, mask, **caches)
-            carry = out["projected_activations"]
-            rows.hidden.append(out["logits"][0])
-            rows.carries.append(carry[0])
-            rows.teacher.append(tgt["logits"][0, base + rn + i])
+    for i in range(draft_len):
+        emb = models.embedder(flat[base + rn + i][None].int())["embeddings"]
+        out = drafter(torch.cat([emb, carry], -1), input_pos, mask, hidden_only=True, **caches)
+        carry = out["projected_activations"]
+        rows.hidden.append(out["hidden"][0])
+        rows.carries.append(carry[0])
+        rows.teacher.append(tgt["logits"][0, base + rn + i])
     return rows
 
 

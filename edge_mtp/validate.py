@@ -23,8 +23,7 @@ from .reference import TransformersPair, error_metrics
 from .runtime.api import Model, load
 from .runtime.speculative import SpeculativeDecoder
 
-DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time, in a small village,", "def fibonacci(n):",
-                   "Speculative decoding makes phones faster because"]
+from .prompts import DEFAULT_PROMPTS
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_directory, writable_parent
-from ..contract import ACTIVATIONS, LOGITS, TARGET, Contract, Signature, kv_output_name
+from ..contract import ACTIVATIONS, DECODE, LOGITS, TARGET, Contract, Signature, kv_output_name
 from ..errors import EdgeMtpError
 from ..model.loading import load_drafter, load_target
 from .onnx_bundle import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
                           is_onnx_bundle, model_file, onnx_output_name, read_manifest)
 from .pipeline import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, ExportSummary, _enforce_tolerance,
                        _signature_names, tokenizer_files)
-from .signatures import ExportUnit, compare_outputs, run_reference, sample_inputs, export_units
+from .signatures import ExportUnit, compare_outputs, export_units, run_reference, sample_inputs
 
 OPSET = 20
 
@@ -103,21 +103,14 @@ def token_axis_max(contract: Contract) -> int:
 
 def target_graph_io(contract: Contract) -> tuple[list[str], list[str]]:
     """Input and output names of the target graph (caches out as kv_output_name)."""
-    sig = contract.target_signature(DECODE_LIKE, 1)
+    sig = contract.target_signature(DECODE, 1)
     return [s.name for s in sig.inputs], [onnx_output_name(contract, s.name) for s in sig.outputs]
-
-
-DECODE_LIKE = "decode"
-
-
-def _save(program, path: Path) -> None:
-    program.save(str(path), external_data=True)
 
 
 def export_target_graph(target: torch.nn.Module, contract: Contract, path: Path) -> Path:
     """Trace the target once with a dynamic token axis and write `path` (+ `path`.data)."""
     tmax = token_axis_max(contract)
-    sig = contract.target_signature(DECODE_LIKE, tmax)
+    sig = contract.target_signature(DECODE, tmax)
     sample = {k: torch.from_numpy(v) for k, v in sample_inputs(sig, contract, seed=0).items()}
     kv_names = [s.name for s in contract.kv_tensors()]
     in_names, out_names = target_graph_io(contract)
@@ -130,7 +123,7 @@ def export_target_graph(target: torch.nn.Module, contract: Contract, path: Path)
         program = torch.onnx.export(_TargetGraph(target, contract).eval(), args, dynamo=True, opset_version=OPSET,
                                     input_names=in_names, output_names=out_names, dynamic_shapes=dynamic,
                                     external_data=True, verbose=False)
-        _save(program, path)
+        program.save(str(path), external_data=True)
     del program
     return path
 
@@ -144,7 +137,7 @@ def export_static_graph(signature: Signature, module: torch.nn.Module, contract:
                                     input_names=[s.name for s in signature.inputs],
                                     output_names=[onnx_output_name(contract, s.name) for s in signature.outputs],
                                     external_data=True, verbose=False)
-        _save(program, path)
+        program.save(str(path), external_data=True)
     del program
     return path
 

@@ -17,7 +17,10 @@ from ..errors import EdgeMtpError
 from ..model.drafter import Drafter
 from ..model.loading import TargetModels, load_drafter, load_target
 from ..spec import spec_to_dict
+from ..prompts import DEFAULT_PROMPTS
 from .litertlm import BundleMetadata, read_litertlm, write_litertlm
+from .quality import quantization_report
+from .quantize import DEFAULT_RECIPE, check_recipe, quantize_models, relative_error
 from .signatures import export_units
 
 DEFAULT_CONTEXT = 4096
@@ -39,6 +42,7 @@ class ExportSummary:
     wall_seconds: float
     peak_rss_mib: float
     stages: list[str] = field(default_factory=list)
+    quantization: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-friendly form (for --json)."""
@@ -83,16 +87,17 @@ def gallery_entry(bundle: Path, name: str, contract: Contract) -> dict:
 
 def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out: str | Path, *,
                   draft_len: int = DEFAULT_DRAFT_LEN, context: int = DEFAULT_CONTEXT,
-                  prefill: tuple[int, ...] = DEFAULT_PREFILL, check: bool = True,
+                  prefill: tuple[int, ...] = DEFAULT_PREFILL, quant: str = DEFAULT_RECIPE, check: bool = True,
                   on_stage: Callable[[str], None] = lambda s: None) -> ExportSummary:
     """Export a target (and its assistant) to a .litertlm bundle at `out`; every signature is checked numerically."""
     out = Path(out)
     check_output(out, draft_len)
+    check_recipe(quant)
     on_stage("loading checkpoints")
     models = load_target(target_dir)
     drafter = load_drafter(assistant_dir, models.spec) if assistant_dir is not None else None
     return export_litert_models(models, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
-                                check=check, on_stage=on_stage, source_assistant=assistant_dir)
+                                quant=quant, check=check, on_stage=on_stage, source_assistant=assistant_dir)
 
 
 def check_output(out: Path, draft_len: int) -> None:
@@ -106,57 +111,28 @@ def check_output(out: Path, draft_len: int) -> None:
 
 def export_litert_models(models: TargetModels, drafter: Drafter | None, out: Path, *,
                          draft_len: int = DEFAULT_DRAFT_LEN, context: int = DEFAULT_CONTEXT,
-                         prefill: tuple[int, ...] = DEFAULT_PREFILL, check: bool = True,
-                         on_stage: Callable[[str], None] = lambda s: None,
+                         prefill: tuple[int, ...] = DEFAULT_PREFILL, quant: str = DEFAULT_RECIPE,
+                         check: bool = True, on_stage: Callable[[str], None] = lambda s: None,
                          source_assistant: str | Path | None = None) -> ExportSummary:
     """Export already-loaded modules (see export_litert) to a .litertlm bundle at `out`."""
     start = time.time()
     check_output(out, draft_len)
-    stages: list[str] = []
-
-    def stage(text: str) -> None:
-        stages.append(text)
-        on_stage(text)
-
-    tokenizer, meta = tokenizer_files(models.path)
+    check_recipe(quant)
     if max(prefill) > context:
         raise EdgeMtpError(f"Prefill length {max(prefill)} exceeds the context {context}.")
     contract = Contract(models.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)))
+    job = _LitertExport(models, drafter, contract, out, quant, on_stage)
+    job.manifest["source"] = {"target": str(models.path),
+                              "assistant": str(source_assistant) if source_assistant else None}
     previous_write, models.target.cache_write = models.target.cache_write, "dus"
     try:
-        return _export(models, drafter, contract, out, tokenizer, meta, check, stage, stages, start, source_assistant)
+        with tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as tmp:
+            job.work = Path(tmp)
+            job.convert(check)
+            job.quantize()
+            job.write()
     finally:
         models.target.cache_write = previous_write
-
-
-def _export(models: TargetModels, drafter: Drafter | None, contract: Contract, out: Path, tokenizer: Path,
-            meta: BundleMetadata, check: bool, stage: Callable[[str], None], stages: list[str], start: float,
-            source_assistant) -> ExportSummary:
-    from .litert import check_unit, convert_unit
-
-    draft_len, context = contract.draft_len, contract.context
-    paths: dict[str, Path] = {}
-    checks: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as tmp:
-        work = Path(tmp)
-        for unit in export_units(models, drafter, contract):
-            stage(f"converting {unit.name}: {', '.join(s.name for s, _ in unit.signatures)}")
-            paths[unit.name] = convert_unit(unit, contract, work / f"{unit.name}.tflite")
-            if check:
-                stage(f"checking {unit.name} against PyTorch")
-                checks[unit.name] = check_unit(unit, contract, paths[unit.name])
-                _enforce_tolerance(unit.name, checks[unit.name])
-        manifest = {
-            "format": "edge-mtp-litertlm", "format_version": MANIFEST_VERSION, "draft_len": draft_len,
-            "context": context, "prefill_lengths": list(contract.prefill_lengths), "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]",
-            "target": spec_to_dict(models.spec), "drafter": spec_to_dict(drafter.spec) if drafter else None,
-            "quantization": "fp32",
-            "source": {"target": str(models.path), "assistant": str(source_assistant) if source_assistant else None},
-        }
-        stage("writing bundle")
-        with atomic_file(out) as partial:
-            write_litertlm(partial, paths, contract, tokenizer, meta, manifest, work)
-            read_litertlm(partial)  # refuse to publish a bundle we cannot read back
     (out.parent / f"{out.stem}.allowlist.json").write_text(
         json.dumps({"models": [gallery_entry(out, out.stem, contract)]}, indent=2))
     bundle = read_litertlm(out)
@@ -164,8 +140,89 @@ def _export(models: TargetModels, drafter: Drafter | None, contract: Contract, o
         out=str(out), bytes=out.stat().st_size,
         sections=[{"type": s.data_type, "model_type": s.model_type, "bytes": s.end - s.begin} for s in bundle.sections],
         signatures={u: [s.name for s in sigs] for u, sigs in _signature_names(contract).items()},
-        checks=checks, wall_seconds=time.time() - start,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, stages=stages)
+        checks=job.checks, wall_seconds=time.time() - start,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, stages=job.stages,
+        quantization=job.manifest.get("quantization_report"))
+
+
+class _LitertExport:
+    """One export job: convert and check each model, quantize, write the bundle (in a temporary work folder)."""
+
+    def __init__(self, models: TargetModels, drafter: Drafter | None, contract: Contract, out: Path, quant: str,
+                 on_stage: Callable[[str], None]):
+        self.models, self.drafter, self.contract, self.out, self.quant = models, drafter, contract, out, quant
+        self.on_stage = on_stage
+        self.tokenizer, self.meta = tokenizer_files(models.path)
+        self.units = export_units(models, drafter, contract)
+        self.paths: dict[str, Path] = {}
+        self.checks: dict[str, dict] = {}
+        self.stages: list[str] = []
+        self.work = Path(".")
+        self.manifest = {
+            "format": "edge-mtp-litertlm", "format_version": MANIFEST_VERSION, "draft_len": contract.draft_len,
+            "context": contract.context, "prefill_lengths": list(contract.prefill_lengths),
+            "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]", "target": spec_to_dict(models.spec),
+            "drafter": spec_to_dict(drafter.spec) if drafter else None, "quantization": quant,
+        }
+
+    def stage(self, text: str) -> None:
+        self.stages.append(text)
+        self.on_stage(text)
+
+    def convert(self, check: bool) -> None:
+        """Convert every model to fp32 .tflite; check each signature against PyTorch."""
+        from .litert import check_unit, convert_unit
+
+        for unit in self.units:
+            self.stage(f"converting {unit.name}: {', '.join(s.name for s, _ in unit.signatures)}")
+            self.paths[unit.name] = convert_unit(unit, self.contract, self.work / f"{unit.name}.tflite")
+            if check:
+                self.stage(f"checking {unit.name} against PyTorch")
+                self.checks[unit.name] = check_unit(unit, self.contract, self.paths[unit.name])
+                _enforce_tolerance(unit.name, self.checks[unit.name])
+
+    def quantize(self) -> None:
+        """Apply the recipe model by model, then measure what it cost against the fp32 models."""
+        if self.quant == "fp32":
+            return
+        self.stage(f"quantizing ({self.quant})")
+        fp32 = dict(self.paths)
+        self.paths, chosen = quantize_models(fp32, self.quant, self.work, self._sensitivity)
+        self.stage("measuring the quantization cost against fp32")
+        reference = self.work / "fp32.litertlm"
+        write_litertlm(reference, fp32, self.contract, self.tokenizer, self.meta, self.manifest, self.work)
+        candidate = self.work / "quantized.litertlm"
+        write_litertlm(candidate, self.paths, self.contract, self.tokenizer, self.meta, self.manifest, self.work)
+        report = quantization_report(reference, candidate, self._prompts())
+        report["components"] = {name: {"recipe": chosen[name], "bytes": self.paths[name].stat().st_size,
+                                       "fp32_bytes": fp32[name].stat().st_size} for name in fp32}
+        self.manifest["quantization_report"] = report
+
+    def _sensitivity(self, name: str, trial: Path) -> float:
+        """Relative error of a component's main output when quantized (used by the 'mixed' recipe)."""
+        from .litert import run_tflite
+        from .signatures import sample_inputs
+
+        unit = next(u for u in self.units if u.name == name)
+        signature = unit.signatures[-1][0]  # verify for the target, the only signature elsewhere
+        inputs = sample_inputs(signature, self.contract, seed=7)
+        key = next(o.name for o in signature.outputs if not o.name.startswith("kv_cache"))
+        want = run_tflite(self.paths[name], signature.name, inputs)
+        return relative_error(run_tflite(trial, signature.name, inputs), want, key)
+
+    def _prompts(self) -> list[list[int]]:
+        from ..runtime.api import Tokenizer
+
+        tok = Tokenizer(self.tokenizer.read_text(), self.meta.start_token, self.meta.stop_tokens)
+        limit = max(4, self.contract.context // 3)
+        return [tok.encode(p)[:limit] for p in DEFAULT_PROMPTS]
+
+    def write(self) -> None:
+        """Assemble the bundle atomically and read it back before publishing it."""
+        self.stage("writing bundle")
+        with atomic_file(self.out) as partial:
+            write_litertlm(partial, self.paths, self.contract, self.tokenizer, self.meta, self.manifest, self.work)
+            read_litertlm(partial)
 
 
 def _signature_names(contract: Contract) -> dict:

@@ -16,7 +16,8 @@ class Drafter(nn.Module):
     `input_pos` int32 [1] follows LiteRT-LM: it is N-1 for the token at position N, and the query is roped at
     input_pos + 1 (what transformers does). `mask` [1,1,1,C] is the committed-context mask (keys [0, N-1]); the
     sliding layers also hide keys at or before input_pos - window. The caches are the target's store-layer caches,
-    passed under the target's own names. With the centroid head, the logits of tokens outside the top clusters are
+    passed under the target's own names. Every row of a T-row call is an independent query (training batches
+    rounds that way with hidden_only=True). With the centroid head, the logits of tokens outside the top clusters are
     min(candidate scores) - 1, computed in-graph (no host sync).
     """
 
@@ -57,7 +58,7 @@ class Drafter(nn.Module):
         return fill.scatter(0, candidates, scores).reshape(1, 1, s.vocab_size)
 
     def forward(self, activations: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
-                **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
+                hidden_only: bool = False, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
         s = self.spec
         context = mask.shape[-1]
         query_pos = input_pos + 1
@@ -75,4 +76,6 @@ class Drafter(nn.Module):
 
             x = layer(x, attention)
         y = self.norm(x)
+        if hidden_only:  # training: T independent query rows; the (one-row) output head is applied by the caller
+            return {"hidden": y, "projected_activations": self.post_projection(y)}
         return {"logits": self.head(y), "projected_activations": self.post_projection(y)}

@@ -86,14 +86,34 @@ class Model:
                                          stop_tokens=self.tokenizer.stop_tokens, stats=self.last_stats)
 
 
+def _torch_backend(bundle: Path) -> Backend:
+    """Our PyTorch modules on the checkpoints the bundle was exported from, under the bundle's contract."""
+    from ..export.litertlm import read_litertlm
+    from ..model.loading import load_drafter, load_target
+    from .backends.litert import contract_from_manifest
+    from .backends.torch import TorchBackend
+
+    manifest = read_litertlm(bundle).manifest
+    contract = contract_from_manifest(manifest, str(bundle))
+    source = manifest.get("source") or {}
+    if not source.get("target") or not Path(source["target"]).is_dir():
+        raise EdgeMtpError(f"The checkpoints {bundle} was exported from are not on this machine; the torch backend "
+                           "needs them (use --backend litert).")
+    models = load_target(source["target"])
+    drafter = load_drafter(source["assistant"], models.spec) if source.get("assistant") else None
+    return TorchBackend(models, drafter, contract)
+
+
 def load(path: str | Path, backend: str | None = None, accelerator: str = "cpu") -> Model:
     """Open a .litertlm bundle (litert backend by default) for generation."""
     path = Path(path)
     if backend not in (None, *BACKENDS):
         raise EdgeMtpError(f"Unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
     if path.suffix == ".litertlm":
-        if backend not in (None, "litert"):
-            raise EdgeMtpError(f"{path} is a LiteRT bundle; run it with --backend litert.")
+        if backend == "onnx":
+            raise EdgeMtpError(f"{path} is a LiteRT bundle; run it with --backend litert (or torch).")
+        if backend == "torch":
+            return Model(_torch_backend(path), _bundle_tokenizer(path))
         from .backends.litert import LiteRTBackend
 
         return Model(LiteRTBackend(path, accelerator), _bundle_tokenizer(path))

@@ -1,13 +1,22 @@
 """LiteRT backend: the models straight out of a .litertlm, run with ai_edge_litert's CompiledModel.
 
 One set of KV TensorBuffers, allocated by the runtime, is bound as input and output of every target signature
-(updated in place) and as inputs of the drafter, exactly as on the phone: no KV byte is ever copied. (Wrapping numpy
-memory with TensorBuffer.create_from_host_memory would give flat, dimensionless buffers that the signatures refuse:
+(updated in place) and as inputs of the drafter, exactly as on the phone. (Wrapping numpy memory with
+TensorBuffer.create_from_host_memory would give flat, dimensionless buffers that the signatures refuse:
 "Cannot auto-resize tensor kv_cache_k_0".)
+
+All models live in one LiteRT Environment, so buffers of one model can be bound to another. On the GPU accelerator
+(WebGPU via Dawn, with the CPU running the ops it cannot take) every input and output states the buffer types it
+accepts, and they differ between signatures: a cache may need a WebGPU buffer where a GPU partition reads it first
+and host memory where a CPU partition does. A WebGPU buffer bound where host memory is required is silently not
+written back (the cache keeps stale rows), while host memory bound to a WebGPU slot is copied in and out by the
+runtime. So a cache gets the type every user accepts when there is one, else host memory.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +28,9 @@ from ...spec import DrafterSpec, TargetSpec, spec_from_dict
 from .base import Backend
 
 ACCELERATORS = ("cpu", "gpu", "npu")
+HOST_MEMORY = 1  # LiteRtTensorBufferType kLiteRtTensorBufferTypeHostMemory
+log = logging.getLogger(__name__)
+_availability: dict[str, str | None] = {}  # accelerator -> why it cannot be used (None: usable), probed once
 _MODEL_TYPES = {"embedder": "tf_lite_embedder", "per_layer_embedder": "tf_lite_per_layer_embedder",
                 "target": "tf_lite_prefill_decode", "drafter": "tf_lite_mtp_drafter"}
 
@@ -44,23 +56,31 @@ class LiteRTBackend(Backend):
             raise EdgeMtpError(f"Unknown accelerator '{accelerator}'; choose one of {', '.join(ACCELERATORS)}.")
         bundle = read_litertlm(bundle_path)
         self.contract = contract_from_manifest(bundle.manifest, str(bundle_path))
-        self.accelerator = accelerator
-        options = self._options(accelerator, threads)
+        self.environment = _environment()
+        self.requested_accelerator, self.accelerator, self.fallback_reason = accelerator, accelerator, None
+        if accelerator != "cpu":
+            embedder = bundle.model_section(_MODEL_TYPES["embedder"])
+            reason = accelerator_unavailable(accelerator, bundle.read(embedder), self.environment)
+            if reason is not None:  # CPU fallback with one clear line
+                self.accelerator, self.fallback_reason = "cpu", reason
+                log.warning("edge-mtp: the %s accelerator is unavailable (%s); running on the CPU.", accelerator, reason)
+        options = self._options(self.accelerator, threads)
         self.models = {}
         for name, model_type in _MODEL_TYPES.items():
             section = bundle.model_section(model_type)
             if section is None:
                 continue
             try:
-                self.models[name] = CompiledModel.from_buffer(bundle.read(section), options=options)
+                self.models[name] = CompiledModel.from_buffer(bundle.read(section), options=options,
+                                                              environment=self.environment)
             except Exception as e:  # the accelerator could not take this model
-                raise EdgeMtpError(f"The {accelerator} accelerator could not load the {name} model ({e}); "
-                                   "use --accelerator cpu.") from None
+                raise EdgeMtpError(f"The {self.accelerator} accelerator could not load the {name} model "
+                                   f"({_first_line(e)}); use --accelerator cpu.") from None
         if "drafter" not in self.models:
             self.contract = Contract(self.contract.target, None, self.contract.context, self.contract.draft_len,
                                      self.contract.prefill_lengths)
-        self.kv = {s.name: self.models["target"].create_input_buffer_by_name("decode", s.name)
-                   for s in self.contract.kv_tensors()}
+        self.fully_accelerated = {name: cm.is_fully_accelerated() for name, cm in self.models.items()}
+        self.kv = {s.name: self._kv_buffer(s.name) for s in self.contract.kv_tensors()}
         self._zeros = {s.name: s.zeros() for s in self.contract.kv_tensors()}
         self._io: dict[tuple[str, str], tuple[dict, dict]] = {}
         self.reset()
@@ -68,10 +88,42 @@ class LiteRTBackend(Backend):
     @staticmethod
     def _options(accelerator: str, threads: int):
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
-        from ai_edge_litert.options import CpuOptions, Options
+        from ai_edge_litert.options import CpuOptions, GpuOptions, Options
 
-        kind = {"cpu": HardwareAccelerator.CPU, "gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}
-        return Options(hardware_accelerators=kind[accelerator], cpu_options=CpuOptions(num_threads=threads))
+        cpu = CpuOptions(num_threads=threads)
+        if accelerator == "cpu":
+            return Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=cpu)
+        kind = {"gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}[accelerator]
+        # The CPU runs what the accelerator cannot take; f32 on the GPU keeps greedy tokens identical to the CPU's.
+        return Options(hardware_accelerators=kind | HardwareAccelerator.CPU, cpu_options=cpu,
+                       gpu_options=GpuOptions(enforce_f32=True))
+
+    def _kv_buffer(self, name: str):
+        """One shared cache buffer, of a type that every signature binding it accepts (see module docstring)."""
+        uses = []  # (supported types, factory) for every input/output slot named `name`
+        for model in ("target", "drafter"):
+            cm = self.models.get(model)
+            if cm is None:
+                continue
+            for signature, details in cm.get_signature_list().items():
+                index = cm.get_signature_index(signature)
+                for kind in ("inputs", "outputs"):
+                    if name not in details[kind]:
+                        continue
+                    slot = details[kind].index(name)
+                    if kind == "inputs":
+                        types = cm.get_input_buffer_requirements(slot, index)["supported_types"]
+                        make = lambda cm=cm, s=signature: cm.create_input_buffer_by_name(s, name)  # noqa: E731
+                    else:
+                        types = cm.get_output_buffer_requirements(slot, index)["supported_types"]
+                        make = lambda cm=cm, s=signature: cm.create_output_buffer_by_name(s, name)  # noqa: E731
+                    uses.append((list(types), make))
+        wanted = set.intersection(*(set(t) for t, _ in uses)) or {HOST_MEMORY}
+        for types, make in uses:
+            if types and types[0] in wanted:  # the factory allocates the slot's first (preferred) type
+                return make()
+        raise EdgeMtpError(f"No buffer type fits every use of cache {name} on the {self.accelerator} accelerator "
+                           f"(types per use: {[t for t, _ in uses]}); use --accelerator cpu.")
 
     def _buffers(self, model: str, signature: str) -> tuple[dict, dict]:
         """Input/output buffers of a signature: the shared KV buffers plus this signature's own ones (cached)."""
@@ -123,3 +175,103 @@ class LiteRTBackend(Backend):
 
     def run_drafter(self, activations, input_pos, mask):
         return self._run("drafter", DRAFT, {"activations": activations, "input_pos": input_pos, "mask": mask})
+
+
+def _first_line(error: Exception) -> str:
+    """The most specific line of a LiteRT error (its messages are multi-line traces)."""
+    lines = [ln.strip(" └") for ln in str(error).splitlines() if ln.strip(" └")]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _environment():
+    """A LiteRT Environment for all models of a backend (buffers can only be shared within one environment)."""
+    import ai_edge_litert
+    from ai_edge_litert.compiled_model import Environment, EnvironmentOptions
+
+    return Environment.create(options=EnvironmentOptions(runtime_path=os.path.dirname(ai_edge_litert.__file__)))
+
+
+def accelerator_unavailable(accelerator: str, probe_model: bytes, environment=None) -> str | None:
+    """Why `accelerator` cannot run here (a short reason), or None when it can; probed once per process.
+
+    The probe compiles a small, fully delegable model (the bundle's embedder) with the accelerator alone: LiteRT
+    then delegates it or fails; only "Some ops are not accelerated" still proves that the accelerator exists.
+    """
+    if accelerator == "cpu":
+        return None
+    if accelerator in _availability:
+        return _availability[accelerator]
+    from ai_edge_litert.compiled_model import CompiledModel
+    from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+    from ai_edge_litert.options import GpuOptions, Options
+
+    kind = {"gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}[accelerator]
+    reason = None
+    try:
+        CompiledModel.from_buffer(probe_model, environment=environment or _environment(),
+                                  options=Options(hardware_accelerators=kind, gpu_options=GpuOptions(enforce_f32=True)))
+    except Exception as e:
+        if accelerator == "gpu":
+            reason = None if "not accelerated" in str(e) else _gpu_reason()
+        elif "not accelerated" in str(e):  # no vendor runtime: every op was left to the (excluded) CPU
+            reason = "no NPU vendor dispatch library or compiler plugin took the model"
+        else:
+            reason = _first_line(e)
+    _availability[accelerator] = reason
+    return reason
+
+
+def _gpu_reason() -> str:
+    """Why LiteRT's WebGPU accelerator (Dawn over Vulkan on Linux) found no adapter."""
+    devices = vulkan_devices()
+    if isinstance(devices, str):
+        return devices
+    if not devices:
+        return "no Vulkan device; for a software one run scripts/install_software_gpu.sh and source its env.sh"
+    return f"LiteRT's WebGPU accelerator found no usable adapter among the Vulkan devices {', '.join(devices)}"
+
+
+def vulkan_devices() -> list[str] | str:
+    """Names of the Vulkan physical devices the loader sees, or a sentence saying why none can be listed."""
+    import ctypes
+
+    try:
+        vk = ctypes.CDLL("libvulkan.so.1")
+    except OSError:
+        return "no Vulkan loader libvulkan.so.1 (apt-get install libvulkan1)"
+    u32, ptr = ctypes.c_uint32, ctypes.c_void_p
+
+    class AppInfo(ctypes.Structure):
+        _fields_ = [("sType", ctypes.c_int), ("pNext", ptr), ("app", ctypes.c_char_p), ("appVersion", u32),
+                    ("engine", ctypes.c_char_p), ("engineVersion", u32), ("apiVersion", u32)]
+
+    class CreateInfo(ctypes.Structure):
+        _fields_ = [("sType", ctypes.c_int), ("pNext", ptr), ("flags", u32), ("app", ptr), ("layers", u32),
+                    ("layerNames", ptr), ("extensions", u32), ("extensionNames", ptr)]
+
+    class Properties(ctypes.Structure):
+        _fields_ = [("apiVersion", u32), ("driverVersion", u32), ("vendorID", u32), ("deviceID", u32),
+                    ("deviceType", ctypes.c_int), ("deviceName", ctypes.c_char * 256), ("rest", ctypes.c_byte * 1024)]
+
+    vk.vkCreateInstance.argtypes = [ptr, ptr, ptr]
+    vk.vkEnumeratePhysicalDevices.argtypes = [ptr, ptr, ptr]
+    vk.vkGetPhysicalDeviceProperties.argtypes = [ptr, ptr]
+    vk.vkDestroyInstance.argtypes = [ptr, ptr]
+    app = AppInfo(0, None, b"edge-mtp", 1, None, 0, (1 << 22) | (1 << 12))  # sType 0: APPLICATION_INFO, API 1.1
+    info = CreateInfo(1, None, 0, ctypes.addressof(app), 0, None, 0, None)  # sType 1: INSTANCE_CREATE_INFO
+    instance = ptr()
+    if vk.vkCreateInstance(ctypes.byref(info), None, ctypes.byref(instance)) != 0:
+        return "no Vulkan driver (vkCreateInstance failed); for a software one run scripts/install_software_gpu.sh"
+    try:
+        count = u32(0)
+        vk.vkEnumeratePhysicalDevices(instance, ctypes.byref(count), None)
+        handles = (ptr * max(count.value, 1))()
+        vk.vkEnumeratePhysicalDevices(instance, ctypes.byref(count), handles)
+        names = []
+        for i in range(count.value):
+            props = Properties()
+            vk.vkGetPhysicalDeviceProperties(handles[i], ctypes.byref(props))
+            names.append(props.deviceName.decode(errors="replace"))
+        return names
+    finally:
+        vk.vkDestroyInstance(instance, None)
