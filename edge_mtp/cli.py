@@ -97,21 +97,25 @@ def default_pair() -> tuple[Path, Path]:
 @click.option("--target", "target_dir", help="Target checkpoint directory or cached HF repo id (default: demo pair).")
 @click.option("--assistant", "assistant_dir", help="Assistant checkpoint directory or cached HF repo id.")
 @click.option("--no-assistant", is_flag=True, help="Export the target alone (no MTP drafter).")
-@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("model.litertlm"), show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["litert", "onnx"]), default="litert", show_default=True,
+              help="litert: one .litertlm file; onnx: a bundle folder (graphs, tokenizer, manifest.json).")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="A .litertlm file (default model.litertlm) or, with --format onnx, a folder (default model-onnx).")
 @click.option("--draft-len", default=3, show_default=True, help="Draft tokens per verify (verify takes G+1).")
 @click.option("--context", default=4096, show_default=True, help="KV cache length C (max tokens on device).")
 @click.option("--prefill", default="32,128", show_default=True, help="Prefill signature lengths.")
-@click.option("--quant", default="fp32", show_default=True, help="Quantization recipe (fp32 for now).")
+@click.option("--quant", default="fp32", show_default=True,
+              help="fp32, fp16, int8, int4 (int4-b32/-b64/-b128) or mixed; see README.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool, out: Path, draft_len: int,
-           context: int, prefill: str, quant: str, as_json: bool) -> None:
+def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool, fmt: str, out: Path | None,
+           draft_len: int, context: int, prefill: str, quant: str, as_json: bool) -> None:
     """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
     from rich.console import Console
 
     from .export.pipeline import export_litert
 
-    if quant != "fp32":
-        raise EdgeMtpError(f"Quantization recipe '{quant}' is not available yet; use --quant fp32.")
+    if out is None:
+        out = Path("model.litertlm" if fmt == "litert" else "model-onnx")
     if target_dir is None:
         target_dir, demo_assistant = default_pair()
         assistant_dir = assistant_dir or demo_assistant
@@ -121,9 +125,15 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         raise EdgeMtpError("--assistant is required with --target (or pass --no-assistant to export without MTP).")
     console = Console(stderr=True)
     with console.status("exporting") as status:
-        summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
-                                prefill=_parse_lengths(prefill),
-                                on_stage=lambda s: (status.update(s), console.log(s)))
+        stage = lambda s: (status.update(s), console.log(s))  # noqa: E731
+        if fmt == "onnx":
+            from .export.onnx import export_onnx
+
+            summary = export_onnx(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
+                                  prefill=_parse_lengths(prefill), quant=quant, on_stage=stage)
+        else:
+            summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
+                                    prefill=_parse_lengths(prefill), quant=quant, on_stage=stage)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -154,7 +164,8 @@ def default_bundle() -> Path:
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None,
               help="Default: the bundle's own format.")
-@click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu"]), default="cpu", show_default=True)
+@click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu", "xnnpack", "nnapi", "coreml", "qnn"]),
+              default="cpu", show_default=True, help="LiteRT: cpu/gpu/npu; ONNX Runtime: cpu/xnnpack/nnapi/coreml/qnn.")
 @click.option("--prompt", default="Once upon a time", show_default=True)
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids instead of --prompt.")
 @click.option("--max-tokens", default=64, show_default=True)

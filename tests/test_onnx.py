@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_mtp.contract import DECODE, DRAFT, Contract, drafter_mask, k_name, v_name
+from edge_mtp.contract import DECODE, DRAFT, Contract, causal_mask, drafter_mask, k_name
 from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export.onnx import export_onnx
 from edge_mtp.export.onnx_bundle import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
@@ -149,8 +149,6 @@ def test_target_and_drafter_share_one_kv_buffer(backend, reference):
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((1, 1, contract.target.hidden_size)).astype(np.float32)
     ple = rng.standard_normal((1, 1, contract.target.num_layers, contract.target.ple_dim)).astype(np.float32)
-    from edge_mtp.contract import causal_mask
-
     def decode_at(position: int, scale: float) -> None:
         backend.run_target(DECODE, emb * scale, ple, np.array([position], np.int32), causal_mask(position, 1, CONTEXT))
 
@@ -235,3 +233,27 @@ def test_interrupted_export_leaves_nothing(synth_pair, tmp_path):
         export_onnx(synth_pair / "target", synth_pair / "assistant", tmp_path / "b", context=CONTEXT,
                     prefill=PREFILL, on_stage=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+DEMO = Path(__file__).resolve().parent.parent / "edge_mtp" / "demo"
+
+
+@pytest.mark.skipif(not (DEMO / "target" / "model.safetensors").is_file(), reason="the demo pair is not shipped here")
+def test_demo_pair_accepts_drafts_identically(tmp_path_factory):
+    """On the trained demo pair (the drafter agrees with the target most of the time), ONNX and PyTorch accept the
+    very same drafts, and MTP output equals plain output."""
+    out = tmp_path_factory.mktemp("onnx-demo") / "demo"
+    export_onnx(DEMO / "target", DEMO / "assistant", out, context=128, prefill=PREFILL, check=False)
+    backend = OnnxBackend(out, threads=1)
+    contract, tok = contract_and_tokenizer(out)
+    tokenizer = Tokenizer(**tok)
+    models = load_target(DEMO / "target")
+    torch_backend = TorchBackend(models, load_drafter(DEMO / "assistant", models.spec), contract)
+    prompts = ["The quick brown fox", "def main():", "import os"]
+    onnx_mtp, torch_mtp = _generate(backend, prompts, tokenizer), _generate(torch_backend, prompts, tokenizer)
+    assert [t for t, _ in onnx_mtp] == [t for t, _ in _generate(backend, prompts, tokenizer, mtp=False)]
+    assert onnx_mtp == torch_mtp  # tokens, and every round's drafts and verify argmaxes
+    rounds = [r for _, rs in onnx_mtp for r in rs]
+    accepted = sum(next((i for i, (d, a) in enumerate(zip(drafts, argmax)) if d != a), len(drafts))
+                   for _, drafts, argmax in rounds)
+    assert accepted >= len(rounds)  # the drafter is really being used: at least one accepted draft per round

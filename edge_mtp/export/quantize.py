@@ -11,6 +11,8 @@ Recipe names (shared with the ONNX exporter where they mean the same thing):
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -56,17 +58,36 @@ def check_recipe(name: str) -> None:
         raise EdgeMtpError(f"Unknown quantization recipe '{name}'; choose one of {', '.join(RECIPES)}.")
 
 
+_NOT_DIVISIBLE = re.compile(r"parameters for tensor: (.+?)\. Error: Quantized dimension \d+ in tensor shape .* "
+                            r"is not divisible by block size")
+
+
 def quantize_file(path: Path, recipe: list[dict] | None, out: Path) -> Path:
-    """Quantize one .tflite with a recipe (or copy it for fp32)."""
+    """Quantize one .tflite with a recipe (or copy it for fp32).
+
+    Blockwise recipes need the quantized dimension divisible by the block; a tensor that is not (e.g. a PLE
+    projection of width 16 under block 32) is quantized channelwise at the same bit width instead.
+    """
     if recipe is None:
         out.write_bytes(path.read_bytes())
         return out
     from ai_edge_quantizer import quantizer
 
-    try:
-        result = quantizer.Quantizer(str(path), recipe).quantize(enable_progress_report=False)
-    except Exception as e:
-        raise EdgeMtpError(f"ai-edge-quantizer failed on {path.name}: {e}") from None
+    recipe = list(recipe)
+    for _ in range(64):
+        try:
+            result = quantizer.Quantizer(str(path), recipe).quantize(enable_progress_report=False)
+            break
+        except Exception as e:
+            match = _NOT_DIVISIBLE.search(str(e))
+            if not match:
+                raise EdgeMtpError(f"ai-edge-quantizer failed on {path.name}: {e}") from None
+            channelwise = json.loads(json.dumps(recipe[0]))
+            channelwise["regex"] = re.escape(match.group(1))
+            channelwise["op_config"]["weight_tensor_config"]["granularity"] = "CHANNELWISE"
+            recipe.append(channelwise)
+    else:
+        raise EdgeMtpError(f"ai-edge-quantizer could not quantize {path.name} with this recipe.")
     out.write_bytes(result.quantized_model)
     return out
 

@@ -117,4 +117,12 @@ def load(path: str | Path, backend: str | None = None, accelerator: str = "cpu")
         from .backends.litert import LiteRTBackend
 
         return Model(LiteRTBackend(path, accelerator), _bundle_tokenizer(path))
-    raise EdgeMtpError(f"{path} is not a bundle edge-mtp can run (expected a .litertlm file).")
+    if path.is_dir():
+        if backend not in (None, "onnx"):
+            raise EdgeMtpError(f"{path} is an ONNX bundle folder; run it with --backend onnx.")
+        from ..export.onnx_bundle import tokenizer_info
+        from .backends.onnx import OnnxBackend
+
+        onnx_backend = OnnxBackend(path, provider=accelerator)
+        return Model(onnx_backend, Tokenizer(**tokenizer_info(path, onnx_backend.manifest)))
+    raise EdgeMtpError(f"{path} is not a bundle edge-mtp can run (expected a .litertlm file or an ONNX bundle folder).")
