@@ -55,3 +55,17 @@ def tiny_bundle(synth_pair, tmp_path_factory):
     summary = export_litert(synth_pair / "target", synth_pair / "assistant", out, context=BUNDLE_CONTEXT,
                             prefill=BUNDLE_PREFILL)
     return out, summary
+
+
+DEMO_CONTEXT, DEMO_PREFILL = 256, (32,)
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The built-in demo pair exported once to .litertlm (context 256)."""
+    from edge_mtp.demo import assistant_dir, target_dir
+    from edge_mtp.export.pipeline import export_litert
+
+    out = tmp_path_factory.mktemp("demo") / "demo.litertlm"
+    export_litert(target_dir(), assistant_dir(), out, context=DEMO_CONTEXT, prefill=DEMO_PREFILL)
+    return out

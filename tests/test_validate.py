@@ -39,6 +39,11 @@ def test_good_bundle_passes_with_json_and_markdown(tiny_bundle, synth_pair, tmp_
     assert "**Verdict: PASS**" in (tmp_path / "r.md").read_text()
 
 
+def _shift(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """The cache moved one slot along the sequence axis."""
+    return torch.cat([t.narrow(axis, t.shape[axis] - 1, 1), t.narrow(axis, 0, t.shape[axis] - 1)], dim=axis)
+
+
 class ShiftedCaches(torch.nn.Module):
     """A drafter wired one slot off: it reads the right buffers at the wrong positions."""
 
@@ -47,7 +52,7 @@ class ShiftedCaches(torch.nn.Module):
         self.drafter, self.spec = drafter, drafter.spec
 
     def forward(self, activations, input_pos, mask, **caches):
-        shifted = {n: torch.roll(t, 1, dims=2 if "_k_" in n else 3) for n, t in caches.items()}
+        shifted = {n: _shift(t, 2 if "_k_" in n else 3) for n, t in caches.items()}
         return self.drafter(activations, input_pos, mask, **shifted)
 
 
