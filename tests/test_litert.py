@@ -11,14 +11,15 @@ from transformers import AutoTokenizer
 
 from edge_mtp.cli import main
 from edge_mtp.contract import Contract
-from edge_mtp.errors import EdgeMtpError, PairMismatchError, UnsupportedModelError
+from edge_mtp.errors import EdgeMtpError, PairMismatchError
 from edge_mtp.export.litertlm import read_litertlm
-from edge_mtp.export.pipeline import TOLERANCE, export_litert
+from edge_mtp.export.pipeline import export_litert
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
 
+from helpers import assert_export_checks
 from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
 
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on a phone, exactly."]
@@ -39,15 +40,7 @@ def _ours(pair_dir: Path, prompts, max_tokens: int, mtp: bool = True):
 
 
 def test_every_signature_matches_pytorch(tiny_bundle):
-    _, summary = tiny_bundle
-    assert set(summary.checks) == {"embedder", "per_layer_embedder", "target", "drafter"}
-    assert set(summary.checks["target"]) == {"prefill_8", "prefill_16", "decode", "verify"}
-    for model, signatures in summary.checks.items():
-        for signature, outputs in signatures.items():
-            for name, row in outputs.items():
-                assert row["relative"] <= TOLERANCE, (model, signature, name, row)
-    assert {"logits", "activations", "kv_cache_k_0", "kv_cache_v_2"} <= set(summary.checks["target"]["verify"])
-    assert {"logits", "projected_activations"} == set(summary.checks["drafter"]["mtp_drafter"])
+    assert_export_checks(tiny_bundle[1])
 
 
 def test_bundle_layout_follows_the_contract(tiny_bundle):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from edge_mtp.contract import Contract
 from edge_mtp.demo import assistant_dir, target_dir
@@ -14,6 +13,7 @@ from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
 
+from helpers import ShiftedCaches
 from conftest import DEMO_CONTEXT, DEMO_PREFILL
 
 PROMPTS = ["The file", "A generator function", "If the value is"]
@@ -60,27 +60,10 @@ def test_our_litert_backend_makes_the_same_decisions(demo_bundle, reference):
     assert (got_accepted, got_drafted) == (accepted, drafted)
 
 
-def _shift(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """The cache moved one slot along the sequence axis."""
-    return torch.cat([t.narrow(axis, t.shape[axis] - 1, 1), t.narrow(axis, 0, t.shape[axis] - 1)], dim=axis)
-
-
-class _ShiftedCaches(torch.nn.Module):
-    """A drafter wired one slot off: right buffers, wrong positions (a typical shared-KV wiring bug)."""
-
-    def __init__(self, drafter):
-        super().__init__()
-        self.drafter, self.spec = drafter, drafter.spec
-
-    def forward(self, activations, input_pos, mask, **caches):
-        shifted = {n: _shift(t, 2 if "_k_" in n else 3) for n, t in caches.items()}
-        return self.drafter(activations, input_pos, mask, **shifted)
-
-
 def test_a_miswired_drafter_breaks_the_acceptance_equality(demo_bundle, reference, tmp_path):
     _, accepted, drafted = reference
     models = load_target(target_dir())
-    drafter = _ShiftedCaches(load_drafter(assistant_dir(), models.spec))
+    drafter = ShiftedCaches(load_drafter(assistant_dir(), models.spec))
     out = tmp_path / "miswired.litertlm"
     export_litert_models(models, drafter, out, context=DEMO_CONTEXT, prefill=DEMO_PREFILL, check=False)
     run = run_litertlm(out, PROMPTS, MAX_TOKENS, DEMO_CONTEXT, mtp=True)

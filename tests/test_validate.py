@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -13,6 +12,7 @@ from edge_mtp.export.pipeline import export_litert_models
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.validate import validate
 
+from helpers import ShiftedCaches
 from conftest import BUNDLE_CONTEXT
 
 PROMPTS = ["Hello world", "abc def"]
@@ -37,23 +37,6 @@ def test_good_bundle_passes_with_json_and_markdown(tiny_bundle, synth_pair, tmp_
     for needle in ("embedder", "per_layer_embedder", "verify", "mtp_drafter", "LiteRT-LM", "transformers assisted"):
         assert needle in subjects
     assert "**Verdict: PASS**" in (tmp_path / "r.md").read_text()
-
-
-def _shift(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """The cache moved one slot along the sequence axis."""
-    return torch.cat([t.narrow(axis, t.shape[axis] - 1, 1), t.narrow(axis, 0, t.shape[axis] - 1)], dim=axis)
-
-
-class ShiftedCaches(torch.nn.Module):
-    """A drafter wired one slot off: it reads the right buffers at the wrong positions."""
-
-    def __init__(self, drafter):
-        super().__init__()
-        self.drafter, self.spec = drafter, drafter.spec
-
-    def forward(self, activations, input_pos, mask, **caches):
-        shifted = {n: _shift(t, 2 if "_k_" in n else 3) for n, t in caches.items()}
-        return self.drafter(activations, input_pos, mask, **shifted)
 
 
 def test_drafter_reading_the_wrong_cache_fails(synth_pair, tmp_path):

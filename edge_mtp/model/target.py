@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..contract import k_name, v_name
 from ..spec import FULL, SLIDING, TargetSpec
-from .layers import (DecoderLayer, RMSNorm, apply_rope, attend, rope_cos_sin, rope_inv_freq, sliding_window_mask,
+from .layers import (DecoderLayer, RMSNorm, attend, rope_cos_sin, rope_inv_freq, sliding_window_mask,
                      write_cache)
 
 
