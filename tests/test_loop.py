@@ -84,3 +84,10 @@ def test_draft_length_beyond_the_verify_signature_is_refused():
 def test_shorter_draft_length_than_exported_works():
     tokens, stats = generate_tokens(ScriptedBackend(draft_len=4), PROMPT, max_tokens=20, draft_len=2)
     assert tokens == plain_reference(PROMPT, 20) and stats.drafted == 2 * stats.verifies
+
+
+def test_prompt_filling_the_context_yields_one_token():
+    backend = ScriptedBackend(context=16)
+    prompt = list(range(1, 17))
+    tokens, _ = generate_tokens(backend, prompt, max_tokens=5)
+    assert tokens == plain_reference(prompt, 1)

@@ -164,7 +164,7 @@ class SpeculativeDecoder:
                                f"{c.draft_len} drafts; export with --draft-len {g} or choose 1..{c.draft_len}.")
         if not prompt:
             raise EdgeMtpError("The prompt is empty; give at least one token.")
-        if len(prompt) >= c.context:
+        if len(prompt) > c.context:  # a prompt filling the context still yields the one token after it
             raise EdgeMtpError(f"The prompt has {len(prompt)} tokens but the bundle's context is {c.context}; shorten "
                                f"the prompt or export with --context larger than {len(prompt)}.")
         st = stats if stats is not None else Stats()
