@@ -144,7 +144,7 @@ def _run_target(models: TargetModels, ids: torch.Tensor, pos: torch.Tensor, mask
     tokens = ids.view(1, -1).int()
     emb = models.embedder(tokens)["embeddings"]
     ple = models.per_layer_embedder(tokens)["per_layer_embeddings"] if models.per_layer_embedder else None
-    return models.target(emb, ple, pos.int(), mask, **kv)
+    return models.target(emb, ple, pos.int(), mask, contiguous=False, **kv)
 
 
 @torch.no_grad()

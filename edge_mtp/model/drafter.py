@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..contract import k_name, v_name
 from ..spec import FULL, SLIDING, DrafterSpec, TargetSpec
-from .layers import DecoderLayer, RMSNorm, attend, rope_cos_sin, rope_inv_freq, sliding_window_mask
+from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq
 
 
 class Drafter(nn.Module):
@@ -60,10 +60,10 @@ class Drafter(nn.Module):
     def forward(self, activations: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
                 hidden_only: bool = False, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
         s = self.spec
-        context = mask.shape[-1]
         query_pos = input_pos + 1
         rope = {kind: rope_cos_sin(query_pos, getattr(self, f"inv_freq_{kind}")) for kind in (SLIDING, FULL)}
-        masks = {FULL: mask, SLIDING: torch.minimum(mask, sliding_window_mask(input_pos, self.window, context))}
+        one_row = activations.shape[1] == 1  # training passes many independent rows at scattered positions
+        views = {FULL: KeyView(mask), SLIDING: KeyView.sliding(input_pos, mask, self.window, contiguous=one_row)}
         x = self.pre_projection(activations)
         for i, layer in enumerate(self.layers):
             kind = s.layer_types[i]
@@ -72,7 +72,7 @@ class Drafter(nn.Module):
 
             def attention(a: torch.Tensor, attn=attn, kind=kind, src=src) -> torch.Tensor:
                 q = attn.query(a, *rope[kind])
-                return attn.o_proj(attend(q, kv_caches[k_name(src)], kv_caches[v_name(src)], masks[kind]))
+                return attn.o_proj(views[kind].attend(q, kv_caches[k_name(src)], kv_caches[v_name(src)]))
 
             x = layer(x, attention)
         y = self.norm(x)

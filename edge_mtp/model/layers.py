@@ -70,6 +70,37 @@ def sliding_window_mask(query_pos: torch.Tensor, window: int, context: int) -> t
     return torch.where(visible, 0.0, MASK_HIDDEN)
 
 
+class KeyView:
+    """The cache slots a layer type attends to, with its additive mask.
+
+    Full layers see all C slots. Sliding layers of contiguous query rows see only the W + T - 1 slots that any of
+    their windows can reach, gathered from the cache, so a decode step costs the same at context 4096 as at 256.
+    """
+
+    def __init__(self, mask: torch.Tensor, index: torch.Tensor | None = None):
+        self.mask, self.index = mask, index
+
+    @classmethod
+    def sliding(cls, query_pos: torch.Tensor, mask: torch.Tensor, window: int, contiguous: bool = True) -> "KeyView":
+        """View for sliding layers; query_pos [T] must be consecutive when `contiguous`."""
+        context, rows = mask.shape[-1], query_pos.shape[0]
+        span = window + rows - 1
+        if not contiguous or span >= context:
+            return cls(torch.minimum(mask, sliding_window_mask(query_pos, window, context)))
+        # from the first row's position: LiteRT-LM gives the padding rows of a prefill chunk positions of its own
+        start = (query_pos[0] + 1 - window).clamp(0, context - span)
+        index = (start + torch.arange(span, dtype=torch.int32)).long()
+        visible = index[None, :] > (query_pos[:, None] - window)
+        window_mask = torch.where(visible, 0.0, MASK_HIDDEN)
+        return cls(torch.minimum(mask.index_select(3, index), window_mask), index)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """attend() over the viewed slots of K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C]."""
+        if self.index is not None:
+            k_cache, v_cache = k_cache.index_select(2, self.index), v_cache.index_select(3, self.index)
+        return attend(q, k_cache, v_cache, self.mask)
+
+
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 input_pos: torch.Tensor, mode: str = "scatter") -> tuple[torch.Tensor, torch.Tensor]:
     """Write rows k [1,Hkv,T,hd] and v [1,Hkv,T,hd] at input_pos into K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C].

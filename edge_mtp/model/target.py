@@ -7,8 +7,7 @@ import torch.nn as nn
 
 from ..contract import k_name, v_name
 from ..spec import FULL, SLIDING, TargetSpec
-from .layers import (DecoderLayer, RMSNorm, attend, rope_cos_sin, rope_inv_freq, sliding_window_mask,
-                     write_cache)
+from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq, write_cache
 
 
 class Target(nn.Module):
@@ -17,7 +16,8 @@ class Target(nn.Module):
     Inputs: `embeddings` [1,T,H] (scaled token embeddings, from the Embedder), `per_layer_embeddings` [1,T,NL,P]
     (the token part of PLE, from the PerLayerEmbedder), `input_pos` int32 [T], `mask` [1,1,T,C] additive (causal
     only: sliding windows are applied here), and `kv_cache_k_<i>` [1,Hkv,C,hd] / `kv_cache_v_<i>` [1,Hkv,hd,C] for
-    every cache-owning layer i. Returns a dict with `logits` [1,T,V] (softcapped), `activations` [1,T,H] (the
+    every cache-owning layer i (`contiguous=False` when input_pos is not one run of consecutive positions, as in
+    batched training). Returns a dict with `logits` [1,T,V] (softcapped), `activations` [1,T,H] (the
     post-final-norm hidden state) and every cache with the new rows written at `input_pos`.
     """
 
@@ -45,11 +45,10 @@ class Target(nn.Module):
         return (ctx + per_layer_embeddings) * (2.0 ** -0.5)
 
     def forward(self, embeddings: torch.Tensor, per_layer_embeddings: torch.Tensor | None, input_pos: torch.Tensor,
-                mask: torch.Tensor, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
+                mask: torch.Tensor, contiguous: bool = True, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
         s = self.spec
-        context = mask.shape[-1]
         rope = {kind: rope_cos_sin(input_pos, getattr(self, f"inv_freq_{kind}")) for kind in (SLIDING, FULL)}
-        masks = {FULL: mask, SLIDING: torch.minimum(mask, sliding_window_mask(input_pos, s.sliding_window, context))}
+        views = {FULL: KeyView(mask), SLIDING: KeyView.sliding(input_pos, mask, s.sliding_window, contiguous)}
         ple = self.per_layer_inputs(embeddings, per_layer_embeddings) if s.ple_dim else None
         caches = dict(kv_caches)
         h = embeddings
@@ -65,7 +64,7 @@ class Target(nn.Module):
                     caches[k_name(i)], caches[v_name(i)] = write_cache(
                         caches[k_name(i)], caches[v_name(i)], k, v, input_pos, self.cache_write)
                 q = attn.query(x, cos, sin)
-                return attn.o_proj(attend(q, caches[k_name(src)], caches[v_name(src)], masks[kind]))
+                return attn.o_proj(views[kind].attend(q, caches[k_name(src)], caches[v_name(src)]))
 
             h = layer(h, attention, ple[:, :, i] if ple is not None else None)
         activations = self.norm(h)
