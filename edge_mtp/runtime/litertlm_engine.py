@@ -47,6 +47,7 @@ class EngineRun:
     """Texts LiteRT-LM generated, whether the bundle advertises MTP, and the drafter success rate it logged."""
 
     texts: list[str]
+    decode_tokens_per_second: list[float]
     supports_mtp: bool
     success_rate: float | None
     log: str
@@ -68,5 +69,6 @@ def run_litertlm(bundle: Path, prompts: list[str], max_tokens: int, context: int
         raise EdgeMtpError(f"LiteRT-LM failed on {bundle} (exit {proc.returncode}): {tail}")
     data = json.loads(line.split(" ", 1)[1])
     rates = _SUCCESS.findall(proc.stderr)
-    return EngineRun([r["text"] for r in data["results"]], data["supports_mtp"],
+    return EngineRun([r["text"] for r in data["results"]], [r["decode_tokens_per_second"] for r in data["results"]],
+                     data["supports_mtp"],
                      float(rates[-1]) if rates else None, proc.stderr)
