@@ -104,8 +104,9 @@ def default_pair() -> tuple[Path, Path]:
 @click.option("--draft-len", default=3, show_default=True, help="Draft tokens per verify (verify takes G+1).")
 @click.option("--context", default=4096, show_default=True, help="KV cache length C (max tokens on device).")
 @click.option("--prefill", default="32,128", show_default=True, help="Prefill signature lengths.")
-@click.option("--quant", default="fp32", show_default=True,
-              help="fp32, fp16, int8, int4 (int4-b32/-b64/-b128) or mixed; see README.")
+@click.option("--quant", default="int8", show_default=True,
+              help="fp32, fp16, int8, int4 (= int4-b32), int4-b64, int4-b128 or mixed, the same for both formats; "
+                   "the bundle records what it cost (quantization_report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool, fmt: str, out: Path | None,
            draft_len: int, context: int, prefill: str, quant: str, as_json: bool) -> None:
@@ -145,6 +146,14 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         worst = max((row["relative"] for sig in summary.checks.get(model, {}).values() for row in sig.values()),
                     default=0.0)
         click.echo(f"  {model:<20} {', '.join(sigs):<45} max rel. error vs PyTorch {worst:.1e}")
+    if summary.quantization:
+        q = summary.quantization
+        acc = (f", drafter acceptance {q['drafter_acceptance_fp32']:.2f} (fp32) -> {q['drafter_acceptance_quantized']:.2f}"
+               if q["drafter_acceptance_fp32"] is not None else "")
+        click.echo(f"  quantization {quant}: logit rel. error {q['logit_relative_error']:.3g}, top-1 agreement "
+                   f"{q['top1_agreement']:.3f}{acc}")
+        for model, row in q["components"].items():
+            click.echo(f"    {model:<20} {row['recipe']:<10} {row['fp32_bytes']:>12,} -> {row['bytes']:>12,} bytes")
 
 
 def default_bundle() -> Path:
@@ -333,6 +342,18 @@ def distill(target_dir: str, out_dir: Path, data: tuple[str, ...], prompts: str 
     click.echo(f"wrote {out_dir}: acceptance {result.acceptance_before:.2f} -> {result.acceptance_after:.2f}, "
                f"tokens per verify {result.mean_accepted_length_before:.2f} -> {result.mean_accepted_length_after:.2f} "
                f"({result.seconds:.0f} s)")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New bundle folder.")
+@click.option("--quant", required=True, help="fp16, int8, int4[-b64|-b128] or mixed.")
+def quantize(bundle: Path, out: Path, quant: str) -> None:
+    """Quantize a finished fp32 ONNX bundle folder into a new folder (no re-export), with its quantization report."""
+    from .export.onnx import quantize_onnx_bundle
+
+    q = quantize_onnx_bundle(bundle, out, quant)["quantization_report"]
+    click.echo(json.dumps({k: v for k, v in q.items() if k != "prompt_token_ids"}, indent=2))
 
 
 @main.command()

@@ -6,6 +6,10 @@ The target is ONE graph with a dynamic token axis T (1 <= T <= max(prefill, G+1)
 ScatterElements whose outputs `kv_cache_*_out` are graph outputs, so onnxruntime updates a cache in place when the
 same OrtValue is bound as input and output (runtime/backends/onnx.py). Every graph is compared with the PyTorch
 module it came from, at every signature, before the bundle is published.
+
+Quantization (--quant, the LiteRT recipe names; export/onnx_quantize.py) runs graph by graph right after each graph
+is checked; the fp32 graphs wait in a temporary folder as the twin the quantized bundle is measured against, and the
+manifest records that `quantization_report`. `quantize_onnx_bundle` does the same to a finished fp32 bundle.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import logging
 import resource
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -26,21 +31,20 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_directory, writable_parent
-from ..contract import ACTIVATIONS, DECODE, LOGITS, TARGET, Contract, Signature, kv_output_name
+from ..contract import (ACTIVATIONS, DECODE, DRAFTER, EMBEDDER, LOGITS, PER_LAYER_EMBEDDER, TARGET, VERIFY,
+                        Contract, Signature, kv_output_name)
 from ..errors import EdgeMtpError
 from ..model.loading import load_drafter, load_target
 from .onnx_bundle import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
-                          is_onnx_bundle, model_file, onnx_output_name, read_manifest)
+                          contract_from_manifest, is_onnx_bundle, model_file, onnx_output_name,
+                          read_manifest, tokenizer_info)
 from .pipeline import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, ExportSummary, _enforce_tolerance,
                        _signature_names, tokenizer_files)
+from .onnx_quantize import check_onnx_recipe, graph_bytes, move_graph, quantize_graph, weight_bytes
+from .quantize import mixed_choice, relative_error
 from .signatures import ExportUnit, compare_outputs, export_units, run_reference, sample_inputs
 
 OPSET = 20
-
-# A quantize step takes (model name, path of the fp32 .onnx) and rewrites that file (and its .data) in place.
-# Quantization is a later issue: the only recipe is fp32, which leaves the graph untouched.
-Quantizer = Callable[[str, Path], None]
-QUANTIZERS: dict[str, Quantizer] = {"fp32": lambda model, path: None}
 
 
 @contextlib.contextmanager
@@ -215,6 +219,107 @@ def check_unit(unit: ExportUnit, contract: Contract, path: Path, seeds: int = 2)
     return report
 
 
+def _sensitivity_signature(contract: Contract, model: str) -> Signature:
+    """The signature a component's 4-bit sensitivity is measured on: verify for the target, else its only one."""
+    if model == TARGET:
+        return contract.target_signature(VERIFY, contract.verify_len) if contract.drafter is not None else \
+            contract.target_signature(DECODE, 1)
+    return {EMBEDDER: contract.embedder, PER_LAYER_EMBEDDER: contract.per_layer_embedder,
+            DRAFTER: contract.drafter_signature}[model]()
+
+
+class _Quantization:
+    """Applies a recipe graph by graph (each quantized right after it is written, nothing else held) and records
+    what each component got; `report` then measures the quantized bundle against its fp32 twin."""
+
+    def __init__(self, recipe: str, contract: Contract, scratch: Path):
+        self.recipe, self.contract, self.scratch = recipe, contract, scratch
+        self.components: dict[str, dict] = {}
+
+    def apply(self, model: str, fp32: Path, path: Path) -> None:
+        """Write `path` (+ .data): the fp32 graph `fp32` under the recipe ('mixed' decides per component)."""
+        error = None
+        if self.recipe == "mixed":
+            chosen, error = mixed_choice(model, lambda: self._int4_error(model, fp32))
+        else:
+            chosen = self.recipe
+        quantize_graph(fp32, chosen, path)
+        gc.collect()
+        record = {"recipe": chosen, "bytes": graph_bytes(path), "fp32_bytes": graph_bytes(fp32),
+                  "matmul_weight_bytes": weight_bytes(path)["matmul"],
+                  "fp32_matmul_weight_bytes": weight_bytes(fp32)["matmul"]}
+        if error is not None:
+            record["int4_error"] = error
+        self.components[model] = record
+
+    def _int4_error(self, model: str, fp32: Path) -> float:
+        """Relative error of the component's main output under int4, on random inputs (the LiteRT rule)."""
+        trial_dir = self.scratch / "trial"
+        trial_dir.mkdir(exist_ok=True)
+        trial = quantize_graph(fp32, "int4", trial_dir / fp32.name)
+        try:
+            signature = _sensitivity_signature(self.contract, model)
+            inputs = sample_inputs(signature, self.contract, seed=7)
+            key = next(o.name for o in signature.outputs if not o.name.startswith("kv_cache"))
+            want = run_onnx(ort_session(fp32), self.contract, signature, inputs)
+            got = run_onnx(ort_session(trial), self.contract, signature, inputs)
+            return relative_error(got, want, key)
+        finally:
+            shutil.rmtree(trial_dir, ignore_errors=True)
+            gc.collect()
+
+    def report(self, bundle: Path, manifest: dict, fp32_bundle: Path) -> dict:
+        """The quantization report of the (manifest-complete) bundle folder against the fp32 bundle folder."""
+        from ..runtime.api import Tokenizer
+        from ..runtime.backends.onnx import OnnxBackend
+        from .quality import quantization_report, report_prompts
+
+        prompts = report_prompts(Tokenizer(**tokenizer_info(bundle, manifest)), self.contract.context)
+        report = quantization_report(OnnxBackend(fp32_bundle, threads=1), OnnxBackend(bundle, threads=1), prompts)
+        report["components"] = self.components
+        gc.collect()
+        return report
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def quantize_onnx_bundle(src_dir: str | Path, out_dir: str | Path, quant: str,
+                         on_stage: Callable[[str], None] = lambda s: None) -> dict:
+    """Quantize a finished fp32 ONNX bundle folder into a new bundle folder (no re-export), graph by graph, and
+    measure it against the source; returns the new manifest (with its quantization_report)."""
+    src, out = Path(src_dir), Path(out_dir)
+    check_onnx_recipe(quant)
+    source = read_manifest(src)
+    if source.get("quantization", "fp32") != "fp32":
+        raise EdgeMtpError(f"{src} is already quantized ({source['quantization']}); quantize an fp32 bundle.")
+    if out.resolve() == src.resolve():
+        raise EdgeMtpError("Write the quantized bundle to another folder; the fp32 source is measured against.")
+    _prepare_out(out)
+    contract = contract_from_manifest(source, str(src / MANIFEST))
+    records = json.loads(json.dumps(source["models"]))
+    with atomic_directory(out) as work:
+        quantization = _Quantization(quant, contract, work)
+        for model, record in records.items():
+            if quant != "fp32":
+                on_stage(f"quantizing {model} ({quant})")
+            quantization.apply(model, src / record["file"], work / record["file"])
+            record["external_data"] = sorted(p.name for p in work.glob(f"{record['file']}.data"))
+        _copy_tokenizer(src, work)
+        manifest = build_manifest(contract, records, source["tokenizer"], work, quantization=quant)
+        manifest["source"] = source.get("source")
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if quant != "fp32":
+            on_stage("measuring the quantization cost against fp32")
+            manifest["quantization_report"] = quantization.report(work, manifest, src)
+            (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        read_manifest(work)
+    return manifest
+
+
 def _prepare_out(out: Path) -> None:
     if out.suffix == ".litertlm":
         raise EdgeMtpError(f"Output {out} names a .litertlm file; an ONNX bundle is a folder (use --format litert "
@@ -236,8 +341,7 @@ def export_onnx(target_dir: str | Path, assistant_dir: str | Path | None, out_di
     out = Path(out_dir)
     if draft_len < 1:
         raise EdgeMtpError("--draft-len must be at least 1.")
-    if quant not in QUANTIZERS:
-        raise EdgeMtpError(f"Quantization recipe '{quant}' is not available for ONNX yet; use --quant fp32.")
+    check_onnx_recipe(quant)
     _prepare_out(out)
     stages: list[str] = []
 
@@ -255,7 +359,12 @@ def export_onnx(target_dir: str | Path, assistant_dir: str | Path | None, out_di
     models.target.cache_write = "scatter"  # ScatterElements: in place in onnxruntime (layers.write_cache)
     checks: dict[str, dict] = {}
     model_records: dict[str, dict] = {}
-    with atomic_directory(out) as work:
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(atomic_directory(out))
+        quantization = None
+        if quant != "fp32":
+            fp32_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent)))
+            quantization = _Quantization(quant, contract, fp32_dir)
         for unit in export_units(models, drafter, contract):
             path = work / model_file(unit.name)
             stage(f"exporting {unit.name}: {', '.join(s.name for s, _ in unit.signatures)}")
@@ -265,7 +374,10 @@ def export_onnx(target_dir: str | Path, assistant_dir: str | Path | None, out_di
                 stage(f"checking {unit.name} against PyTorch")
                 checks[unit.name] = check_unit(unit, contract, path)
                 _enforce_tolerance(unit.name, checks[unit.name])
-            QUANTIZERS[quant](unit.name, path)
+            if quantization is not None:
+                stage(f"quantizing {unit.name} ({quant})")
+                fp32 = move_graph(path, fp32_dir / path.name)  # kept as the reference twin
+                quantization.apply(unit.name, fp32, path)
             record = {"file": path.name, "signatures": [s.name for s, _ in unit.signatures],
                       "external_data": sorted(p.name for p in work.glob(f"{path.name}.data"))}
             if unit.name == TARGET:
@@ -287,12 +399,21 @@ def export_onnx(target_dir: str | Path, assistant_dir: str | Path | None, out_di
             "bos": meta.start_token, "stop_tokens": list(meta.stop_tokens)}
         manifest = build_manifest(contract, model_records, tokenizer_record, work, quantization=quant)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if quantization is not None:
+            stage("measuring the quantization cost against fp32")
+            _copy_tokenizer(work, fp32_dir)
+            twin = build_manifest(contract, model_records, tokenizer_record, fp32_dir, quantization="fp32")
+            (fp32_dir / MANIFEST).write_text(json.dumps(twin, indent=1))
+            manifest["quantization_report"] = quantization.report(work, manifest, fp32_dir)
+            (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
         read_manifest(work)  # refuse to publish a bundle we cannot read back
-    files = read_manifest(out, verify=False)["files"]
+    published = read_manifest(out, verify=False)
+    files = published["files"]
     return ExportSummary(
         out=str(out), bytes=sum(f["bytes"] for f in files.values()) + (out / MANIFEST).stat().st_size,
         sections=[{"type": "onnx" if name.endswith((".onnx", ".data")) else "file", "model_type": name,
                    "bytes": f["bytes"]} for name, f in files.items()],
         signatures={u: [s.name for s in sigs] for u, sigs in _signature_names(contract).items()},
         checks=checks, wall_seconds=time.time() - start,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, stages=stages)
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, stages=stages,
+        quantization=published.get("quantization_report"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ from ..model.loading import TargetModels, load_drafter, load_target
 from ..spec import spec_to_dict
 from ..prompts import DEFAULT_PROMPTS
 from .litertlm import BundleMetadata, read_litertlm, write_litertlm
-from .quality import quantization_report
+from .quality import open_backend, quantization_report
 from .quantize import DEFAULT_RECIPE, check_recipe, quantize_models, relative_error
 from .signatures import export_units
 
@@ -193,7 +192,7 @@ class _LitertExport:
         write_litertlm(reference, fp32, self.contract, self.tokenizer, self.meta, self.manifest, self.work)
         candidate = self.work / "quantized.litertlm"
         write_litertlm(candidate, self.paths, self.contract, self.tokenizer, self.meta, self.manifest, self.work)
-        report = quantization_report(reference, candidate, self._prompts())
+        report = quantization_report(open_backend(reference), open_backend(candidate), self._prompts())
         report["components"] = {name: {"recipe": chosen[name], "bytes": self.paths[name].stat().st_size,
                                        "fp32_bytes": fp32[name].stat().st_size} for name in fp32}
         self.manifest["quantization_report"] = report
@@ -242,11 +241,3 @@ def _enforce_tolerance(model: str, report: dict[str, dict]) -> None:
                     f"The converted {model} signature '{signature}' differs from PyTorch on '{name}' "
                     f"(max error {row['max_abs_error']:.3g} vs magnitude {row['scale']:.3g}); this is a converter "
                     "miscompile: please report it with the checkpoint's config.json.")
-
-
-def remove_quietly(path: Path) -> None:
-    """Delete a file or folder if present."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""What quantization cost: a quantized bundle measured against its fp32 twin on a prompt set."""
+"""What quantization cost: a quantized bundle measured against its fp32 twin on a prompt set, on any Backend
+(LiteRT .litertlm or ONNX folder), so both formats report the very same numbers."""
 
 from __future__ import annotations
 
@@ -8,20 +9,48 @@ from typing import Sequence
 import numpy as np
 
 from ..contract import DECODE
-from ..runtime.backends.litert import LiteRTBackend
+from ..prompts import DEFAULT_PROMPTS
+from ..runtime.backends.base import Backend
 from ..runtime.speculative import SpeculativeDecoder, generate_tokens
 
+REPORT_MAX_TOKENS = 16
 
-def _teacher_forced_logits(backend: LiteRTBackend, tokens: Sequence[int]) -> np.ndarray:
+
+def open_backend(bundle: str | Path | Backend) -> Backend:
+    """A Backend for a bundle: a .litertlm file (LiteRT) or an ONNX bundle folder (onnxruntime); Backends pass."""
+    if isinstance(bundle, Backend):
+        return bundle
+    bundle = Path(bundle)
+    if bundle.is_dir():
+        from ..runtime.backends.onnx import OnnxBackend
+
+        return OnnxBackend(bundle, threads=1)
+    from ..runtime.backends.litert import LiteRTBackend
+
+    return LiteRTBackend(bundle)
+
+
+def report_prompts(tokenizer, context: int, prompts: Sequence[str] = DEFAULT_PROMPTS) -> list[list[int]]:
+    """The prompt token ids the report runs (runtime.api.Tokenizer.encode, cut to a third of the context)."""
+    limit = max(4, context // 3)
+    return [tokenizer.encode(p)[:limit] for p in prompts]
+
+
+def _teacher_forced_logits(backend: Backend, tokens: Sequence[int]) -> np.ndarray:
     decoder = SpeculativeDecoder(backend)
     backend.reset()
     return np.concatenate([decoder._run(DECODE, [t], i, 1)["logits"][0] for i, t in enumerate(tokens)])
 
 
-def quantization_report(fp32_bundle: Path, quantized_bundle: Path, prompts: Sequence[Sequence[int]],
-                        max_tokens: int = 16) -> dict:
-    """Logit error and top-1 agreement along the fp32 greedy continuation, and drafter acceptance, fp32 vs quantized."""
-    ref, quant = LiteRTBackend(fp32_bundle), LiteRTBackend(quantized_bundle)
+def quantization_report(fp32: str | Path | Backend, quantized: str | Path | Backend,
+                        prompts: Sequence[Sequence[int]], max_tokens: int = REPORT_MAX_TOKENS) -> dict:
+    """Logit error and top-1 agreement along the fp32 greedy continuation, and drafter acceptance, fp32 vs quantized.
+
+    `fp32` and `quantized` are Backends (or bundle paths, opened with open_backend). Acceptance is the loop's
+    accepted / drafted (LiteRT-LM's "MTP Drafter - Success rate") over greedy generate_tokens(prompt, max_tokens)
+    with no stop tokens, the same generation anyone can rerun on the bundle to check the number.
+    """
+    ref, quant = open_backend(fp32), open_backend(quantized)
     errors, agree, rows = [], 0, 0
     accepted = {"fp32": [0, 0], "quantized": [0, 0]}
     for prompt in prompts:
@@ -31,7 +60,7 @@ def quantization_report(fp32_bundle: Path, quantized_bundle: Path, prompts: Sequ
         errors.append(float(np.abs(got - want).max() / (np.abs(want).max() or 1.0)))
         agree += int((got.argmax(-1) == want.argmax(-1)).sum())
         rows += len(sequence)
-        if ref.has_drafter:
+        if ref.has_drafter and quant.has_drafter:
             for name, backend in (("fp32", ref), ("quantized", quant)):
                 _, stats = generate_tokens(backend, prompt, max_tokens=max_tokens)
                 accepted[name][0] += stats.accepted
@@ -39,4 +68,4 @@ def quantization_report(fp32_bundle: Path, quantized_bundle: Path, prompts: Sequ
     rate = {k: (a / d if d else None) for k, (a, d) in accepted.items()}
     return {"logit_relative_error": max(errors), "top1_agreement": agree / rows,
             "drafter_acceptance_fp32": rate["fp32"], "drafter_acceptance_quantized": rate["quantized"],
-            "prompts": len(prompts)}
+            "prompts": len(prompts), "max_tokens": max_tokens, "prompt_token_ids": [list(map(int, p)) for p in prompts]}

@@ -7,6 +7,7 @@ Recipe names (shared with the ONNX exporter where they mean the same thing):
   int4        blockwise 4-bit weights (block 32), dynamic int8 activations; int4-b32 / int4-b64 / int4-b128 pick the block
   mixed       4-bit (block 32) for the embedding tables and the target, 8-bit for the drafter and for any component
               whose 4-bit error, measured on random inputs, exceeds MIXED_SENSITIVITY
+  int8-kv     (named, refused) a per-tensor int8 KV cache: see INT8_KV_REASON
 """
 
 from __future__ import annotations
@@ -22,7 +23,21 @@ from ..errors import EdgeMtpError
 
 RECIPES = ("fp32", "fp16", "int8", "int4", "int4-b32", "int4-b64", "int4-b128", "mixed")
 DEFAULT_RECIPE = "fp32"
-MIXED_SENSITIVITY = 0.05  # relative output error above which 'mixed' keeps a component at 8 bits
+# Relative output error (max |error| / max |output|, random inputs) above which 'mixed' keeps a component at 8 bits.
+# A 4-bit symmetric grid's half-step is 1/14 ~ 0.071 of a block's largest weight, so a bare table lookup already
+# shows ~0.06-0.07 (measured on the demo pair: embedder 0.060 / 0.071, per-layer embedder 0.062 / 0.068 in ONNX /
+# LiteRT); at 0.05 every component counted as sensitive and 'mixed' was int8 everywhere. 0.1 flags a component
+# only when 4 bits cost clearly more than the grid itself (the demo target in LiteRT: 0.197 -> int8).
+MIXED_SENSITIVITY = 0.1
+KV_RECIPES = ("int8-kv",)
+INT8_KV_REASON = (
+    "Recipe 'int8-kv' (a per-tensor int8 KV cache) is not available in either format yet. The cache is one buffer "
+    "shared by the target and the drafter and written in place, so int8 rows need a fixed per-tensor scale "
+    "calibrated at export time plus quantize-on-write / dequantize-on-read inside every target signature and the "
+    "drafter (the exported graphs take and return fp32 caches). ONNX could express it (ScatterElements writes "
+    "int8 in place), LiteRT-LM 0.18.1 allocates the cache buffers from the graph's own tensor types and fills "
+    "prefill padding itself, which a fixed scale must survive; neither is built. Use one of the weight recipes: "
+    + ", ".join(RECIPES) + ".")
 
 
 def _weights(num_bits: int, granularity: str) -> list[dict]:
@@ -40,6 +55,8 @@ def _fp16() -> list[dict]:
 
 def component_recipe(name: str) -> list[dict] | None:
     """The ai-edge-quantizer recipe of a uniform recipe name (None for fp32)."""
+    if name in KV_RECIPES:
+        raise EdgeMtpError(INT8_KV_REASON)
     if name == "fp32":
         return None
     if name == "fp16":
@@ -54,12 +71,33 @@ def component_recipe(name: str) -> list[dict] | None:
 
 def check_recipe(name: str) -> None:
     """Refuse an unknown recipe before any conversion work."""
+    if name in KV_RECIPES:
+        raise EdgeMtpError(INT8_KV_REASON)
     if name not in RECIPES:
         raise EdgeMtpError(f"Unknown quantization recipe '{name}'; choose one of {', '.join(RECIPES)}.")
 
 
-_NOT_DIVISIBLE = re.compile(r"parameters for tensor: (.+?)\. Error: Quantized dimension \d+ in tensor shape .* "
-                            r"is not divisible by block size")
+_NOT_DIVISIBLE = re.compile(r"parameters for tensor: (.+?)\. Error: Quantized dimension \d+ in tensor shape "
+                            r"\(([\d, ]+)\) is not divisible by block size")
+
+
+def _scopes_reading(path: Path, tensor: str, shape: tuple[int, ...]) -> list[str]:
+    """Scopes (what recipe regexes match: an op's output tensor names) of the ops reading a named constant.
+
+    Constants are often all called 'arith.constant', so the shape tells them apart; the recipe cannot name the
+    weight itself, only the op that reads it.
+    """
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tfl
+
+    model = tfl.read_model(str(path))
+    scopes = []
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            for index in op.inputs:
+                t = subgraph.tensors[index] if index >= 0 else None
+                if t is not None and tfl.get_tensor_name(t) == tensor and tuple(int(d) for d in t.shape) == shape:
+                    scopes.append(tfl.get_op_scope(op, subgraph.tensors))
+    return scopes
 
 
 def quantize_file(path: Path, recipe: list[dict] | None, out: Path) -> Path:
@@ -76,20 +114,39 @@ def quantize_file(path: Path, recipe: list[dict] | None, out: Path) -> Path:
     recipe = list(recipe)
     for _ in range(64):
         try:
-            result = quantizer.Quantizer(str(path), recipe).quantize(enable_progress_report=False)
+            result = quantizer.Quantizer(str(path), recipe).quantize(enable_progress_bar=False,
+                                                                     enable_progress_report=False)
             break
         except Exception as e:
             match = _NOT_DIVISIBLE.search(str(e))
             if not match:
                 raise EdgeMtpError(f"ai-edge-quantizer failed on {path.name}: {e}") from None
-            channelwise = json.loads(json.dumps(recipe[0]))
-            channelwise["regex"] = re.escape(match.group(1))
-            channelwise["op_config"]["weight_tensor_config"]["granularity"] = "CHANNELWISE"
-            recipe.append(channelwise)
+            shape = tuple(int(d) for d in match.group(2).split(","))
+            scopes = _scopes_reading(path, match.group(1), shape) or [match.group(1)]
+            for scope in scopes:
+                channelwise = json.loads(json.dumps(recipe[0]))
+                channelwise["regex"] = "^" + re.escape(scope) + "$"
+                channelwise["op_config"]["weight_tensor_config"]["granularity"] = "CHANNELWISE"
+                if channelwise not in recipe:
+                    recipe.append(channelwise)
+                elif len(scopes) == 1:
+                    raise EdgeMtpError(f"ai-edge-quantizer could not quantize {path.name}: {match.group(0)}.")
     else:
         raise EdgeMtpError(f"ai-edge-quantizer could not quantize {path.name} with this recipe.")
     out.write_bytes(result.quantized_model)
     return out
+
+
+def mixed_choice(name: str, int4_error: Callable[[], float] | None) -> tuple[str, float | None]:
+    """The recipe 'mixed' gives one component, and the measured 4-bit error it was decided on (None: not measured).
+
+    The drafter stays at 8 bits (a quantized drafter loses acceptance first); any other component gets 4 bits
+    unless `int4_error()` (relative error of its 4-bit version on random inputs) exceeds MIXED_SENSITIVITY.
+    """
+    if name == "drafter":
+        return "int8", None
+    error = int4_error() if int4_error else 0.0
+    return ("int4" if error <= MIXED_SENSITIVITY else "int8"), error
 
 
 def quantize_models(paths: dict[str, Path], recipe_name: str, workdir: Path,
@@ -101,13 +158,15 @@ def quantize_models(paths: dict[str, Path], recipe_name: str, workdir: Path,
     for name, path in paths.items():
         if recipe_name != "mixed":
             chosen[name] = recipe_name
-        elif name == "drafter":
-            chosen[name] = "int8"  # a quantized drafter loses acceptance first; keep it at 8 bits
         else:
-            trial = quantize_file(path, component_recipe("int4"), workdir / f"{name}.trial.tflite")
-            error = sensitivity(name, trial) if sensitivity else 0.0
-            chosen[name] = "int4" if error <= MIXED_SENSITIVITY else "int8"
-            trial.unlink()
+            def int4_error(name: str = name, path: Path = path) -> float:
+                trial = quantize_file(path, component_recipe("int4"), workdir / f"{name}.trial.tflite")
+                try:
+                    return sensitivity(name, trial) if sensitivity else 0.0
+                finally:
+                    trial.unlink()
+
+            chosen[name], _ = mixed_choice(name, int4_error)
         out[name] = quantize_file(path, component_recipe(chosen[name]), workdir / f"{name}.{chosen[name]}.tflite")
     return out, chosen
 

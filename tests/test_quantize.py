@@ -1,0 +1,179 @@
+"""Quantization recipes in both formats, on the trained demo pair (so acceptance means something): every quantized
+bundle runs MTP with greedy output equal to its own plain output, sizes shrink as the recipe says, and the
+quantization report holds measured numbers (acceptance equal to what the loop gives when rerun)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_mtp import demo
+from edge_mtp.errors import EdgeMtpError
+from edge_mtp.export.onnx import export_onnx, quantize_onnx_bundle
+from edge_mtp.export.onnx_bundle import MANIFEST, read_manifest
+from edge_mtp.export.onnx_quantize import graph_bytes, weight_bytes
+from edge_mtp.export.quantize import INT8_KV_REASON, MIXED_SENSITIVITY, RECIPES, check_recipe
+from edge_mtp.runtime.api import Tokenizer
+from edge_mtp.runtime.backends.onnx import OnnxBackend, contract_and_tokenizer
+from edge_mtp.runtime.speculative import generate_tokens
+
+CONTEXT, PREFILL = 128, (16,)
+PROMPTS = ["The quick brown fox", "def main():", "import os"]
+ONNX_BY_QUANTIZING = ("fp16", "int8", "int4-b32", "int4-b64", "int4-b128", "mixed")  # from the fp32 bundle, no re-export
+ONNX_RECIPES = ("int4",) + ONNX_BY_QUANTIZING  # int4 goes through export_onnx(quant=...) itself
+# the target's matmul weight bytes, at most this fraction of fp32
+WEIGHT_RATIO = {"fp16": 0.51, "int8": 0.27, "int4": 0.35, "int4-b32": 0.35, "int4-b64": 0.35, "int4-b128": 0.35, "mixed": 0.35}
+
+pytestmark = pytest.mark.skipif(not (demo.target_dir() / "model.safetensors").is_file(),
+                                reason="the demo pair is not shipped here")
+
+
+@pytest.fixture(scope="module")
+def onnx_bundles(tmp_path_factory) -> dict:
+    """The demo pair as an fp32 ONNX bundle, one int4 export, and the other recipes quantized from the fp32 one."""
+    root = tmp_path_factory.mktemp("quant-onnx")
+    out = {"fp32": root / "fp32", "int4": root / "int4"}
+    export_onnx(demo.target_dir(), demo.assistant_dir(), out["fp32"], context=CONTEXT, prefill=PREFILL, check=False)
+    export_onnx(demo.target_dir(), demo.assistant_dir(), out["int4"], context=CONTEXT, prefill=PREFILL, check=False,
+                quant="int4")
+    for recipe in ONNX_BY_QUANTIZING:
+        out[recipe] = root / recipe
+        quantize_onnx_bundle(out["fp32"], out[recipe], recipe)
+    return out
+
+
+def _loop_acceptance(backend, prompts, max_tokens) -> float:
+    accepted = drafted = 0
+    for prompt in prompts:
+        _, stats = generate_tokens(backend, prompt, max_tokens=max_tokens)
+        accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    return accepted / drafted
+
+
+def _greedy(backend, tokenizer, mtp):
+    return [generate_tokens(backend, tokenizer.encode(p), max_tokens=24, mtp=mtp)[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("recipe", ONNX_RECIPES)
+def test_onnx_recipe_runs_mtp_like_plain(onnx_bundles, recipe):
+    bundle = onnx_bundles[recipe]
+    backend = OnnxBackend(bundle, threads=1)  # also checks every file against the manifest's sha256
+    tokenizer = Tokenizer(**contract_and_tokenizer(bundle)[1])
+    mtp = _greedy(backend, tokenizer, True)
+    assert mtp == _greedy(backend, tokenizer, False)
+    assert read_manifest(bundle)["quantization"] == recipe
+
+
+@pytest.mark.parametrize("recipe", ONNX_RECIPES)
+def test_onnx_sizes_shrink(onnx_bundles, recipe):
+    fp32, bundle = onnx_bundles["fp32"], onnx_bundles[recipe]
+    want = weight_bytes(fp32 / "target.onnx")["matmul"]
+    got = weight_bytes(bundle / "target.onnx")["matmul"]
+    assert 0 < got <= WEIGHT_RATIO[recipe] * want, (recipe, got, want)
+    report = read_manifest(bundle)["quantization_report"]
+    for model, row in report["components"].items():
+        assert row["bytes"] == graph_bytes(bundle / f"{model}.onnx")
+        assert row["fp32_bytes"] == graph_bytes(fp32 / f"{model}.onnx")
+        assert row["bytes"] < row["fp32_bytes"]
+    assert report["components"]["target"]["fp32_matmul_weight_bytes"] == want
+    total = {r: sum(graph_bytes(onnx_bundles[r] / f"{m}.onnx") for m in report["components"])
+             for r in ("fp32", "fp16", "int8", "int4")}
+    assert total["int4"] < total["int8"] < total["fp16"] < total["fp32"]
+
+
+@pytest.mark.parametrize("recipe", ONNX_RECIPES)
+def test_onnx_report_is_measured(onnx_bundles, recipe):
+    manifest = json.loads((onnx_bundles[recipe] / MANIFEST).read_text())
+    report = manifest["quantization_report"]
+    assert report["logit_relative_error"] > 0 and 0 < report["top1_agreement"] <= 1
+    prompts, max_tokens = report["prompt_token_ids"], report["max_tokens"]
+    assert len(prompts) == report["prompts"] >= 3
+    quantized = _loop_acceptance(OnnxBackend(onnx_bundles[recipe], threads=1), prompts, max_tokens)
+    fp32 = _loop_acceptance(OnnxBackend(onnx_bundles["fp32"], threads=1), prompts, max_tokens)
+    assert report["drafter_acceptance_quantized"] == pytest.approx(quantized, abs=1e-12)
+    assert report["drafter_acceptance_fp32"] == pytest.approx(fp32, abs=1e-12)
+    assert 0 < quantized <= 1
+    if recipe.startswith("int4"):
+        assert report["logit_relative_error"] > 1e-3  # 4 bits really changed the logits
+
+
+def test_onnx_error_grows_as_bits_shrink(onnx_bundles):
+    error = {r: read_manifest(onnx_bundles[r])["quantization_report"]["logit_relative_error"]
+             for r in ("fp16", "int8", "int4")}
+    assert error["fp16"] < error["int8"] < error["int4"]
+
+
+def test_onnx_mixed_is_decided_per_component(onnx_bundles):
+    components = read_manifest(onnx_bundles["mixed"])["quantization_report"]["components"]
+    assert components["drafter"]["recipe"] == "int8" and "int4_error" not in components["drafter"]
+    for model in ("embedder", "per_layer_embedder", "target"):
+        row = components[model]
+        assert row["int4_error"] > 0
+        assert row["recipe"] == ("int4" if row["int4_error"] <= MIXED_SENSITIVITY else "int8")
+    assert components["embedder"]["recipe"] == components["per_layer_embedder"]["recipe"] == "int4"
+
+
+def test_int8_kv_is_refused_with_the_reason(onnx_bundles, tmp_path):
+    with pytest.raises(EdgeMtpError, match="int8-kv.*not available") as info:
+        check_recipe("int8-kv")
+    assert str(info.value) == INT8_KV_REASON and "fp32" in INT8_KV_REASON
+    with pytest.raises(EdgeMtpError, match="int8-kv"):
+        export_onnx(demo.target_dir(), demo.assistant_dir(), tmp_path / "x", context=CONTEXT, prefill=PREFILL,
+                    quant="int8-kv")
+    with pytest.raises(EdgeMtpError, match="int8-kv"):
+        quantize_onnx_bundle(onnx_bundles["fp32"], tmp_path / "y", "int8-kv")
+    with pytest.raises(EdgeMtpError, match="Unknown quantization recipe 'int3'"):
+        quantize_onnx_bundle(onnx_bundles["fp32"], tmp_path / "z", "int3")
+    assert not list(tmp_path.iterdir())
+
+
+def test_quantizing_a_quantized_bundle_is_refused(onnx_bundles, tmp_path):
+    with pytest.raises(EdgeMtpError, match="already quantized"):
+        quantize_onnx_bundle(onnx_bundles["int8"], tmp_path / "again", "int4")
+
+
+# -- LiteRT ---------------------------------------------------------------------------------------------------------
+
+LITERT_RECIPES = ("int4", "mixed")
+
+
+@pytest.fixture(scope="module")
+def litert_bundles(tmp_path_factory) -> dict:
+    from edge_mtp.export.pipeline import export_litert
+
+    root = tmp_path_factory.mktemp("quant-litert")
+    return {r: (root / f"{r}.litertlm", export_litert(demo.target_dir(), demo.assistant_dir(), root / f"{r}.litertlm",
+                                                      context=CONTEXT, prefill=PREFILL, check=False, quant=r))
+            for r in LITERT_RECIPES}
+
+
+@pytest.mark.parametrize("recipe", LITERT_RECIPES)
+def test_litert_recipe_runs_in_litert_lm_and_reports(litert_bundles, recipe):
+    from edge_mtp.runtime.backends.litert import LiteRTBackend
+    from edge_mtp.runtime.litertlm_engine import run_litertlm
+
+    path, summary = litert_bundles[recipe]
+    on = run_litertlm(path, PROMPTS, max_tokens=24, context=CONTEXT, mtp=True)
+    off = run_litertlm(path, PROMPTS, max_tokens=24, context=CONTEXT, mtp=False)
+    assert on.supports_mtp and on.success_rate is not None
+    # LiteRT-LM 0.18.1 with MTP emits a verify round's accepted drafts even past max_output_tokens, so its text can
+    # run a few tokens longer; up to the plain run's length it must be the same text.
+    for with_mtp, plain in zip(on.texts, off.texts):
+        assert with_mtp.startswith(plain) and len(plain) > 10, (with_mtp, plain)
+    report = summary.quantization
+    assert report["logit_relative_error"] > 1e-3 and 0 < report["top1_agreement"] <= 1
+    got = _loop_acceptance(LiteRTBackend(path), report["prompt_token_ids"], report["max_tokens"])
+    assert report["drafter_acceptance_quantized"] == pytest.approx(got, abs=1e-12)
+    assert 0 < report["drafter_acceptance_fp32"] <= 1
+    components = report["components"]
+    assert all(row["bytes"] < row["fp32_bytes"] for row in components.values())
+    if recipe == "int4":
+        assert components["target"]["bytes"] <= 0.35 * components["target"]["fp32_bytes"]
+    else:
+        assert components["drafter"]["recipe"] == "int8"
+        assert components["embedder"]["recipe"] == components["per_layer_embedder"]["recipe"] == "int4"
+
+
+def test_every_recipe_name_is_exercised():
+    assert set(RECIPES) - {"fp32"} <= set(ONNX_RECIPES) | set(LITERT_RECIPES)
