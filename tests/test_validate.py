@@ -70,3 +70,15 @@ def test_truncated_bundle_exits_2(tiny_bundle, tmp_path):
     cut.write_bytes(path.read_bytes()[:200_000])
     result = CliRunner().invoke(main, ["validate", str(cut)])
     assert result.exit_code == 2 and "truncated" in result.output
+
+
+def test_onnx_bundle_validates(tmp_path):
+    from edge_mtp.demo import assistant_dir, target_dir
+    from edge_mtp.export.onnx import export_onnx
+
+    out = tmp_path / "demo-onnx"
+    export_onnx(target_dir(), assistant_dir(), out, context=128, prefill=(16,))
+    report = validate(out, target_dir(), assistant_dir(), prompts=["The file", "Return the"], max_tokens=8)
+    assert report.passed, _failed(report)
+    acceptance = next(c for c in report.checks if c.kind == "acceptance")
+    assert acceptance.metrics["pytorch"] > 0.3 and acceptance.metrics["bundle"] == acceptance.metrics["pytorch"]
