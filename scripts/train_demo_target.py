@@ -4,7 +4,7 @@ Data: Python's own documentation shipped with the interpreter (pydoc_data.topics
 plus the docstrings of the standard library's modules, classes and functions; both are under the PSF License
 (Python Software Foundation License Version 2). A byte-level BPE tokenizer is trained on the same text. CPU, seeded.
 
-    python scripts/train_demo_target.py --out edge_mtp/demo/target --minutes 20
+    python scripts/train_demo_target.py --out edge_mtp/demo/target --minutes 30
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from edge_mtp.spec import FULL, SLIDING, TargetSpec
 
 S, F = SLIDING, FULL
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # ids 0..5
-VOCAB = 1024
+VOCAB = 2048
 SPEC = TargetSpec(
-    hidden_size=128, intermediate_size=256, layer_types=(S, S, F, S, S, F), num_heads=4, num_kv_heads=1,
-    head_dim=32, global_head_dim=64, sliding_window=32, vocab_size=VOCAB, num_kv_shared_layers=3, ple_dim=16,
+    hidden_size=256, intermediate_size=512, layer_types=(S, S, F, S, S, F), num_heads=4, num_kv_heads=1,
+    head_dim=64, global_head_dim=128, sliding_window=64, vocab_size=VOCAB, num_kv_shared_layers=3, ple_dim=16,
     ple_vocab_size=VOCAB, double_wide_mlp=True, final_softcap=30.0, bos_token_id=2, eos_token_ids=(1, 5),
-    pad_token_id=0, dtype="float32")
+    pad_token_id=0, dtype="bfloat16")
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
                  "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 SKIP = {"test", "site-packages", "idlelib", "lib2to3", "tkinter", "turtledemo", "tests"}
@@ -91,11 +91,11 @@ def main() -> None:
     """Train tokenizer and target; write the HF checkpoint directory atomically."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("edge_mtp/demo/target"))
-    ap.add_argument("--steps", type=int, default=360)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--minutes", type=float, default=60.0, help="stop early after this much training time")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=4e-3)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -115,7 +115,7 @@ def main() -> None:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
         gen = torch.Generator().manual_seed(args.seed)
-        warmup, t0, step = 20, time.perf_counter(), 0
+        warmup, t0, step = 50, time.perf_counter(), 0
         for step in range(args.steps):
             frac = step / args.steps
             lr = args.lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -149,7 +149,8 @@ def write_checkpoint(model, out: Path) -> None:
     from safetensors.torch import save_file
 
     state = model.state_dict()
-    tensors = {TEXT_PREFIX + e.name: state[TEXT_PREFIX + e.name].detach().float().contiguous().clone()
+    dtype = getattr(torch, SPEC.dtype)  # trained in float32, stored in SPEC.dtype (the loader reads either)
+    tensors = {TEXT_PREFIX + e.name: state[TEXT_PREFIX + e.name].detach().to(dtype).contiguous().clone()
                for e in target_tensors(SPEC)}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(target_config(SPEC), indent=2))

