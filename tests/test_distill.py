@@ -111,3 +111,30 @@ def test_clusters_are_a_balanced_permutation_and_geometry_matches_target(synth_p
     check_pair(models.spec, spec)
     ordering = cluster_tokens(models.target.embed_tokens.weight, spec.num_centroids)
     assert sorted(ordering.tolist()) == list(range(models.spec.vocab_size))
+
+
+def test_committed_demo_pair_meets_the_acceptance_bar():
+    """Greedy, draft length 3, on 9 prompts (3 from held-out documents): acceptance >= 0.6, >= 2.2 tokens/verify."""
+    from edge_mtp.contract import Contract
+    from edge_mtp.demo import assistant_dir, target_dir
+    from edge_mtp.model.loading import load_drafter, load_target
+    from edge_mtp.prompts import DEFAULT_PROMPTS
+    from edge_mtp.runtime.api import Tokenizer
+    from edge_mtp.runtime.backends.torch import TorchBackend
+    from edge_mtp.runtime.speculative import generate_tokens
+    from edge_mtp.spec import check_pair
+
+    models = load_target(target_dir())
+    drafter = load_drafter(assistant_dir(), models.spec)
+    check_pair(models.spec, drafter.spec)
+    backend = TorchBackend(models, drafter, Contract(models.spec, drafter.spec, 256, 3, (16,)))
+    tokenizer = Tokenizer((target_dir() / "tokenizer.json").read_text(), models.spec.bos_token_id,
+                          list(models.spec.eos_token_ids))
+    prompts = ["Called by the parser to give the application", "This interface adds three extra methods to",
+               "If the name represents a directory, return", "The list is", "A generator function",
+               *DEFAULT_PROMPTS]
+    accepted = drafted = verifies = 0
+    for prompt in prompts:
+        _, stats = generate_tokens(backend, tokenizer.encode(prompt), max_tokens=48)
+        accepted, drafted, verifies = accepted + stats.accepted, drafted + stats.drafted, verifies + stats.verifies
+    assert accepted / drafted >= 0.6 and (accepted + verifies) / verifies >= 2.2, (accepted, drafted, verifies)
