@@ -6,11 +6,12 @@ tensor name or shape by hand.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .spec import DrafterSpec, TargetSpec
+from .spec import DrafterSpec, TargetSpec, spec_from_dict
 
 # Model (section) names inside a bundle.
 EMBEDDER, PER_LAYER_EMBEDDER, TARGET, DRAFTER = "embedder", "per_layer_embedder", "target", "drafter"
@@ -77,7 +78,6 @@ class Contract:
     draft_len: int = 3
     prefill_lengths: tuple[int, ...] = (32,)
     kv_dtype: str = "float32"
-    _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.context < max(self.prefill_lengths) or self.context < self.draft_len + 2:
@@ -149,6 +149,13 @@ class Contract:
         outs = (TensorSpec(LOGITS, (1, 1, t.vocab_size), "float32"),
                 TensorSpec(PROJECTED, (1, 1, t.hidden_size), "float32"))
         return Signature(DRAFT, ins, outs)
+
+
+def contract_from_dict(data: dict[str, Any]) -> Contract:
+    """The Contract a bundle manifest records (specs, context, draft length, prefill lengths, KV dtype)."""
+    drafter = spec_from_dict(DrafterSpec, data["drafter"]) if data.get("drafter") else None
+    return Contract(spec_from_dict(TargetSpec, data["target"]), drafter, int(data["context"]), int(data["draft_len"]),
+                    tuple(data["prefill_lengths"]), data.get("kv_dtype", "float32"))
 
 
 def causal_mask(start: int, length: int, context: int, valid: int | None = None) -> np.ndarray:

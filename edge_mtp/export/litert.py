@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -70,14 +68,3 @@ def check_unit(unit: ExportUnit, contract: Contract, path: Path, seeds: int = 2)
                     worst[name] = row
         report[signature.name] = worst
     return report
-
-
-def convert_all(units: list[ExportUnit], contract: Contract, workdir: Path,
-                on_stage: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
-    """Convert every unit into `workdir`, freeing traced state between models."""
-    paths = {}
-    for unit in units:
-        on_stage(f"converting {unit.name} ({', '.join(s.name for s, _ in unit.signatures)})")
-        paths[unit.name] = convert_unit(unit, contract, workdir / f"{unit.name}.tflite")
-        os.sync() if hasattr(os, "sync") else None
-    return paths

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, Signature, TensorSpec, kv_output_name
+from ..contract import (DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, Signature, TensorSpec,
+                        contract_from_dict, kv_output_name)
 from ..errors import EdgeMtpError
-from ..spec import DrafterSpec, TargetSpec, spec_from_dict, spec_to_dict
+from ..spec import spec_to_dict
 
 FORMAT = "edge-mtp-onnx"
 FORMAT_VERSION = 1
@@ -97,10 +98,7 @@ def build_manifest(contract: Contract, models: dict[str, dict[str, Any]], tokeni
 def contract_from_manifest(manifest: dict[str, Any], where: str) -> Contract:
     """The Contract a manifest describes; its recorded signatures must be exactly the ones the contract derives."""
     try:
-        drafter = spec_from_dict(DrafterSpec, manifest["drafter"]) if manifest.get("drafter") else None
-        contract = Contract(spec_from_dict(TargetSpec, manifest["target"]), drafter, int(manifest["context"]),
-                            int(manifest["draft_len"]), tuple(manifest["prefill_lengths"]),
-                            manifest.get("kv_dtype", "float32"))
+        contract = contract_from_dict(manifest)
     except (KeyError, TypeError, ValueError) as e:
         raise EdgeMtpError(f"{where} is malformed ({type(e).__name__}: {e}); re-export the bundle.") from None
     recorded = manifest.get("signatures", {})

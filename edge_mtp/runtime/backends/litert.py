@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...contract import DRAFT, EMBEDDINGS, PLE, TOKEN_IDS, Contract
+from ...contract import DRAFT, EMBEDDINGS, PLE, TOKEN_IDS, Contract, contract_from_dict
 from ...errors import EdgeMtpError
 from ...export.litertlm import read_litertlm
-from ...spec import DrafterSpec, TargetSpec, spec_from_dict
 from .base import Backend
 
 ACCELERATORS = ("cpu", "gpu", "npu")
@@ -39,9 +38,7 @@ def contract_from_manifest(manifest: dict, where: str) -> Contract:
     """The bundle's Contract, rebuilt from the manifest export wrote into it."""
     if not manifest or "target" not in manifest:
         raise EdgeMtpError(f"{where} has no edge-mtp manifest; only bundles written by edge-mtp export can be run here.")
-    drafter = spec_from_dict(DrafterSpec, manifest["drafter"]) if manifest.get("drafter") else None
-    return Contract(spec_from_dict(TargetSpec, manifest["target"]), drafter, manifest["context"],
-                    manifest["draft_len"], tuple(manifest["prefill_lengths"]))
+    return contract_from_dict(manifest)
 
 
 class LiteRTBackend(Backend):
