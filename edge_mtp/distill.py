@@ -409,15 +409,28 @@ def distill(target_dir: str | Path, out_dir: str | Path, *, data: Sequence[str |
     """
     t0 = time.perf_counter()
     target_dir, out_dir = Path(target_dir), Path(out_dir)
-    models = load_target(target_dir)
     state_path = out_dir / STATE_FILE
+    # checks that need no model first
+    if min(steps, draft_len, batch) < 1 or not lr > 0:
+        raise EdgeMtpError(f"--steps, --draft-len and --batch must be at least 1 and --lr positive (got {steps}, "
+                           f"{draft_len}, {batch}, {lr}).")
     if seq_len <= prompt_len + draft_len:
         raise EdgeMtpError(f"--seq-len {seq_len} must exceed the prompt length {prompt_len} plus the draft length.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgeMtpError(f"--out {out_dir} is a file; name a folder for the assistant checkpoint.")
+    if resume and not state_path.is_file():
+        raise EdgeMtpError(f"Nothing to resume: {state_path} does not exist; run without --resume first.")
+    for file in data or ():
+        if not Path(file).is_file():
+            raise EdgeMtpError(f"Data file {file} does not exist.")
+    models = load_target(target_dir)
     state = None
     if resume:
-        if not state_path.is_file():
-            raise EdgeMtpError(f"Nothing to resume: {state_path} does not exist; run without --resume first.")
-        state = torch.load(state_path, weights_only=False)
+        try:
+            state = torch.load(state_path, weights_only=True)
+        except Exception as e:  # a truncated or foreign file: torch raises anything from EOFError to UnpicklingError
+            raise EdgeMtpError(f"{state_path} is not a distill state this edge-mtp can resume "
+                               f"({type(e).__name__}); delete it and run without --resume.") from None
         if state["draft_len"] != draft_len:
             raise EdgeMtpError(f"{state_path} was trained with draft length {state['draft_len']}, not {draft_len}.")
         spec = _spec_from_dict(state["spec"])

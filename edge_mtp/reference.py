@@ -33,9 +33,10 @@ class TransformersPair:
     @torch.no_grad()
     def forward(self, ids: list[int]) -> dict:
         """Logits, last hidden state and the store layers' K/V for a whole sequence."""
-        t = torch.tensor([ids])
-        out = self.text(t, output_hidden_states=True, return_shared_kv_states=True, use_cache=False)
-        logits = self.target(input_ids=t).logits[0].numpy()
+        t, mask = _batch(ids)
+        out = self.text(t, attention_mask=mask, output_hidden_states=True, return_shared_kv_states=True,
+                        use_cache=False)
+        logits = self.target(input_ids=t, attention_mask=mask).logits[0].numpy()
         return {"logits": logits, "activations": out.hidden_states[-1][0].numpy(),
                 "shared_kv": out.shared_kv_states}
 
@@ -69,16 +70,25 @@ class TransformersPair:
     def greedy(self, prompt: list[int], max_tokens: int, stop_tokens: list[int], assisted: bool = False) -> list[int]:
         """transformers' greedy generate (optionally with the assistant), new tokens only."""
         kwargs = {"assistant_model": self.assistant} if assisted else {}
-        out = self.target.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+        ids, mask = _batch(prompt)
+        out = self.target.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
                                    eos_token_id=stop_tokens or None, pad_token_id=0, **kwargs)
         return out[0, len(prompt):].tolist()
 
     @torch.no_grad()
     def top2_gap(self, ids: list[int]) -> float:
         """Logit gap between the best and second-best next token after `ids` (small = a near-tie)."""
-        row = self.target(input_ids=torch.tensor([ids])).logits[0, -1]
+        t, mask = _batch(ids)
+        row = self.target(input_ids=t, attention_mask=mask).logits[0, -1]
         top = torch.topk(row, 2).values
         return float(top[0] - top[1])
+
+
+def _batch(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-row batch and its all-ones attention mask: every prompt token is attended to, as on the device, even
+    one equal to the pad id (left to itself, generate() would infer a mask hiding those)."""
+    t = torch.tensor([ids])
+    return t, torch.ones_like(t)
 
 
 def error_metrics(got: np.ndarray, want: np.ndarray) -> dict[str, float]:

@@ -6,7 +6,8 @@ Everything else (modules, contract, exporters, runtime) derives shapes from thes
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+import math
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,15 +181,90 @@ def preset_pair(name: str) -> tuple[TargetSpec, DrafterSpec]:
 # Hugging Face config.json parsing
 
 
+MAX_DIM = 1 << 24  # no size of a real Gemma 4 comes near this; a larger one is a corrupt config
+MAX_LAYERS = 1024
+DTYPES = ("bfloat16", "float16", "float32")
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    """Load config.json of a checkpoint directory, with a clear error when it is missing or malformed."""
+    """Load config.json of a checkpoint directory (or any JSON object file), with a clear error when it is
+    missing or malformed."""
     cfg_path = path / "config.json" if path.is_dir() else path
     if not cfg_path.is_file():
         raise EdgeMtpError(f"No config.json in {path}: point at a Hugging Face checkpoint directory.")
     try:
-        return json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise EdgeMtpError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise EdgeMtpError(f"{cfg_path} is not a UTF-8 JSON text; restore the checkpoint's original file.") from None
+    if not isinstance(cfg, dict):
+        raise EdgeMtpError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object; restore the checkpoint's "
+                           "original file.")
+    return cfg
+
+
+def _parsed(build, where: str):
+    """Run a spec constructor over untrusted config values; wrong types and missing keys become one clear error."""
+    try:
+        spec = build()
+    except KeyError as e:
+        raise EdgeMtpError(f"{where}: required entry {e.args[0]!r} is missing; restore the checkpoint's original "
+                           "config.json.") from None
+    except (TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise EdgeMtpError(f"{where}: an entry has a value of the wrong type ({e}); restore the checkpoint's "
+                           "original config.json.") from None
+    check_spec(spec, where)
+    return spec
+
+
+def check_spec(spec: AttentionGeometry, where: str) -> None:
+    """Refuse a spec with a wrong-typed or impossible field (from a corrupt config.json or bundle manifest)."""
+    def bad(name: str, why: str) -> EdgeMtpError:
+        return EdgeMtpError(f"{where}: {name} = {getattr(spec, name)!r} {why}; the file is corrupt or not a Gemma 4 "
+                            "configuration.")
+
+    for f in fields(spec):
+        value, kind = getattr(spec, f.name), str(f.type)
+        if kind == "int" and (type(value) is not int or not 0 <= value <= MAX_DIM):
+            raise bad(f.name, f"is not an integer in [0, {MAX_DIM}]")
+        if kind.startswith("float") and value is not None and (
+                type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
+            raise bad(f.name, "is not a positive finite number")
+        if kind == "bool" and type(value) is not bool:
+            raise bad(f.name, "is not true or false")
+    for name in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "global_head_dim",
+                 "sliding_window", "vocab_size"):
+        if getattr(spec, name) < 1:
+            raise bad(name, "must be positive")
+    if not (isinstance(spec.layer_types, tuple) and 1 <= len(spec.layer_types) <= MAX_LAYERS
+            and set(spec.layer_types) <= {SLIDING, FULL}):
+        raise bad("layer_types", f"is not a list of 1 to {MAX_LAYERS} 'sliding'/'full' entries")
+    if spec.num_heads % spec.num_kv_heads:
+        raise bad("num_heads", f"is not a multiple of num_kv_heads ({spec.num_kv_heads})")
+    if spec.dtype not in DTYPES:
+        raise bad("dtype", f"is not one of {', '.join(DTYPES)}")
+    if spec.partial_rotary_full > 1:
+        raise bad("partial_rotary_full", "exceeds 1")
+    if isinstance(spec, TargetSpec):
+        if spec.num_kv_shared_layers >= spec.num_layers:
+            raise bad("num_kv_shared_layers", f"leaves no layer of the {spec.num_layers} with its own cache")
+        ids = (spec.bos_token_id, spec.pad_token_id, *spec.eos_token_ids)
+        if not all(type(i) is int and 0 <= i < spec.vocab_size for i in ids):
+            raise bad("eos_token_ids", f"(with bos {spec.bos_token_id}, pad {spec.pad_token_id}) is not a token id "
+                                       f"below vocab_size {spec.vocab_size}")
+        if spec.num_kv_shared_layers and set(spec.store_layers) != set(spec.layer_types):
+            raise UnsupportedModelError(f"{where}: the KV-shared layers use an attention type that no earlier layer "
+                                        "stores.")
+        if spec.ple_dim and spec.ple_vocab_size != spec.vocab_size:
+            raise UnsupportedModelError(f"{where}: vocab_size_per_layer_input ({spec.ple_vocab_size}) differs from "
+                                        f"vocab_size ({spec.vocab_size}); not supported.")
+    if isinstance(spec, DrafterSpec):
+        for name in ("backbone_hidden_size", "num_centroids", "centroid_top_k", "num_assistant_tokens"):
+            if getattr(spec, name) < 1:
+                raise bad(name, "must be positive")
+        if spec.use_ordered_embeddings and spec.centroid_top_k > spec.num_centroids:
+            raise bad("centroid_top_k", f"exceeds num_centroids ({spec.num_centroids})")
 
 
 def _text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -225,6 +301,8 @@ def _refuse_unsupported(text: dict[str, Any], where: str) -> None:
 
 def _geometry(text: dict[str, Any], where: str, dtype: str) -> dict[str, Any]:
     n = int(text.get("num_hidden_layers", 30))
+    if not 1 <= n <= MAX_LAYERS:
+        raise EdgeMtpError(f"{where}: num_hidden_layers {n} is not between 1 and {MAX_LAYERS}.")
     raw_types = text.get("layer_types") or [
         "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
     try:
@@ -270,6 +348,10 @@ def _ids(value: Any) -> tuple[int, ...]:
 
 def target_spec_from_config(cfg: dict[str, Any], where: str = "config.json") -> TargetSpec:
     """TargetSpec from a gemma4 (multimodal wrapper) or gemma4_text config.json dictionary."""
+    return _parsed(lambda: _target_spec(cfg, where), where)
+
+
+def _target_spec(cfg: dict[str, Any], where: str) -> TargetSpec:
     text = _text_config(cfg, where)
     _refuse_unsupported(text, where)
     geo = _geometry(text, where, _dtype(cfg, text))
@@ -284,17 +366,16 @@ def target_spec_from_config(cfg: dict[str, Any], where: str = "config.json") -> 
         bos_token_id=int(text.get("bos_token_id", cfg.get("bos_token_id", 2)) or 2),
         eos_token_ids=_ids(text.get("eos_token_id", cfg.get("eos_token_id", 1))) or (1,),
         pad_token_id=int(text.get("pad_token_id", 0) or 0))
-    if spec.num_kv_shared_layers and set(spec.store_layers) != set(spec.layer_types):
-        raise UnsupportedModelError(f"{where}: the KV-shared layers use an attention type that no earlier layer stores.")
-    if spec.ple_dim and spec.ple_vocab_size != spec.vocab_size:
-        raise UnsupportedModelError(f"{where}: vocab_size_per_layer_input ({spec.ple_vocab_size}) differs from "
-                                    f"vocab_size ({spec.vocab_size}); not supported.")
     return spec
 
 
 def drafter_spec_from_config(cfg: dict[str, Any], generation: dict[str, Any] | None = None,
                              where: str = "config.json") -> DrafterSpec:
     """DrafterSpec from a gemma4_assistant config.json (and optionally its generation_config.json)."""
+    return _parsed(lambda: _drafter_spec(cfg, generation, where), where)
+
+
+def _drafter_spec(cfg: dict[str, Any], generation: dict[str, Any] | None, where: str) -> DrafterSpec:
     if cfg.get("model_type") != "gemma4_assistant":
         raise UnsupportedModelError(
             f"{where}: model_type '{cfg.get('model_type')}' is not a Gemma 4 assistant (expected gemma4_assistant).")
@@ -346,9 +427,17 @@ def spec_to_dict(spec: AttentionGeometry) -> dict[str, Any]:
     return asdict(spec)
 
 
-def spec_from_dict(cls: type, data: dict[str, Any]):
-    """Rebuild a TargetSpec or DrafterSpec from spec_to_dict output (as stored in bundle manifests)."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+def spec_from_dict(cls: type, data: dict[str, Any], where: str = "manifest"):
+    """Rebuild a TargetSpec or DrafterSpec from spec_to_dict output (as stored in bundle manifests), checked."""
+    if not isinstance(data, dict):
+        raise EdgeMtpError(f"{where}: the {cls.__name__} entry is not an object; re-export the bundle.")
+    try:
+        spec = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    except TypeError as e:
+        raise EdgeMtpError(f"{where}: the {cls.__name__} entry does not match this edge-mtp ({e}); re-export the "
+                           "bundle.") from None
+    check_spec(spec, where)
+    return spec
 
 
 def with_dtype(spec, dtype: str):
@@ -357,5 +446,5 @@ def with_dtype(spec, dtype: str):
 
 
 __all__ = ["SLIDING", "FULL", "TargetSpec", "DrafterSpec", "TARGET_PRESETS", "DRAFTER_PRESETS", "preset_pair",
-           "read_config", "target_spec_from_config", "drafter_spec_from_config", "check_pair", "spec_to_dict", "spec_from_dict",
+           "read_config", "check_spec", "target_spec_from_config", "drafter_spec_from_config", "check_pair", "spec_to_dict", "spec_from_dict",
            "with_dtype"]

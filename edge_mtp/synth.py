@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import torch
 
 from .atomic import atomic_directory
+from .errors import EdgeMtpError
 from .hf_config import drafter_config, generation_config, target_config
 from .layout import MULTIMODAL_PREFIX, NORM, ORDERING, SCALAR, TEXT_PREFIX, TensorEntry, drafter_tensors, target_tensors
 from .spec import DrafterSpec, TargetSpec
@@ -101,6 +102,13 @@ def write_safetensors(directory: Path, entries: list[tuple[str, TensorEntry]], d
 def _default_std(hidden: int) -> float:
     """0.2 keeps toy models lively (gemma4.md §5); wide models get 1/sqrt(width) so activations stay finite."""
     return 0.2 if hidden <= 128 else 1.0 / math.sqrt(hidden)
+
+
+def check_synth_out(directory: Path) -> None:
+    """Refuse to replace an existing folder that is not a checkpoint (synth replaces its own output only)."""
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / "config.json").is_file():
+        raise EdgeMtpError(f"{directory} exists and is not a checkpoint folder; synth would replace it, so choose "
+                           "another --out.")
 
 
 def write_target(directory: Path, spec: TargetSpec, seed: int = 0, multimodal: bool = False,

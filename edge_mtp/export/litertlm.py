@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, k_name, v_name
 from ..errors import EdgeMtpError
+from .onnx_bundle import sha256_file
 
 MAGIC = b"LITERTLM"
 MODEL_TYPES = {TARGET: "PREFILL_DECODE", EMBEDDER: "EMBEDDER", PER_LAYER_EMBEDDER: "PER_LAYER_EMBEDDER",
@@ -17,6 +19,11 @@ MODEL_TYPES = {TARGET: "PREFILL_DECODE", EMBEDDER: "EMBEDDER", PER_LAYER_EMBEDDE
 SECTION_TYPES = {3: "tflite_model", 4: "sp_tokenizer", 5: "llm_metadata", 6: "hf_tokenizer", 7: "tflite_weights",
                  9: "executor_metadata"}
 MANIFEST_KEY = "edge_mtp_manifest"
+MANIFEST_FORMAT, MANIFEST_VERSION = "edge-mtp-litertlm", 1
+CONTAINER_MAJOR = 1  # the .litertlm major version LiteRT-LM 0.18 reads
+SECTIONS_KEY = "sections"  # manifest entry: type, model type, size and sha256 of every section, in file order
+MAX_SECTIONS, MAX_ITEMS = 256, 1024  # far above any real bundle; a header claiming more is corrupt
+MAX_TOKENIZER_BYTES = 1 << 30
 
 
 @dataclass
@@ -39,6 +46,7 @@ def _llm_metadata(meta: BundleMetadata, contract: Contract) -> bytes:
     md.llm_model_type.gemma4.SetInParent()
     if meta.chat_template:
         md.jinja_prompt_template = meta.chat_template
+    md.supports_thinking = md.supports_function_calling = False
     # No sampler_params: LiteRT-LM 0.18.1 rejects every sampler type it names at the first decode.
     return md.SerializeToString()
 
@@ -64,21 +72,34 @@ def _executor_metadata(contract: Contract) -> bytes:
 
 def write_litertlm(out: Path, models: dict[str, Path], contract: Contract, tokenizer_json: Path,
                    meta: BundleMetadata, manifest: dict[str, Any], workdir: Path) -> None:
-    """Assemble the bundle at `out` (the caller makes it atomic): metadata, tokenizer, the TFLite models."""
+    """Assemble the bundle at `out` (the caller makes it atomic): metadata, tokenizer, the TFLite models.
+
+    Every section is first written to a file holding its exact bytes in the bundle, so the manifest can record
+    each section's sha256 (verified by read_litertlm(verify=True)).
+    """
     from litert_lm_builder import litertlm_builder as lb
 
+    llm, executor = workdir / "llm_metadata.pb", workdir / "executor_metadata.pb"
+    llm.write_bytes(_llm_metadata(meta, contract))
+    executor.write_bytes(_executor_metadata(contract))
+    tokenizer = workdir / "tokenizer.json.zlib"  # the section's own encoding: 8-byte length, then zlib
+    text = Path(tokenizer_json).read_bytes()
+    tokenizer.write_bytes(len(text).to_bytes(8, "little") + zlib.compress(text))
+    order = [("llm_metadata", None, llm), ("hf_tokenizer", None, tokenizer)]
+    types = {name: getattr(lb.TfLiteModelType, MODEL_TYPES[name]) for name in models}
+    order += [("tflite_model", types[name].value, Path(path)) for name, path in models.items()]
+    order.append(("executor_metadata", None, executor))
+    sections = [{"type": kind, "model_type": model_type, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                for kind, model_type, path in order]
     builder = lb.LitertLmFileBuilder()
     builder.add_system_metadata(lb.Metadata(key="Authors", value="edge-mtp", dtype=lb.DType.STRING))
-    builder.add_system_metadata(lb.Metadata(key=MANIFEST_KEY, value=json.dumps(manifest, separators=(",", ":")),
-                                            dtype=lb.DType.STRING))
-    (workdir / "llm_metadata.pb").write_bytes(_llm_metadata(meta, contract))
-    (workdir / "executor_metadata.pb").write_bytes(_executor_metadata(contract))
-    builder.add_llm_metadata(str(workdir / "llm_metadata.pb"), supports_thinking=False,
-                             supports_function_calling=False)
-    builder.add_hf_tokenizer(str(tokenizer_json))
+    builder.add_system_metadata(lb.Metadata(key=MANIFEST_KEY, dtype=lb.DType.STRING, value=json.dumps(
+        {**manifest, SECTIONS_KEY: sections}, separators=(",", ":"))))
+    builder.add_llm_metadata(str(llm))
+    builder.add_hf_tokenizer(str(tokenizer))
     for name, path in models.items():
-        builder.add_tflite_model(str(path), getattr(lb.TfLiteModelType, MODEL_TYPES[name]))
-    builder.add_executor_metadata(str(workdir / "executor_metadata.pb"))
+        builder.add_tflite_model(str(path), types[name])
+    builder.add_executor_metadata(str(executor))
     with open(out, "wb") as f:
         builder.build(f, validate_metadata=True)
 
@@ -109,10 +130,15 @@ class LitertlmFile:
     version: tuple[int, int, int]
     system: dict[str, Any]
     sections: list[Section]
+    manifest: dict[str, Any] = field(default_factory=dict)  # edge-mtp's manifest ({} in foreign bundles)
 
     def model_section(self, model_type: str) -> Section | None:
         """The TFLite section of a model type such as 'tf_lite_mtp_drafter'."""
         return next((s for s in self.sections if s.model_type == model_type), None)
+
+    def section(self, data_type: str) -> Section | None:
+        """The first section of a data type such as 'hf_tokenizer'."""
+        return next((s for s in self.sections if s.data_type == data_type), None)
 
     def read(self, section: Section) -> bytes:
         """The raw bytes of a section."""
@@ -120,10 +146,43 @@ class LitertlmFile:
             f.seek(section.begin)
             return f.read(section.end - section.begin)
 
-    @property
-    def manifest(self) -> dict[str, Any]:
-        raw = self.system.get(MANIFEST_KEY)
-        return json.loads(raw) if raw else {}
+    def tokenizer_json(self) -> str:
+        """The Hugging Face tokenizer.json text stored (zlib-compressed, length-prefixed) in the bundle."""
+        section = self.section("hf_tokenizer")
+        if section is None:
+            raise EdgeMtpError(f"{self.path} has no Hugging Face tokenizer section; re-export it.")
+        raw = self.read(section)
+        size = int.from_bytes(raw[:8], "little")
+        try:
+            if len(raw) < 8 or size > MAX_TOKENIZER_BYTES:
+                raise ValueError
+            inflater = zlib.decompressobj()
+            text = inflater.decompress(raw[8:], size + 1)
+            if len(text) != size or not inflater.eof:
+                raise ValueError
+            return text.decode()
+        except (ValueError, zlib.error, UnicodeDecodeError):
+            raise EdgeMtpError(f"{self.path}: the tokenizer section is corrupt; re-copy or re-export the bundle.") \
+                from None
+
+    def verify(self) -> None:
+        """Check every section against the size and sha256 the manifest recorded at export (if it recorded them)."""
+        recorded = self.manifest.get(SECTIONS_KEY)
+        if recorded is None:  # written before edge-mtp recorded section hashes: nothing to check against
+            return
+        if not isinstance(recorded, list) or len(recorded) != len(self.sections):
+            raise EdgeMtpError(f"{self.path} has {len(self.sections)} sections but its manifest records "
+                               f"{len(recorded) if isinstance(recorded, list) else 'none'}; the bundle is corrupt, "
+                               "re-copy or re-export it.")
+        for i, (s, want) in enumerate(zip(self.sections, recorded)):
+            name = s.model_type or s.data_type
+            if not isinstance(want, dict) or (want.get("type"), want.get("model_type")) != (s.data_type, s.model_type):
+                raise EdgeMtpError(f"{self.path}: section {i} is {name} but the manifest records "
+                                   f"{want.get('model_type') or want.get('type') if isinstance(want, dict) else want!r}; "
+                                   "the bundle is corrupt, re-copy or re-export it.")
+            if want.get("bytes") != s.end - s.begin or want.get("sha256") != sha256_file(self.path, s.begin, s.end):
+                raise EdgeMtpError(f"{self.path}: the {name} section does not match the size and sha256 recorded at "
+                                   "export; the bundle is corrupted or truncated, re-copy or re-export it.")
 
 
 def _value(item) -> Any:
@@ -146,43 +205,80 @@ def _value(item) -> Any:
 
 def _items(obj) -> dict[str, Any]:
     out = {}
-    for j in range(obj.ItemsLength() if hasattr(obj, "ItemsLength") else obj.EntriesLength()):
+    count = obj.ItemsLength() if hasattr(obj, "ItemsLength") else obj.EntriesLength()
+    if count > MAX_ITEMS:
+        raise ValueError(f"{count} metadata items")
+    for j in range(count):
         item = obj.Items(j) if hasattr(obj, "Items") else obj.Entries(j)
         if item is not None and item.Key() is not None:
             out[item.Key().decode()] = _value(item)
     return out
 
 
-def read_litertlm(path: Path) -> LitertlmFile:
-    """Parse a bundle's header; a truncated or foreign file gets one clear error."""
+def _manifest(system: dict[str, Any], path: Path) -> dict[str, Any]:
+    """edge-mtp's manifest from the system metadata, after its format and version check ({} if absent)."""
+    raw = system.get(MANIFEST_KEY)
+    if raw is None:
+        return {}
+    try:
+        manifest = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise EdgeMtpError(f"{path} has a corrupt edge-mtp manifest; re-copy or re-export the bundle.")
+    version = manifest.get("format_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise EdgeMtpError(f"{path} has an invalid manifest format_version {version!r}; re-export the bundle.")
+    if version > MANIFEST_VERSION:
+        raise EdgeMtpError(f"{path} was written by a newer edge-mtp (manifest version {version}, this version reads "
+                           f"up to {MANIFEST_VERSION}); upgrade edge-mtp to run it.")
+    return manifest
+
+
+def read_litertlm(path: Path, verify: bool = False) -> LitertlmFile:
+    """Parse a bundle's header (and with `verify` check every section's sha256); bad files get one clear error."""
     from litert_lm_builder import litertlm_header_schema_py_generated as schema
 
     path = Path(path)
     if not path.is_file():
-        raise EdgeMtpError(f"Bundle {path} does not exist.")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(32)
-        if len(head) < 32 or head[:8] != MAGIC:
-            raise EdgeMtpError(f"{path} is not a .litertlm bundle (bad magic bytes); re-export it.")
-        version = struct.unpack("<III", head[8:20])
-        header_end = struct.unpack("<Q", head[24:32])[0]
-        if not 32 < header_end <= size:
-            raise EdgeMtpError(f"{path} is truncated or corrupt (header ends at byte {header_end} of {size}).")
-        data = f.read(header_end - 32)
+        raise EdgeMtpError(f"Bundle {path} does not exist." if not path.exists() else
+                           f"{path} is not a file; pass a .litertlm bundle.")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(32)
+            if len(head) < 32 or head[:8] != MAGIC:
+                raise EdgeMtpError(f"{path} is not a .litertlm bundle (bad magic bytes); re-export it.")
+            version = struct.unpack("<III", head[8:20])
+            header_end = struct.unpack("<Q", head[24:32])[0]
+            if not 32 < header_end <= size:
+                raise EdgeMtpError(f"{path} is truncated or corrupt (header ends at byte {header_end} of {size}).")
+            data = f.read(header_end - 32)
+    except OSError as e:
+        raise EdgeMtpError(f"Cannot read {path}: {e.strerror}.") from None
+    if version[0] != CONTAINER_MAJOR:
+        raise EdgeMtpError(f"{path} is a LiteRT-LM container of version {'.'.join(map(str, version))}; this edge-mtp "
+                           f"reads version {CONTAINER_MAJOR}.x (re-export the bundle, or upgrade edge-mtp).")
     try:
         root = schema.LiteRTLMMetaData.GetRootAs(data, 0)
         system = _items(root.SystemMetadata()) if root.SystemMetadata() is not None else {}
         sections_meta = root.SectionMetadata()
+        count = sections_meta.ObjectsLength()
+        if count > MAX_SECTIONS:
+            raise ValueError(f"{count} sections")
         sections = []
-        for i in range(sections_meta.ObjectsLength()):
+        for i in range(count):
             obj = sections_meta.Objects(i)
             sections.append(Section(SECTION_TYPES.get(obj.DataType(), str(obj.DataType())), obj.BeginOffset(),
                                     obj.EndOffset(), _items(obj)))
-    except Exception:
-        raise EdgeMtpError(f"{path} has a corrupt header; re-export the bundle.") from None
+    except Exception:  # the generated flatbuffer code raises anything from IndexError to UnicodeDecodeError
+        raise EdgeMtpError(f"{path} has a corrupt header; re-copy or re-export the bundle.") from None
     for s in sections:
-        if s.end > size or s.begin > s.end:
-            raise EdgeMtpError(f"{path} is truncated: section {s.model_type or s.data_type} ends at byte {s.end} "
-                               f"but the file has {size} bytes; re-export or re-copy it.")
-    return LitertlmFile(path, version, system, sections)
+        if s.end > size or s.begin > s.end or s.begin < header_end:
+            raise EdgeMtpError(f"{path} is truncated or corrupt: section {s.model_type or s.data_type} spans bytes "
+                               f"{s.begin}-{s.end} but the file has {size} bytes and its header ends at {header_end}; "
+                               "re-copy or re-export it.")
+    bundle = LitertlmFile(path, version, system, sections, _manifest(system, path))
+    if verify:
+        bundle.verify()
+    return bundle

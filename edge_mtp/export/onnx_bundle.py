@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import (DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, Signature, TensorSpec,
-                        contract_from_dict, kv_output_name)
+                        kv_output_name)
 from ..errors import EdgeMtpError
 from ..spec import spec_to_dict
+from .bundle_contract import checked_contract
 
 FORMAT = "edge-mtp-onnx"
 FORMAT_VERSION = 1
@@ -34,12 +35,15 @@ def model_file(model: str) -> str:
     return f"{model}.onnx"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
+def sha256_file(path: Path, begin: int = 0, end: int | None = None, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of bytes [begin, end) of a file (default: all of it), read in 4 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        f.seek(begin)
+        left = end - begin if end is not None else None
+        while (left is None or left > 0) and (block := f.read(chunk if left is None else min(chunk, left))):
             digest.update(block)
+            left = left - len(block) if left is not None else None
     return digest.hexdigest()
 
 
@@ -97,11 +101,10 @@ def build_manifest(contract: Contract, models: dict[str, dict[str, Any]], tokeni
 
 def contract_from_manifest(manifest: dict[str, Any], where: str) -> Contract:
     """The Contract a manifest describes; its recorded signatures must be exactly the ones the contract derives."""
-    try:
-        contract = contract_from_dict(manifest)
-    except (KeyError, TypeError, ValueError) as e:
-        raise EdgeMtpError(f"{where} is malformed ({type(e).__name__}: {e}); re-export the bundle.") from None
-    recorded = manifest.get("signatures", {})
+    contract = checked_contract(manifest, where)
+    recorded = manifest.get("signatures")
+    if not isinstance(recorded, dict):
+        raise EdgeMtpError(f"{where} records no signatures; re-export the bundle.")
     for name, (model, sig) in contract_signatures(contract).items():
         if recorded.get(name) != signature_entry(contract, model, sig):
             raise EdgeMtpError(f"{where}: signature '{name}' does not match the contract its specs define; "
@@ -120,8 +123,8 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict[str, Any]:
                            "`edge-mtp export --format onnx`.")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeMtpError(f"{path} is not valid JSON ({e}); re-export the bundle.") from None
+    except (ValueError, RecursionError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise EdgeMtpError(f"{path} is not readable JSON ({type(e).__name__}); re-export the bundle.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EdgeMtpError(f"{path} is not an edge-mtp ONNX manifest (format "
                            f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, expected '{FORMAT}').")
@@ -131,34 +134,68 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise EdgeMtpError(f"{root} was written by a newer edge-mtp (bundle format version {version}, this version "
                            f"reads up to {FORMAT_VERSION}); upgrade edge-mtp to run it.")
-    for rel, info in manifest.get("files", {}).items():
-        file = root / rel
-        if not file.is_file():
-            raise EdgeMtpError(f"{root} is incomplete: {rel}, listed in {MANIFEST}, is missing; copy the whole "
-                               "bundle folder again or re-export it.")
-        if file.stat().st_size != info["bytes"]:
-            raise EdgeMtpError(f"{file} has {file.stat().st_size} bytes but {MANIFEST} records {info['bytes']}; "
-                               "the file is truncated or was replaced, copy the bundle again or re-export it.")
-        if verify and sha256_file(file) != info["sha256"]:
-            raise EdgeMtpError(f"{file} does not match its sha256 in {MANIFEST}; the file is corrupted or was "
-                               "modified, copy the bundle again or re-export it.")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not isinstance(manifest.get("models", {}), dict):
+        raise EdgeMtpError(f"{path} lists no files; re-export the bundle.")
+    for rel, info in files.items():
+        file = bundle_file(root, rel, path)
+        if not isinstance(info, dict) or type(info.get("bytes")) is not int or not isinstance(info.get("sha256"), str):
+            raise EdgeMtpError(f"{path}: the entry of {rel} has no size and sha256; re-export the bundle.")
+        _check_file(root, rel, file, info, verify)
     for model in manifest.get("models", {}).values():
-        if model.get("file") not in manifest.get("files", {}):
-            raise EdgeMtpError(f"{path} names model file {model.get('file')!r} without listing it under 'files'; "
-                               "re-export the bundle.")
+        if not isinstance(model, dict) or not isinstance(model.get("file"), str) or model["file"] not in files:
+            raise EdgeMtpError(f"{path} names model file {model.get('file') if isinstance(model, dict) else model!r} "
+                               "without listing it under 'files'; re-export the bundle.")
     return manifest
+
+
+def _check_file(root: Path, rel: str, file: Path, info: dict[str, Any], verify: bool) -> None:
+    """One listed file: present, of the recorded size and (verify) sha256."""
+    try:
+        size = file.stat().st_size if file.is_file() else None
+    except OSError:
+        size = None
+    if size is None:
+        raise EdgeMtpError(f"{root} is incomplete: {rel}, listed in {MANIFEST}, is missing; copy the whole "
+                           "bundle folder again or re-export it.")
+    if size != info["bytes"]:
+        raise EdgeMtpError(f"{file} has {size} bytes but {MANIFEST} records {info['bytes']}; "
+                           "the file is truncated or was replaced, copy the bundle again or re-export it.")
+    if verify and sha256_file(file) != info["sha256"]:
+        raise EdgeMtpError(f"{file} does not match its sha256 in {MANIFEST}; the file is corrupted or was "
+                           "modified, copy the bundle again or re-export it.")
+
+
+def bundle_file(root: Path, rel: Any, manifest: Path) -> Path:
+    """The file a manifest names, which must be a relative path that stays inside the bundle folder."""
+    ok = isinstance(rel, str) and rel and "\x00" not in rel and not Path(rel).is_absolute()
+    if ok:
+        try:
+            ok = (root / rel).resolve().is_relative_to(root.resolve())
+        except (OSError, RuntimeError):
+            ok = False
+    if not ok:
+        raise EdgeMtpError(f"{manifest} names {rel!r}, which is not a file inside the bundle folder; the manifest is "
+                           "corrupt, re-export the bundle.")
+    return root / rel
 
 
 def tokenizer_info(root: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of runtime.api.Tokenizer: tokenizer_json text, bos, stop_tokens, chat_template."""
     root = Path(root)
-    tok = manifest.get("tokenizer") or {}
-    if not tok.get("file"):
+    where = root / MANIFEST
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict) or not tok.get("file"):
         raise EdgeMtpError(f"{root} has no tokenizer recorded in {MANIFEST}; re-export the bundle.")
-    template = tok.get("chat_template")
-    return {"tokenizer_json": (root / tok["file"]).read_text(), "bos": int(tok["bos"]),
-            "stop_tokens": [int(t) for t in tok["stop_tokens"]],
-            "chat_template": (root / template).read_text() if template else None}
+    bos, stops, template = tok.get("bos"), tok.get("stop_tokens"), tok.get("chat_template")
+    if type(bos) is not int or not isinstance(stops, list) or not all(type(t) is int for t in stops):
+        raise EdgeMtpError(f"{where}: the tokenizer's bos / stop_tokens are not token ids; re-export the bundle.")
+    try:
+        return {"tokenizer_json": bundle_file(root, tok["file"], where).read_text(), "bos": bos, "stop_tokens": stops,
+                "chat_template": bundle_file(root, template, where).read_text() if template else None}
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeMtpError(f"{root}: cannot read its tokenizer files ({e}); copy the bundle again or re-export "
+                           "it.") from None
 
 
 def is_onnx_bundle(path: str | Path) -> bool:
@@ -167,6 +204,7 @@ def is_onnx_bundle(path: str | Path) -> bool:
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        data = json.loads(manifest.read_text())
+    except (ValueError, OSError, RecursionError):
         return False
+    return isinstance(data, dict) and data.get("format") == FORMAT

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..contract import Contract
 from ..errors import EdgeMtpError
+from ..export.bundle_contract import checked_contract
+from ..export.litertlm import LitertlmFile, read_litertlm
+from ..export.onnx_bundle import tokenizer_info
 from .backends.base import Backend
 from .sampling import SamplingConfig
 from .speculative import SpeculativeDecoder, Stats
@@ -21,7 +23,12 @@ class Tokenizer:
     def __init__(self, tokenizer_json: str, bos: int, stop_tokens: Sequence[int], chat_template: str | None = None):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_str(tokenizer_json)
+        try:
+            self._tok = HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:  # tokenizers raises plain Exceptions for malformed JSON or models
+            raise EdgeMtpError(f"The bundle's tokenizer.json is not a valid Hugging Face tokenizer "
+                               f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); re-export the "
+                               "bundle.") from None
         self.bos, self.stop_tokens, self.chat_template = bos, list(stop_tokens), chat_template
 
     def encode(self, text: str) -> list[int]:
@@ -37,28 +44,53 @@ class Tokenizer:
         """The user message wrapped in the model's chat template (plain text when it has none)."""
         if not self.chat_template:
             return message
-        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        template = jinja2.Environment().from_string(self.chat_template)
-        text = template.render(messages=[{"role": "user", "content": message}], add_generation_prompt=True,
-                               bos_token="")
-        return text
+        try:  # the template comes from the bundle: render it sandboxed, so it can only format text
+            template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
+            return template.render(messages=[{"role": "user", "content": message}], add_generation_prompt=True,
+                                   bos_token="")
+        except Exception as e:  # syntax and security errors, and whatever the template's own expressions raise
+            raise EdgeMtpError(f"The bundle's chat template cannot be rendered ({e}); run without --chat or fix the "
+                               "template and re-export.") from None
 
 
-def _bundle_tokenizer(path: Path) -> Tokenizer:
+def bundle_tokenizer(bundle: LitertlmFile) -> Tokenizer:
+    """The tokenizer, start and stop tokens and chat template stored in a .litertlm bundle."""
+    from google.protobuf.message import DecodeError
     from litert_lm_builder.runtime.proto import llm_metadata_pb2
 
-    from ..export.litertlm import read_litertlm
-
-    bundle = read_litertlm(path)
-    raw = next((bundle.read(s) for s in bundle.sections if s.data_type == "hf_tokenizer"), None)
-    meta_raw = next((bundle.read(s) for s in bundle.sections if s.data_type == "llm_metadata"), None)
-    if raw is None or meta_raw is None:
-        raise EdgeMtpError(f"{path} has no Hugging Face tokenizer or LLM metadata section; re-export it.")
-    meta = llm_metadata_pb2.LlmMetadata.FromString(meta_raw)
+    section = bundle.section("llm_metadata")
+    if section is None:
+        raise EdgeMtpError(f"{bundle.path} has no LLM metadata section; re-export it.")
+    try:
+        meta = llm_metadata_pb2.LlmMetadata.FromString(bundle.read(section))
+        bos = meta.start_token.token_ids.ids[0]
+    except (DecodeError, IndexError):
+        raise EdgeMtpError(f"{bundle.path}: the LLM metadata section is corrupt or names no start token; re-export "
+                           "the bundle.") from None
     stops = [t.token_ids.ids[0] for t in meta.stop_tokens if t.token_ids.ids]
-    return Tokenizer(zlib.decompress(raw[8:]).decode(), meta.start_token.token_ids.ids[0], stops,
-                     meta.jinja_prompt_template or None)
+    return Tokenizer(bundle.tokenizer_json(), bos, stops, meta.jinja_prompt_template or None)
+
+
+def check_generation(max_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Refuse generation options outside their meaning (cheap; callers run it before loading any model)."""
+    if max_tokens < 1:
+        raise EdgeMtpError(f"Max tokens (--max-tokens) must be at least 1, not {max_tokens}.")
+    if not 0.0 <= temperature < float("inf"):
+        raise EdgeMtpError(f"Temperature must be 0 (greedy) or positive, not {temperature}.")
+    if top_k < 0:
+        raise EdgeMtpError(f"Top-k must be 0 (off) or a positive number of tokens, not {top_k}.")
+    if not 0.0 < top_p <= 1.0:
+        raise EdgeMtpError(f"Top-p must be in (0, 1], not {top_p}.")
+
+
+def check_prompt_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """Every prompt id must be a token of the model's vocabulary."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise EdgeMtpError(f"Prompt token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}); pass ids "
+                           "the bundle's tokenizer produces.")
 
 
 class Model:
@@ -77,8 +109,10 @@ class Model:
                  mtp: bool = True, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, chat: bool = False) -> Iterator[int]:
         """Yield generated token ids as they are accepted (greedy by default; exact speculative sampling otherwise)."""
+        check_generation(max_tokens, temperature, top_k, top_p)
         if isinstance(prompt, str):
             prompt = self.tokenizer.encode(self.tokenizer.chat(prompt) if chat else prompt)
+        check_prompt_ids(prompt, self.contract.target.vocab_size)
         self.last_stats = Stats()
         yield from self.decoder.generate(list(prompt), max_tokens=max_tokens, draft_len=draft_len,
                                          mtp=mtp and self.backend.has_drafter,
@@ -86,43 +120,47 @@ class Model:
                                          stop_tokens=self.tokenizer.stop_tokens, stats=self.last_stats)
 
 
-def _torch_backend(bundle: Path) -> Backend:
+def _torch_backend(bundle: LitertlmFile, contract: Contract) -> Backend:
     """Our PyTorch modules on the checkpoints the bundle was exported from, under the bundle's contract."""
-    from ..export.litertlm import read_litertlm
     from ..model.loading import load_drafter, load_target
-    from .backends.litert import contract_from_manifest
     from .backends.torch import TorchBackend
 
-    manifest = read_litertlm(bundle).manifest
-    contract = contract_from_manifest(manifest, str(bundle))
-    source = manifest.get("source") or {}
-    if not source.get("target") or not Path(source["target"]).is_dir():
-        raise EdgeMtpError(f"The checkpoints {bundle} was exported from are not on this machine; the torch backend "
-                           "needs them (use --backend litert).")
+    source = bundle.manifest.get("source") or {}
+    if not isinstance(source.get("target"), str) or not Path(source["target"]).is_dir():
+        raise EdgeMtpError(f"The checkpoints {bundle.path} was exported from are not on this machine; the torch "
+                           "backend needs them (use --backend litert).")
     models = load_target(source["target"])
     drafter = load_drafter(source["assistant"], models.spec) if source.get("assistant") else None
     return TorchBackend(models, drafter, contract)
 
 
-def load(path: str | Path, backend: str | None = None, accelerator: str = "cpu") -> Model:
-    """Open a .litertlm bundle (litert backend by default) for generation."""
+def load(path: str | Path, backend: str | None = None, accelerator: str = "cpu", verify: bool = True) -> Model:
+    """Open a .litertlm bundle or ONNX bundle folder for generation.
+
+    With `verify` (the default) every section or file is checked against the sha256 recorded at export before
+    any of it reaches a native runtime; pass False to skip the hashing on bundles you trust.
+    """
     path = Path(path)
     if backend not in (None, *BACKENDS):
         raise EdgeMtpError(f"Unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
     if path.suffix == ".litertlm":
         if backend == "onnx":
             raise EdgeMtpError(f"{path} is a LiteRT bundle; run it with --backend litert (or torch).")
+        bundle = read_litertlm(path, verify=verify)
+        contract = checked_contract(bundle.manifest, str(path))
+        tokenizer = bundle_tokenizer(bundle)
         if backend == "torch":
-            return Model(_torch_backend(path), _bundle_tokenizer(path))
+            return Model(_torch_backend(bundle, contract), tokenizer)
         from .backends.litert import LiteRTBackend
 
-        return Model(LiteRTBackend(path, accelerator), _bundle_tokenizer(path))
+        return Model(LiteRTBackend(path, accelerator), tokenizer)
     if path.is_dir():
         if backend not in (None, "onnx"):
             raise EdgeMtpError(f"{path} is an ONNX bundle folder; run it with --backend onnx.")
-        from ..export.onnx_bundle import tokenizer_info
         from .backends.onnx import OnnxBackend
 
-        onnx_backend = OnnxBackend(path, provider=accelerator)
+        onnx_backend = OnnxBackend(path, provider=accelerator, verify=verify)
         return Model(onnx_backend, Tokenizer(**tokenizer_info(path, onnx_backend.manifest)))
+    if not path.exists():
+        raise EdgeMtpError(f"Bundle {path} does not exist; pass a .litertlm file or an ONNX bundle folder.")
     raise EdgeMtpError(f"{path} is not a bundle edge-mtp can run (expected a .litertlm file or an ONNX bundle folder).")

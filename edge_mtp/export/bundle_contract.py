@@ -1,0 +1,43 @@
+"""The Contract a bundle manifest (.litertlm or ONNX) records, rebuilt with every value checked.
+
+Manifests are untrusted bytes: a wrong type, a missing key or an impossible size becomes one EdgeMtpError here,
+before any runtime allocates a cache or hands a model to native code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..contract import Contract, contract_from_dict
+from ..errors import EdgeMtpError
+from ..spec import check_pair
+
+MAX_CONTEXT = 1 << 20  # tokens; far beyond Gemma 4's 128k, below what would allocate absurd caches
+MAX_DRAFT_LEN = 64
+
+
+def checked_contract(manifest: dict[str, Any], where: str) -> Contract:
+    """The Contract of a manifest dictionary; anything malformed is reported naming `where`."""
+    if not isinstance(manifest, dict) or not manifest.get("target"):
+        raise EdgeMtpError(f"{where} has no edge-mtp manifest; only bundles written by edge-mtp export can be run here.")
+    for key, low, high in (("context", 2, MAX_CONTEXT), ("draft_len", 1, MAX_DRAFT_LEN)):
+        value = manifest.get(key)
+        if type(value) is not int or not low <= value <= high:
+            raise EdgeMtpError(f"{where}: {key} = {value!r} is not an integer in [{low}, {high}]; the manifest is "
+                               "corrupt, re-export the bundle.")
+    lengths = manifest.get("prefill_lengths")
+    if not (isinstance(lengths, list) and 1 <= len(lengths) <= 64
+            and all(type(n) is int and 1 <= n <= manifest["context"] for n in lengths)):
+        raise EdgeMtpError(f"{where}: prefill_lengths = {lengths!r} is not a list of token counts within the context; "
+                           "the manifest is corrupt, re-export the bundle.")
+    if manifest.get("kv_dtype", "float32") not in ("float32", "float16"):
+        raise EdgeMtpError(f"{where}: kv_dtype {manifest.get('kv_dtype')!r} is not supported; re-export the bundle.")
+    try:
+        contract = contract_from_dict(manifest)
+        if contract.drafter is not None:
+            check_pair(contract.target, contract.drafter)
+        return contract
+    except EdgeMtpError as e:
+        raise EdgeMtpError(f"{where}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise EdgeMtpError(f"{where} is malformed ({type(e).__name__}: {e}); re-export the bundle.") from None
