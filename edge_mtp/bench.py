@@ -8,6 +8,10 @@ model below predicts the loop's own end-to-end numbers:
 P(draft i accepted) is measured per position up to the exported draft length G and extrapolated beyond it with
 the fitted per-token acceptance a (P_i ≈ a^i); verify(γ) is measured for γ ≤ G (the verify signature pads to G+1)
 and extrapolated linearly in the token count beyond G, where using γ would need a re-export.
+
+`simulate` measures MTP at a chosen acceptance A when no trained drafter is at hand: a plain greedy pass records the
+target's own continuation, then the MTP pass runs every graph (the drafter included) but replaces each draft by the
+true next token with probability A, else by a token the verify must reject (SimulatedDrafter).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .contract import LOGITS
+from .errors import EdgeMtpError
 from .runtime.backends.base import Backend
 from .runtime.speculative import Stats, generate_tokens
 
@@ -37,6 +43,26 @@ class Run:
 
 
 @dataclass
+class Simulated:
+    """MTP at a simulated acceptance: real graphs, loop and verify; drafts replaced as SimulatedDrafter says."""
+
+    acceptance: float  # the probability each draft is the true next token
+    draft_len: int
+    plain_tokens_per_second: float
+    mtp_tokens_per_second: float
+    speedup: float
+    predicted_speedup: float  # the cost model at the per-position acceptance this run realised
+    ms_per_decode: float
+    ms_per_verify: float
+    ms_per_draft_step: float
+    measured_acceptance: float  # per-token acceptance as the verify decided it: accepted / judged_drafts
+    judged_drafts: int  # drafts the verify decided on: the accepted ones and the first rejected one of each round
+    rounds: int
+    mean_accepted_length: float
+    diverged_prompts: int  # prompts whose MTP output left the recorded plain continuation (a quantized near-tie)
+
+
+@dataclass
 class BenchResult:
     """Measured costs, acceptance, the fitted model's predictions, and the recommendation."""
 
@@ -52,18 +78,20 @@ class BenchResult:
     best_draft_len: int | None
     recommendation: str
     notes: list[str] = field(default_factory=list)
+    simulated: Simulated | None = None
 
     def to_dict(self) -> dict:
         """JSON form."""
         return asdict(self)
 
 
-def _run(backend: Backend, prompts: Sequence[Sequence[int]], max_tokens: int, draft_len: int) -> Run:
-    stats: list[Stats] = []
-    for prompt in prompts:
-        _, s = generate_tokens(backend, list(prompt), max_tokens=max_tokens, mtp=draft_len > 0,
-                               draft_len=draft_len or None)
-        stats.append(s)
+def _measure(backend: Backend, prompts: Sequence[Sequence[int]], max_tokens: int, draft_len: int) -> Run:
+    return _summarize([generate_tokens(backend, list(p), max_tokens=max_tokens, mtp=draft_len > 0,
+                                       draft_len=draft_len or None)[1] for p in prompts], draft_len)
+
+
+def _summarize(stats: Sequence[Stats], draft_len: int) -> Run:
+    """One Run from the statistics of several generations (costs as the loop paid them)."""
     decode_time = sum(s.total_ms - s.time_to_first_token_ms for s in stats)
     tokens = sum(s.generated - 1 for s in stats)
     rounds = [k for s in stats for k in s.accepted_per_round]
@@ -91,21 +119,25 @@ def expected_tokens(per_position: Sequence[float], a: float, gamma: int) -> floa
 
 
 def predict(per_position: Sequence[float], a: float, verify_cost: dict[int, float], draft_cost: float) -> dict[int, float]:
-    """speed-up(γ) over plain decoding for γ = 1..MAX_GAMMA."""
-    return {g: expected_tokens(per_position, a, g) / (g * draft_cost + verify_cost[g]) for g in range(1, MAX_GAMMA + 1)}
+    """speed-up(γ) over plain decoding for every γ in verify_cost (costs relative to one decode step)."""
+    return {g: expected_tokens(per_position, a, g) / (g * draft_cost + cost) for g, cost in verify_cost.items()}
 
 
-def bench(backend: Backend, prompts: Sequence[Sequence[int]], max_tokens: int = 48) -> BenchResult:
-    """Measure plain decoding and MTP at every available draft length, fit the model, recommend."""
+def bench(backend: Backend, prompts: Sequence[Sequence[int]], max_tokens: int = 48,
+          simulate_acceptance: float | None = None) -> BenchResult:
+    """Measure plain decoding and MTP at every available draft length, fit the model, recommend; optionally also
+    MTP at a simulated acceptance (see `simulate`)."""
     g_max = backend.contract.draft_len if backend.has_drafter else 0
-    _run(backend, prompts[:1], min(max_tokens, 8), g_max)  # warm-up: first calls pay for lazy initialisation
-    baseline = _run(backend, prompts, max_tokens, 0)
+    if simulate_acceptance is not None and not g_max:
+        raise EdgeMtpError("A simulated acceptance needs a bundle with a drafter (its cost is part of the measure).")
+    _measure(backend, prompts[:1], min(max_tokens, 8), g_max)  # warm-up: first calls pay for lazy initialisation
+    baseline = _measure(backend, prompts, max_tokens, 0)
     decode = baseline.ms_per_decode
     notes: list[str] = []
     if not g_max:
         return BenchResult(backend.name, 0, baseline, [], 0.0, {}, 0.0, {}, {}, None,
                            "This bundle has no drafter: export it with an assistant to use MTP.", notes)
-    runs = [_run(backend, prompts, max_tokens, g) for g in range(1, g_max + 1)]
+    runs = [_measure(backend, prompts, max_tokens, g) for g in range(1, g_max + 1)]
     full = runs[-1]
     a = fit_acceptance(full.per_position_acceptance)
     verify_at_g = float(np.mean([r.ms_per_verify for r in runs])) / decode  # every γ ≤ G pays the padded verify
@@ -127,8 +159,81 @@ def bench(backend: Backend, prompts: Sequence[Sequence[int]], max_tokens: int = 
             text += (f" (the model predicts {predicted[beyond]:.2f}x at draft length {beyond}: "
                      f"re-export with --draft-len {beyond} to try it)")
     notes.append(f"verify cost beyond G={g_max} is extrapolated linearly in the token count")
+    simulated = None if simulate_acceptance is None else simulate(backend, prompts, [simulate_acceptance], max_tokens)[0]
     return BenchResult(backend.name, g_max, baseline, runs, a, verify_cost, draft_cost, predicted, measured, best_len,
-                       text, notes)
+                       text, notes, simulated)
+
+
+class SimulatedDrafter(Backend):
+    """Runs every graph of `inner` for its real cost, but makes each draft the true next token (read from `truth`,
+    the whole sequence by position) with probability `acceptance`, else a token the verify must reject."""
+
+    def __init__(self, inner: Backend, acceptance: float, seed: int = 0):
+        if not 0.0 <= acceptance <= 1.0:
+            raise EdgeMtpError(f"A simulated acceptance is a probability in [0, 1], not {acceptance}.")
+        self.inner, self.contract, self.name = inner, inner.contract, inner.name
+        self.acceptance, self.rng = acceptance, np.random.default_rng(seed)
+        self.truth: Sequence[int] = ()
+        self._step = 0  # draft steps since the last target call, i.e. within this round
+        self._logits: np.ndarray | None = None  # one-hot logits, rewritten in place
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def embed(self, token: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.inner.embed(token)
+
+    def run_target(self, signature, embeddings, per_layer_embeddings, input_pos, mask):
+        self._step = 0
+        return self.inner.run_target(signature, embeddings, per_layer_embeddings, input_pos, mask)
+
+    def run_drafter(self, activations, input_pos, mask):
+        out = self.inner.run_drafter(activations, input_pos, mask)
+        position = int(input_pos[0]) + 2 + self._step  # input_pos = N-1; draft i (from 0) is the token at N+1+i
+        self._step += 1
+        if position >= len(self.truth):
+            raise EdgeMtpError(f"No recorded continuation at position {position}: record a longer plain pass.")
+        true = self.truth[position]
+        if self._logits is None:
+            self._logits = np.zeros_like(out[LOGITS])
+        self._logits.fill(0.0)
+        token = true if self.rng.random() < self.acceptance else (true + 1) % self._logits.shape[-1]
+        self._logits[0, -1, token] = 1.0
+        out[LOGITS] = self._logits
+        return out
+
+
+def simulate(backend: Backend, prompts: Sequence[Sequence[int]], acceptances: Sequence[float], max_tokens: int = 48,
+             seed: int = 0) -> list[Simulated]:
+    """Per prompt, a plain greedy pass then an MTP pass at each simulated acceptance (interleaved); costs, measured
+    and predicted speed-ups. The plain pass records G tokens more than the MTP pass may need."""
+    g = backend.contract.draft_len
+    sims = [SimulatedDrafter(backend, a, seed + i) for i, a in enumerate(acceptances)]  # independent draws
+    _measure(backend, prompts[:1], min(max_tokens, 8), 0)  # warm-up
+    plain: list[Stats] = []
+    mtp: list[list[Stats]] = [[] for _ in sims]
+    diverged = [0] * len(sims)
+    for prompt in prompts:
+        tokens, stats = generate_tokens(backend, list(prompt), max_tokens=max_tokens + g, mtp=False)
+        plain.append(stats)
+        for i, sim in enumerate(sims):
+            sim.truth = list(prompt) + tokens
+            out, stats = generate_tokens(sim, list(prompt), max_tokens=max_tokens, draft_len=g)
+            mtp[i].append(stats)
+            diverged[i] += out != tokens[:len(out)]
+    base = _summarize(plain, 0)
+    results = []
+    for a, stats, div in zip(acceptances, mtp, diverged):
+        run = _summarize(stats, g)
+        verify_cost, draft_cost = run.ms_per_verify / base.ms_per_decode, run.ms_per_draft_step / base.ms_per_decode
+        predicted = predict(run.per_position_acceptance, a, {g: verify_cost}, draft_cost)[g]
+        accepted, rejections = sum(s.accepted for s in stats), sum(s.rejected_rounds for s in stats)
+        results.append(Simulated(a, g, base.tokens_per_second, run.tokens_per_second,
+                                 run.tokens_per_second / base.tokens_per_second, predicted, base.ms_per_decode,
+                                 run.ms_per_verify, run.ms_per_draft_step,
+                                 accepted / (accepted + rejections) if accepted + rejections else 0.0,
+                                 accepted + rejections, sum(s.verifies for s in stats), run.mean_accepted_length, div))
+    return results
 
 
 def plot(result: BenchResult, path: str) -> None:

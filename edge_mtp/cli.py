@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from .errors import EdgeMtpError
+from .quiet import native_output_captured, verbose_requested
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -17,19 +20,65 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _check_output(path: Path, folder: bool, option: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be written (nothing is created here)."""
+    if folder and path.exists() and not path.is_dir():
+        raise EdgeMtpError(f"{option} {path} is a file; name a folder (new or empty) instead.")
+    if not folder and path.is_dir():
+        raise EdgeMtpError(f"{option} {path} is an existing folder; name a file inside it instead.")
+    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not parent.is_dir():
+        raise EdgeMtpError(f"{option} {path} cannot be created: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgeMtpError(f"{option} {path} cannot be created: {parent} is not writable; choose another location.")
+
+
+def _read_prompts(path: Path | None) -> list[str] | None:
+    """The non-empty lines of a --prompts file (None without one)."""
+    if path is None:
+        return None
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeMtpError(f"--prompts {path} cannot be read as UTF-8 text ({type(e).__name__}); pass a text file "
+                           "with one prompt per line.") from None
+    if not lines:
+        raise EdgeMtpError(f"--prompts {path} holds no prompt; write one prompt per line.")
+    return lines
+
+
 class _Group(click.Group):
-    """Turns EdgeMtpError into one line on stderr and exit 2 (bad input), never a traceback."""
+    """Keeps native-library chatter off the terminal (unless --verbose) and turns EdgeMtpError, and click's own
+    usage errors, into one `error:` line on stderr and exit 2, never a traceback; that line is always the last one."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            _fail(e.format_message() + (f" (see '{e.ctx.command_path} --help')" if e.ctx else ""), e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            _fail("aborted.", 1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except EdgeMtpError as e:
-            _fail(str(e))
+        with native_output_captured(ctx.params.get("verbose") or verbose_requested()):
+            try:
+                return super().invoke(ctx)
+            except EdgeMtpError as e:
+                message = str(e)
+            gc.collect()  # native objects the failed command held say goodbye now, while their output is captured
+        _fail(message)
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="edge-mtp")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Show the native libraries' own log lines (also: EDGE_MTP_VERBOSE=1).")
+def main(verbose: bool) -> None:
     """Gemma 4 + MTP assistant -> phone-ready LiteRT-LM / ONNX bundles, validated and benchmarked."""
 
 
@@ -39,16 +88,20 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default=None, help="Default: the preset's.")
 @click.option("--multimodal-layout", is_flag=True, help="Target in the gemma4 wrapper layout (model.language_model.*).")
-@click.option("--shard-size", default=2048, show_default=True, help="MiB per safetensors shard.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="MiB per safetensors shard.")
 def synth(preset: str, out: Path, seed: int, dtype: str | None, multimodal_layout: bool, shard_size: int) -> None:
     """Write a random-weight target and its assistant in the exact Hugging Face layout."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
     from .layout import drafter_tensors, target_tensors
     from .spec import preset_pair, with_dtype
-    from .synth import total_bytes, write_drafter, write_target
+    from .synth import check_synth_out, total_bytes, write_drafter, write_target
 
     target, drafter = preset_pair(preset)
+    _check_output(out, folder=True)
+    for sub in ("target", "assistant"):
+        check_synth_out(out / sub)
     if dtype:
         name = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
         target, drafter = with_dtype(target, name), with_dtype(drafter, name)
@@ -114,9 +167,12 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
     from rich.console import Console
 
     from .export.pipeline import export_litert
+    from .export.quantize import check_recipe
 
     if out is None:
         out = Path("model.litertlm" if fmt == "litert" else "model-onnx")
+    _check_export_options(out, fmt, draft_len, context, prefill, quant)
+    check_recipe(quant)
     if target_dir is None:
         target_dir, demo_assistant = default_pair()
         assistant_dir = assistant_dir or demo_assistant
@@ -124,17 +180,19 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         assistant_dir = None
     elif assistant_dir is None:
         raise EdgeMtpError("--assistant is required with --target (or pass --no-assistant to export without MTP).")
-    console = Console(stderr=True)
-    with console.status("exporting") as status:
-        stage = lambda s: (status.update(s), console.log(s))  # noqa: E731
-        if fmt == "onnx":
-            from .export.onnx import export_onnx
+    if fmt == "onnx":
+        from .export.onnx import export_onnx
 
+        console = Console(stderr=True)
+        with console.status("exporting") as status:
+            stage = lambda s: (status.update(s), console.log(s))  # noqa: E731
             summary = export_onnx(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
                                   prefill=_parse_lengths(prefill), quant=quant, on_stage=stage)
-        else:
+    else:
+        with export_progress() as (stage, progress):
             summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
-                                    prefill=_parse_lengths(prefill), quant=quant, on_stage=stage)
+                                    prefill=_parse_lengths(prefill), quant=quant, on_stage=stage,
+                                    on_progress=progress)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -143,17 +201,51 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
     for section in summary.sections:
         click.echo(f"  {section['type']:<18} {section['model_type'] or '':<28} {section['bytes']:>12,} bytes")
     for model, sigs in summary.signatures.items():
-        worst = max((row["relative"] for sig in summary.checks.get(model, {}).values() for row in sig.values()),
-                    default=0.0)
-        click.echo(f"  {model:<20} {', '.join(sigs):<45} max rel. error vs PyTorch {worst:.1e}")
+        click.echo(f"  {model:<20} {', '.join(sigs)}")
+    worst = max(summary.checks.values(), default=0.0)
+    click.echo(f"  every converted piece vs PyTorch: max rel. error {worst:.1e}")
     if summary.quantization:
         q = summary.quantization
-        acc = (f", drafter acceptance {q['drafter_acceptance_fp32']:.2f} (fp32) -> {q['drafter_acceptance_quantized']:.2f}"
-               if q["drafter_acceptance_fp32"] is not None else "")
-        click.echo(f"  quantization {quant}: logit rel. error {q['logit_relative_error']:.3g}, top-1 agreement "
-                   f"{q['top1_agreement']:.3f}{acc}")
-        for model, row in q["components"].items():
-            click.echo(f"    {model:<20} {row['recipe']:<10} {row['fp32_bytes']:>12,} -> {row['bytes']:>12,} bytes")
+        line = (f"  bundle vs {q.get('reference', 'fp32')} ({quant}): logit rel. error {q['logit_relative_error']:.3g}, "
+                f"top-1 agreement {q['top1_agreement']:.3f}")
+        if q.get("drafter_top1_agreement") is not None:
+            line += f", drafter top-1 agreement {q['drafter_top1_agreement']:.3f}"
+        click.echo(line)
+
+
+def _check_export_options(out: Path, fmt: str, draft_len: int, context: int, prefill: str, quant: str) -> None:
+    """export's option checks that need no model (run before anything is loaded or converted)."""
+    if draft_len < 1:
+        raise EdgeMtpError(f"--draft-len must be at least 1, not {draft_len}.")
+    lengths = _parse_lengths(prefill)
+    if context < max(lengths) or context < draft_len + 2:
+        raise EdgeMtpError(f"--context {context} is smaller than the longest prefill ({max(lengths)}) or the verify "
+                           f"window ({draft_len + 1} tokens plus one); raise --context.")
+    if fmt == "litert" and out.suffix != ".litertlm":
+        raise EdgeMtpError(f"--out {out} should end in .litertlm (or pass --format onnx for a bundle folder).")
+    _check_output(out, folder=fmt == "onnx")
+
+
+@contextmanager
+def export_progress():
+    """(on_stage, on_progress) callbacks drawing one progress bar with an ETA over the export's pieces on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("exporting", total=None)
+
+        def stage(text: str) -> None:
+            bar.update(task, description=text)
+            console.log(text)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield stage, progress
 
 
 def default_bundle() -> Path:
@@ -178,7 +270,7 @@ def default_bundle() -> Path:
 @click.option("--prompt", default="Once upon a time", show_default=True)
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids instead of --prompt.")
 @click.option("--max-tokens", default=64, show_default=True)
-@click.option("--draft-len", type=int, default=None, help="Default: the bundle's.")
+@click.option("--draft-len", type=click.IntRange(min=1), default=None, help="Default: the bundle's.")
 @click.option("--no-mtp", is_flag=True, help="Plain decoding (no drafter).")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True)
@@ -186,19 +278,23 @@ def default_bundle() -> Path:
 @click.option("--seed", type=int, default=None)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
+@click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its recorded sha256 (faster start).")
 def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str, prompt_ids: str | None,
         max_tokens: int, draft_len: int | None, no_mtp: bool, temperature: float, top_k: int, top_p: float,
-        seed: int | None, chat: bool, as_json: bool) -> None:
+        seed: int | None, chat: bool, as_json: bool, no_verify: bool) -> None:
     """Generate with the on-device draft/verify loop; streams text, then prints the acceptance statistics."""
-    from .runtime.api import load
+    from .runtime.api import check_generation, load
 
-    model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator)
+    check_generation(max_tokens, temperature, top_k, top_p)
     source: str | list[int] = prompt
-    if prompt_ids:
+    if prompt_ids is not None:
         try:
             source = [int(x) for x in prompt_ids.split(",")]
         except ValueError:
             raise EdgeMtpError(f"--prompt-ids takes comma-separated integers, not '{prompt_ids}'.") from None
+        if min(source) < 0:
+            raise EdgeMtpError(f"--prompt-ids holds the negative id {min(source)}; token ids start at 0.")
+    model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator, verify=not no_verify)
     tokens: list[int] = []
     shown = ""
     for token in model.generate(source, max_tokens=max_tokens, draft_len=draft_len, mtp=not no_mtp,
@@ -209,6 +305,8 @@ def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str,
             click.echo(text[len(shown):], nl=False)
             shown = text
     stats = model.last_stats.to_dict()
+    if getattr(model.backend, "delegation", None):  # --accelerator gpu: [ops on the GPU, all ops] per signature
+        stats["gpu_delegated_ops"] = model.backend.delegation
     if as_json:
         click.echo(json.dumps({"tokens": tokens, "text": model.tokenizer.decode(tokens), "stats": stats}))
         return
@@ -223,10 +321,13 @@ def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str,
 @click.option("--target", "target_dir", help="Original target checkpoint (default: the one recorded at export).")
 @click.option("--assistant", "assistant_dir", help="Original assistant checkpoint (default: recorded at export).")
 @click.option("--prompts", type=click.Path(exists=True, path_type=Path), help="Text file, one prompt per line.")
-@click.option("--max-tokens", default=24, show_default=True, help="Greedy tokens generated per prompt.")
-@click.option("--max-rel-error", type=float, default=None, help="Default 1e-3 (raise it for quantized bundles).")
-@click.option("--min-top1", type=float, default=None, help="Default 0.99.")
-@click.option("--min-acceptance-ratio", type=float, default=None, help="Default 0.8 of the PyTorch drafter's.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Greedy tokens generated per prompt.")
+@click.option("--max-rel-error", type=click.FloatRange(min=0), default=None,
+              help="Default 1e-3 (raise it for quantized bundles).")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Default 0.99.")
+@click.option("--min-acceptance-ratio", type=click.FloatRange(min=0), default=None,
+              help="Default 0.8 of the PyTorch drafter's.")
 @click.option("--no-litert-lm", is_flag=True, help="Skip running Google's LiteRT-LM runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write a markdown report.")
@@ -247,7 +348,9 @@ def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, pr
                         ("min_acceptance_ratio", min_acceptance_ratio)):
         if value is not None:
             limits = replace(limits, **{name: value})
-    texts = [ln for ln in prompts.read_text().splitlines() if ln.strip()] if prompts else None
+    texts = _read_prompts(prompts)
+    if report_path is not None:
+        _check_output(report_path, folder=False, option="--report")
     console = Console(stderr=True)
     with console.status("validating") as status:
         report = run_validation(bundle, target_dir, assistant_dir, texts, max_tokens, limits,
@@ -272,20 +375,25 @@ def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, pr
 @click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None)
 @click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu"]), default="cpu", show_default=True)
 @click.option("--prompts", type=click.Path(exists=True, path_type=Path), help="Text file, one prompt per line.")
-@click.option("--max-tokens", default=48, show_default=True, help="Tokens generated per prompt and configuration.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Tokens generated per prompt and configuration.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write acceptance / speed-up plots (PNG).")
+@click.option("--simulate-acceptance", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Also run MTP with each draft replaced by the true next token with this probability (all graphs run).")
 def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: Path | None, max_tokens: int,
-          as_json: bool, plot_path: Path | None) -> None:
+          as_json: bool, plot_path: Path | None, simulate_acceptance: float | None) -> None:
     """Measure decode, verify and draft costs and acceptance; predict and measure speed-up; recommend a draft length."""
     from .bench import bench as run_bench
     from .bench import plot
     from .runtime.api import load
     from .validate import DEFAULT_PROMPTS
 
+    texts = _read_prompts(prompts) or DEFAULT_PROMPTS
+    if plot_path is not None:
+        _check_output(plot_path, folder=False, option="--plot")
     model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator)
-    texts = [ln for ln in prompts.read_text().splitlines() if ln.strip()] if prompts else DEFAULT_PROMPTS
-    result = run_bench(model.backend, [model.tokenizer.encode(t) for t in texts], max_tokens)
+    result = run_bench(model.backend, [model.tokenizer.encode(t) for t in texts], max_tokens, simulate_acceptance)
     if plot_path:
         plot(result, str(plot_path))
     if as_json:
@@ -302,6 +410,18 @@ def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: P
             click.echo(f"{g:2d}   {result.verify_cost[g]:13.2f}   {predicted:8.2f}x   "
                        + (f"{measured:7.2f}x" if measured is not None else "  (needs re-export)"))
     click.echo(result.recommendation)
+    sim = result.simulated
+    if sim:
+        click.echo(f"SIMULATED acceptance {sim.acceptance:.2f} (not the drafter's own: each draft replaced by the true "
+                   f"next token with this probability; every graph still runs), draft length {sim.draft_len}:")
+        click.echo(f"  plain {sim.plain_tokens_per_second:.1f} tok/s, MTP {sim.mtp_tokens_per_second:.1f} tok/s: "
+                   f"{sim.speedup:.2f}x measured, {sim.predicted_speedup:.2f}x predicted; realised acceptance "
+                   f"{sim.measured_acceptance:.2f}, {sim.mean_accepted_length:.2f} tokens per verify")
+        click.echo(f"  ms per decode {sim.ms_per_decode:.2f}, per verify {sim.ms_per_verify:.2f}, "
+                   f"per draft step {sim.ms_per_draft_step:.2f}")
+        if sim.diverged_prompts:
+            click.echo(f"  {sim.diverged_prompts} prompt(s) left the recorded plain continuation (a near-tie between "
+                       "verify and decode kernels), which lowers the realised acceptance")
 
 
 @main.command()
@@ -309,11 +429,12 @@ def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: P
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Assistant checkpoint to write.")
 @click.option("--data", multiple=True, type=click.Path(exists=True), help="Text files to draw prompts from.")
 @click.option("--prompts", type=click.Path(exists=True), help="File of prompts, one per line.")
-@click.option("--steps", default=200, show_default=True)
-@click.option("--draft-len", default=3, show_default=True, help="Draft steps unrolled in training.")
-@click.option("--lr", default=3e-3, show_default=True)
-@click.option("--batch", default=8, show_default=True)
-@click.option("--seq-len", default=64, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--draft-len", type=click.IntRange(1, 16), default=3, show_default=True,
+              help="Draft steps unrolled in training.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/distill_state.pt.")
 @click.option("--init", "init_from", help="Start from an existing assistant (e.g. Google's, for a fine-tuned target).")
@@ -325,6 +446,7 @@ def distill(target_dir: str, out_dir: Path, data: tuple[str, ...], prompts: str 
 
     from .distill import distill as run_distill
 
+    _check_output(out_dir, folder=True)
     with Progress(TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]:.3f}  acceptance {task.fields[acc]:.2f}"),
                   TimeRemainingColumn(), transient=True) as bar:
@@ -350,6 +472,7 @@ def distill(target_dir: str, out_dir: Path, data: tuple[str, ...], prompts: str 
 @click.option("--quant", required=True, help="fp16, int8, int4[-b64|-b128] or mixed.")
 def quantize(bundle: Path, out: Path, quant: str) -> None:
     """Quantize a finished fp32 ONNX bundle folder into a new folder (no re-export), with its quantization report."""
+    _check_output(out, folder=True)
     from .export.onnx import quantize_onnx_bundle
 
     q = quantize_onnx_bundle(bundle, out, quant)["quantization_report"]
@@ -359,12 +482,20 @@ def quantize(bundle: Path, out: Path, quant: str) -> None:
 @main.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(path: str, as_json: bool) -> None:
+@click.option("--gpu-check", is_flag=True, help="A .litertlm: list the ops LiteRT's GPU delegate would refuse, per signature.")
+@click.option("--no-verify", is_flag=True, help="Skip checking a bundle's sections against their recorded sha256.")
+def inspect(path: str, as_json: bool, gpu_check: bool, no_verify: bool) -> None:
     """Describe a checkpoint directory (geometry, parameters, KV sharing) or a .litertlm bundle."""
     from .inspect_checkpoint import describe_bundle, describe_checkpoint
 
+    if gpu_check:
+        from .gpu_check import check_bundle, describe, report_dict
+
+        reports = check_bundle(Path(path))
+        click.echo(json.dumps(report_dict(reports), indent=2) if as_json else describe(reports))
+        return
     if path.endswith(".litertlm"):
-        info = describe_bundle(Path(path))
+        info = describe_bundle(Path(path), verify=not no_verify)
         if as_json:
             click.echo(json.dumps(info, indent=2))
             return

@@ -8,7 +8,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from edge_mtp.bench import bench, expected_tokens, fit_acceptance, plot
+from edge_mtp.bench import bench, expected_tokens, fit_acceptance, plot, simulate
 from edge_mtp.cli import main
 from edge_mtp.runtime.backends.base import Backend
 
@@ -88,3 +88,50 @@ def test_on_the_demo_bundle_the_model_predicts_its_own_measured_speedup(demo_bun
     assert result.mtp[-1].per_position_acceptance[0] > 0.5  # the trained drafter really agrees
     measured, predicted = result.measured_speedup[g], result.predicted_speedup[g]
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+
+
+def test_simulated_acceptance_is_the_chosen_probability():
+    """Scripted pair (a perfect drafter): over ~1500 tokens the verify accepts each draft with probability A.
+
+    The realised acceptance over n Bernoulli trials has standard deviation sqrt(A(1-A)/n), and P(draft i accepted)
+    = A^i over R rounds has sqrt(p(1-p)/R); a correct simulation stays within 4 of them (failure odds < 1e-4),
+    a drafter consulted one position off would accept almost nothing.
+    """
+    backend = ScriptedBackend(context=4096, draft_len=3)
+    a = 0.6
+    sim, = simulate(backend, [[5, 9, 2, 11, 7]], [a], max_tokens=1500, seed=1)
+    assert sim.diverged_prompts == 0 and sim.draft_len == 3
+    assert sim.judged_drafts > 500
+    assert abs(sim.measured_acceptance - a) <= 4 * (a * (1 - a) / sim.judged_drafts) ** 0.5, sim
+    expected = 1 + a + a ** 2 + a ** 3
+    sd = sum((a ** i * (1 - a ** i) / sim.rounds) ** 0.5 for i in (1, 2, 3))  # sd of a sum <= the sum of the sds
+    assert abs(sim.mean_accepted_length - expected) <= 4 * sd, (sim.mean_accepted_length, expected)
+
+
+def test_simulated_acceptance_on_the_demo_pair(demo_bundle, tmp_path):
+    """A = 1: every draft accepted (G+1 tokens per verify); A = 0: none (1); 0.6 within 4 standard deviations."""
+    import edge_mtp
+    from edge_mtp.prompts import DEFAULT_PROMPTS
+
+    model = edge_mtp.load(demo_bundle)
+    g = model.contract.draft_len
+    prompts = [model.tokenizer.encode(p) for p in DEFAULT_PROMPTS]
+    one, zero, mid = simulate(model.backend, prompts, [1.0, 0.0, 0.6], max_tokens=48)
+    assert one.diverged_prompts == zero.diverged_prompts == mid.diverged_prompts == 0
+    assert one.mean_accepted_length == g + 1 and one.measured_acceptance == 1.0
+    assert zero.mean_accepted_length == 1.0 and zero.measured_acceptance == 0.0
+    assert one.speedup > zero.speedup and one.ms_per_verify > 0 and one.ms_per_draft_step > 0
+    assert abs(mid.measured_acceptance - 0.6) <= 4 * (0.6 * 0.4 / mid.judged_drafts) ** 0.5, mid
+
+    prompts_file = tmp_path / "p.txt"
+    prompts_file.write_text("The file\n")
+    out = CliRunner().invoke(main, ["bench", str(demo_bundle), "--prompts", str(prompts_file), "--max-tokens", "12",
+                                    "--simulate-acceptance", "1", "--json"])
+    assert out.exit_code == 0, out.output[-1000:]
+    data = json.loads(out.output[out.output.index("{"):])["simulated"]
+    assert data["acceptance"] == 1.0 and data["draft_len"] == g and data["mean_accepted_length"] == g + 1
+    assert {"plain_tokens_per_second", "mtp_tokens_per_second", "speedup", "predicted_speedup", "ms_per_decode",
+            "ms_per_verify", "ms_per_draft_step"} <= set(data)
+    text = CliRunner().invoke(main, ["bench", str(demo_bundle), "--prompts", str(prompts_file), "--max-tokens", "8",
+                                     "--simulate-acceptance", "0.5"]).output
+    assert "SIMULATED acceptance 0.50" in text

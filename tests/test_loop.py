@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from edge_mtp.contract import causal_mask, drafter_mask
 from edge_mtp.errors import EdgeMtpError
 from edge_mtp.runtime.speculative import SpeculativeDecoder, Stats, generate_tokens
 
@@ -91,3 +93,44 @@ def test_prompt_filling_the_context_yields_one_token():
     prompt = list(range(1, 17))
     tokens, _ = generate_tokens(backend, prompt, max_tokens=5)
     assert tokens == plain_reference(prompt, 1)
+
+
+class Recording(ScriptedBackend):
+    """Counts embedder calls and keeps, per target/drafter call, the input arrays and a copy of their values."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embeds, self.target_inputs, self.drafter_inputs = 0, [], []
+
+    def embed(self, token):
+        self.embeds += 1
+        return super().embed(token)
+
+    def run_target(self, signature, embeddings, per_layer_embeddings, input_pos, mask):
+        self.target_inputs.append((signature, embeddings, input_pos, mask, input_pos.copy(), mask.copy()))
+        return super().run_target(signature, embeddings, per_layer_embeddings, input_pos, mask)
+
+    def run_drafter(self, activations, input_pos, mask):
+        self.drafter_inputs.append((activations, mask, int(input_pos[0]), mask.copy()))
+        return super().run_drafter(activations, input_pos, mask)
+
+
+@pytest.mark.parametrize("g", [2, 3])
+def test_inputs_are_rewritten_in_place_with_the_contracts_masks_and_one_embedding_per_token(g):
+    backend = Recording(context=64, draft_len=3, prefill=(8,), wrong_step=lambda pos, step: (pos + step) % 3 == 0)
+    prompt = [5, 9, 2, 11, 7, 1]  # prefill_8 over 5 tokens: 3 padding rows
+    tokens, stats = generate_tokens(backend, prompt, max_tokens=30, draft_len=g)
+    assert tokens == plain_reference(prompt, 30)
+    valid = {"prefill_8": 5, "decode": 1, "verify": g + 1}
+    arrays: dict[str, set] = {}
+    for signature, emb, pos, mask, pos_then, mask_then in backend.target_inputs:
+        arrays.setdefault(signature, set()).update({id(emb), id(pos), id(mask)})
+        start, rows = int(pos_then[0]), len(pos_then)
+        assert (pos_then == np.arange(start, start + rows)).all()
+        assert np.array_equal(mask_then, causal_mask(start, rows, 64, valid=valid[signature])), signature
+    assert all(len(ids) == 3 for ids in arrays.values()), arrays  # one array each, whatever the number of calls
+    assert len({id(a) for a, *_ in backend.drafter_inputs}) == len({id(m) for _, m, *_ in backend.drafter_inputs}) == 1
+    for _, _, last_committed, mask_then in backend.drafter_inputs:
+        assert np.array_equal(mask_then, drafter_mask(last_committed, 64))
+    # every token through the embedders once: the prompt, then per round the token and its g drafts
+    assert backend.embeds == len(prompt) + stats.verifies * (g + 1) + stats.plain_decodes

@@ -39,7 +39,7 @@ def report_prompts(tokenizer, context: int, prompts: Sequence[str] = DEFAULT_PRO
 def _teacher_forced_logits(backend: Backend, tokens: Sequence[int]) -> np.ndarray:
     decoder = SpeculativeDecoder(backend)
     backend.reset()
-    return np.concatenate([decoder._run(DECODE, [t], i, 1)["logits"][0] for i, t in enumerate(tokens)])
+    return np.concatenate([decoder.step(DECODE, [t], i)["logits"][0] for i, t in enumerate(tokens)])
 
 
 def quantization_report(fp32: str | Path | Backend, quantized: str | Path | Backend,

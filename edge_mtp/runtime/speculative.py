@@ -13,7 +13,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..contract import ACTIVATIONS, DECODE, LOGITS, PROJECTED, VERIFY, causal_mask, drafter_mask, prefill_name
+from ..contract import (ACTIVATIONS, DECODE, LOGITS, MASK_HIDDEN, MASK_VISIBLE, PROJECTED, VERIFY,
+                        prefill_name)
 from ..errors import EdgeMtpError
 from .backends.base import Backend
 from .sampling import SamplingConfig, accept_draft, probabilities, sample
@@ -90,29 +91,78 @@ class Round:
     target_argmax: list[int]
 
 
+class TargetInputs:
+    """The inputs of one target signature over `length` rows, allocated once and rewritten in place every call."""
+
+    def __init__(self, length: int, context: int, embeddings: np.ndarray, per_layer: np.ndarray | None):
+        self.embeddings = np.zeros((1, length) + embeddings.shape[2:], embeddings.dtype)
+        self.per_layer = None if per_layer is None else np.zeros((1, length) + per_layer.shape[2:], per_layer.dtype)
+        self.offsets = np.arange(length, dtype=np.int32)
+        self.input_pos = np.zeros(length, np.int32)
+        self.mask = np.zeros((1, 1, length, context), np.float32)
+
+    def put(self, row: int, embeddings: np.ndarray, per_layer: np.ndarray | None) -> None:
+        """Write one token's embedder outputs ([1,1,...] each) into `row`."""
+        self.embeddings[0, row] = embeddings[0, 0]
+        if self.per_layer is not None:
+            self.per_layer[0, row] = per_layer[0, 0]
+
+    def place(self, start: int, valid: int) -> None:
+        """Positions start.. and contract.causal_mask(start, length, context, valid); rows from `valid` on are zero."""
+        np.add(self.offsets, start, out=self.input_pos)
+        self.mask.fill(MASK_HIDDEN)
+        for row in range(valid):
+            self.mask[0, 0, row, :start + row + 1] = MASK_VISIBLE
+        self.mask[0, 0, valid:, 0] = MASK_VISIBLE
+        self.embeddings[0, valid:] = 0.0
+        if self.per_layer is not None:
+            self.per_layer[0, valid:] = 0.0
+
+
 class SpeculativeDecoder:
-    """Drives a Backend: prefill, decode, draft, verify, accept. One instance per backend; one sequence at a time."""
+    """Drives a Backend: prefill, decode, draft, verify, accept. One instance per backend; one sequence at a time.
+
+    Every input tensor lives in a buffer allocated on first use and rewritten in place; each token goes through the
+    embedders once per round (a draft's embeddings are written straight into the verify rows that will reuse them).
+    """
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self.contract = backend.contract
         self.rounds: list[Round] = []
+        self._inputs: dict[int, TargetInputs] = {}  # by row count
+        self._draft_in: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # activations, input_pos, mask
+        self._clock: Callable[[], float] = time.perf_counter
 
-    # -- model calls ------------------------------------------------------------------------------------------------
+    # -- the step API (validate, the quantization report and the loop all run the models through it) --------------
 
-    def _embed_many(self, tokens: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray | None]:
-        rows = [self.backend.embed(t) for t in tokens]
-        pad = length - len(rows)
-        emb = np.concatenate([r[0] for r in rows] + [np.zeros_like(rows[0][0])] * pad, axis=1)
-        if rows[0][1] is None:
-            return emb, None
-        return emb, np.concatenate([r[1] for r in rows] + [np.zeros_like(rows[0][1])] * pad, axis=1)
+    def _length(self, signature: str) -> int:
+        """Rows of a target signature: 1 for decode, G+1 for verify, T for prefill_<T>."""
+        if signature == DECODE:
+            return 1
+        return self.contract.verify_len if signature == VERIFY else int(signature.rsplit("_", 1)[1])
+
+    def step(self, signature: str, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
+        """Run a target signature on `tokens` at positions start.. (padded to its length); logits and activations."""
+        inputs = None
+        for row, token in enumerate(tokens):
+            emb, ple = self.backend.embed(token)
+            inputs = inputs or self._target_inputs(self._length(signature), emb, ple)
+            inputs.put(row, emb, ple)
+        return self._run_target(signature, inputs, start, len(tokens))
+
+    def _run_target(self, signature: str, inputs: TargetInputs, start: int, valid: int) -> dict[str, np.ndarray]:
+        inputs.place(start, valid)
+        return self.backend.run_target(signature, inputs.embeddings, inputs.per_layer, inputs.input_pos, inputs.mask)
+
+    def _target_inputs(self, length: int, emb: np.ndarray, ple: np.ndarray | None) -> TargetInputs:
+        if length not in self._inputs:
+            self._inputs[length] = TargetInputs(length, self.contract.context, emb, ple)
+        return self._inputs[length]
 
     def _run(self, signature: str, tokens: Sequence[int], start: int, length: int) -> dict[str, np.ndarray]:
-        emb, ple = self._embed_many(tokens, length)
-        pos = np.arange(start, start + length, dtype=np.int32)
-        mask = causal_mask(start, length, self.contract.context, valid=len(tokens))
-        return self.backend.run_target(signature, emb, ple, pos, mask)
+        """Deprecated: step(); kept while edge_mtp/validate.py still calls it."""
+        return self.step(signature, tokens, start)
 
     def prefill(self, tokens: Sequence[int]) -> None:
         """Write the caches of `tokens` at positions 0..n-1, in chunks of the exported prefill lengths."""
@@ -121,23 +171,30 @@ class SpeculativeDecoder:
             remaining = len(tokens) - start
             fitting = [n for n in lengths if start + n <= context]
             if not fitting:  # too close to the context end for any padded prefill: one token at a time
-                self._run(DECODE, tokens[start:start + 1], start, 1)
+                self.step(DECODE, tokens[start:start + 1], start)
                 start += 1
                 continue
             length = next((n for n in fitting if n >= remaining), fitting[-1])
             chunk = tokens[start:start + min(length, remaining)]
-            self._run(prefill_name(length), chunk, start, length)
+            self.step(prefill_name(length), chunk, start)
             start += len(chunk)
 
     def draft(self, token: int, carry: np.ndarray, position: int, count: int,
               sampling: SamplingConfig, rng: np.random.Generator) -> tuple[list[int], list[np.ndarray]]:
-        """`count` drafts after `token` at `position`, all at input_pos = position-1; with sampling, also q per draft."""
-        mask = drafter_mask(position - 1, self.contract.context)
-        input_pos = np.array([position - 1], dtype=np.int32)
+        """`count` drafts after `token` at `position`, all at input_pos = position-1; with sampling, also q per draft.
+
+        The embeddings of `token` and of every draft fed back are left in the verify rows 0..count-1.
+        """
+        verify = None
         drafts, qs = [], []
-        for _ in range(count):
-            emb, _ = self.backend.embed(token)
-            out = self.backend.run_drafter(np.concatenate([emb, carry], axis=-1), input_pos, mask)
+        for row in range(count):
+            emb, ple = self.backend.embed(token)
+            verify = verify or self._target_inputs(self.contract.verify_len, emb, ple)
+            verify.put(row, emb, ple)
+            activations, input_pos, mask = self._drafter_inputs(emb, carry, position)
+            activations[..., :emb.shape[-1]] = emb
+            activations[..., emb.shape[-1]:] = carry
+            out = self.backend.run_drafter(activations, input_pos, mask)
             logits = out[LOGITS][0, -1]
             if sampling.greedy:
                 token = int(np.argmax(logits))
@@ -149,12 +206,69 @@ class SpeculativeDecoder:
             carry = out[PROJECTED]
         return drafts, qs
 
+    def _drafter_inputs(self, emb: np.ndarray, carry: np.ndarray,
+                        position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The drafter's input buffers, input_pos and mask set for `position` (constant over a round)."""
+        if self._draft_in is None:
+            width = emb.shape[-1] + carry.shape[-1]
+            self._draft_in = (np.zeros((1, 1, width), np.float32), np.full(1, -1, np.int32),
+                              np.zeros((1, 1, 1, self.contract.context), np.float32))
+        activations, input_pos, mask = self._draft_in
+        if input_pos[0] != position - 1:
+            input_pos[0] = position - 1
+            mask.fill(MASK_HIDDEN)
+            mask[..., :position] = MASK_VISIBLE  # drafter_mask(position - 1): keys [0, position-1]
+        return self._draft_in
+
+    def _verify(self, drafts: list[int], position: int) -> dict[str, np.ndarray]:
+        """Verify [token, *drafts] at position.. right after draft(token, ...), whose rows are already in place."""
+        emb, ple = self.backend.embed(drafts[-1])
+        inputs = self._target_inputs(self.contract.verify_len, emb, ple)
+        inputs.put(len(drafts), emb, ple)
+        return self._run_target(VERIFY, inputs, position, len(drafts) + 1)
+
     # -- the loop ---------------------------------------------------------------------------------------------------
 
     def generate(self, prompt: Sequence[int], max_tokens: int = 64, draft_len: int | None = None, mtp: bool = True,
                  sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
                  stats: Stats | None = None, clock: Callable[[], float] = time.perf_counter) -> Iterator[int]:
         """Yield generated tokens as they are accepted; `stats` (if given) is filled in as generation goes."""
+        c = self.contract
+        g = self._check(prompt, mtp, draft_len)
+        st = stats if stats is not None else Stats()
+        st.draft_len, st.prompt_tokens = g, len(prompt)
+        rng, stop, self._clock, self.rounds = np.random.default_rng(sampling.seed), set(stop_tokens), clock, []
+        self.backend.reset()
+        t0 = clock()
+        self.prefill(prompt[:-1])
+        st.prefill_ms = (clock() - t0) * 1000
+        position = len(prompt) - 1
+        out = self._timed(st.decode_ms, self.step, DECODE, [prompt[-1]], position)
+        token, carry = _choose(out[LOGITS][0, 0], sampling, rng), out[ACTIVATIONS]
+        position += 1
+        st.time_to_first_token_ms = (clock() - t0) * 1000
+        new = [token]
+        while max_tokens > 0:
+            for tok in new[:max_tokens - st.generated]:
+                st.generated += 1
+                yield tok
+                if tok in stop:
+                    max_tokens = 0  # nothing after a stop token
+                    break
+            if st.generated >= max_tokens or position >= c.context:
+                break
+            if mtp and position + c.verify_len <= c.context:
+                new, carry = self._round(new[-1], carry, position, g, sampling, rng, st)
+            else:
+                out = self._timed(st.decode_ms, self.step, DECODE, [new[-1]], position)
+                self.rounds.append(Round(position, [], [int(np.argmax(out[LOGITS][0, 0]))]))
+                st.plain_decodes += 1
+                new, carry = [_choose(out[LOGITS][0, 0], sampling, rng)], out[ACTIVATIONS]
+            position += len(new)
+        st.total_ms = (clock() - t0) * 1000
+
+    def _check(self, prompt: Sequence[int], mtp: bool, draft_len: int | None) -> int:
+        """The draft length to use, after refusing what this bundle cannot run."""
         c = self.contract
         g = c.draft_len if draft_len is None else draft_len
         if mtp and not self.backend.has_drafter:
@@ -167,75 +281,35 @@ class SpeculativeDecoder:
         if len(prompt) > c.context:  # a prompt filling the context still yields the one token after it
             raise EdgeMtpError(f"The prompt has {len(prompt)} tokens but the bundle's context is {c.context}; shorten "
                                f"the prompt or export with --context larger than {len(prompt)}.")
-        st = stats if stats is not None else Stats()
-        st.draft_len, st.prompt_tokens = g, len(prompt)
-        rng = np.random.default_rng(sampling.seed)
-        stop = set(stop_tokens)
-        self.rounds = []
-        self.backend.reset()
-        t0 = clock()
-        self.prefill(prompt[:-1])
-        t1 = clock()
-        st.prefill_ms = (t1 - t0) * 1000
+        return g
 
-        def choose(logits: np.ndarray) -> int:
-            return int(np.argmax(logits)) if sampling.greedy else sample(probabilities(logits, sampling), rng)
+    def _timed(self, times: list[float], call: Callable[..., dict], *args) -> dict:
+        """call(*args), appending its wall time in ms to `times`."""
+        t = self._clock()
+        out = call(*args)
+        times.append((self._clock() - t) * 1000)
+        return out
 
-        position = len(prompt) - 1
-        out = self._run(DECODE, [prompt[-1]], position, 1)
-        st.decode_ms.append((clock() - t1) * 1000)
-        token, carry = choose(out[LOGITS][0, 0]), out[ACTIVATIONS][:, :1]
-        position += 1
-        st.time_to_first_token_ms = (clock() - t0) * 1000
-        emitted = 0
-
-        def emit(tokens: list[int]) -> Iterator[int]:
-            nonlocal emitted
-            for tok in tokens:
-                if emitted >= max_tokens:
-                    return
-                emitted += 1
-                st.generated = emitted
-                yield tok
-                if tok in stop:
-                    emitted = max_tokens  # nothing after a stop token
-                    return
-
-        yield from emit([token])
-        while emitted < max_tokens and position < c.context:
-            if mtp and position + c.verify_len <= c.context:
-                ts = clock()
-                drafts, qs = self.draft(token, carry, position, g, sampling, rng)
-                tv = clock()
-                out = self._run(VERIFY, [token] + drafts, position, c.verify_len)
-                st.verify_ms.append((clock() - tv) * 1000)
-                st.draft_ms.append((tv - ts) * 1000 / g)
-                rows = out[LOGITS][0]
-                argmax = [int(np.argmax(r)) for r in rows[: g + 1]]
-                if sampling.greedy:
-                    k = next((i for i, d in enumerate(drafts) if d != argmax[i]), g)
-                    bonus = argmax[k]
-                else:
-                    k, bonus = self._accept_sampled(drafts, qs, rows, sampling, rng)
-                self.rounds.append(Round(position, drafts, argmax))
-                st.drafted += g
-                st.accepted += k
-                st.verifies += 1
-                st.accepted_per_round.append(k)
-                carry = out[ACTIVATIONS][:, k:k + 1]
-                token = bonus
-                position += k + 1
-                yield from emit(drafts[:k] + [bonus])
-            else:
-                td = clock()
-                out = self._run(DECODE, [token], position, 1)
-                st.decode_ms.append((clock() - td) * 1000)
-                self.rounds.append(Round(position, [], [int(np.argmax(out[LOGITS][0, 0]))]))
-                st.plain_decodes += 1
-                token, carry = choose(out[LOGITS][0, 0]), out[ACTIVATIONS]
-                position += 1
-                yield from emit([token])
-        st.total_ms = (clock() - t0) * 1000
+    def _round(self, token: int, carry: np.ndarray, position: int, g: int, sampling: SamplingConfig,
+               rng: np.random.Generator, st: Stats) -> tuple[list[int], np.ndarray]:
+        """Draft g tokens, verify [token, drafts] once, accept the agreeing prefix: (emitted tokens, next carry)."""
+        t = self._clock()
+        drafts, qs = self.draft(token, carry, position, g, sampling, rng)
+        st.draft_ms.append((self._clock() - t) * 1000 / g)
+        out = self._timed(st.verify_ms, self._verify, drafts, position)
+        rows = out[LOGITS][0]
+        argmax = [int(np.argmax(r)) for r in rows[: g + 1]]
+        if sampling.greedy:
+            k = next((i for i, d in enumerate(drafts) if d != argmax[i]), g)
+            bonus = argmax[k]
+        else:
+            k, bonus = self._accept_sampled(drafts, qs, rows, sampling, rng)
+        self.rounds.append(Round(position, drafts, argmax))
+        st.drafted += g
+        st.accepted += k
+        st.verifies += 1
+        st.accepted_per_round.append(k)
+        return drafts[:k] + [bonus], out[ACTIVATIONS][:, k:k + 1]
 
     @staticmethod
     def _accept_sampled(drafts: list[int], qs: list[np.ndarray], rows: np.ndarray, sampling: SamplingConfig,
@@ -246,6 +320,11 @@ class SpeculativeDecoder:
             if replacement is not None:
                 return i, replacement
         return len(drafts), sample(probabilities(rows[len(drafts)], sampling), rng)
+
+
+def _choose(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+    """The next token from one row of target logits: argmax, or a draw under `sampling`."""
+    return int(np.argmax(logits)) if sampling.greedy else sample(probabilities(logits, sampling), rng)
 
 
 def generate_tokens(backend: Backend, prompt: Sequence[int], **kwargs) -> tuple[list[int], Stats]:
