@@ -120,7 +120,7 @@ def test_simulated_acceptance_on_the_demo_pair(demo_bundle, tmp_path):
     assert one.diverged_prompts == zero.diverged_prompts == mid.diverged_prompts == 0
     assert one.mean_accepted_length == g + 1 and one.measured_acceptance == 1.0
     assert zero.mean_accepted_length == 1.0 and zero.measured_acceptance == 0.0
-    assert one.speedup > zero.speedup and one.ms_per_verify > 0 and one.ms_per_draft_step > 0
+    assert one.ms_per_verify > 0 and one.ms_per_draft_step > 0 and one.plain_tokens_per_second > 0
     assert abs(mid.measured_acceptance - 0.6) <= 4 * (0.6 * 0.4 / mid.judged_drafts) ** 0.5, mid
 
     prompts_file = tmp_path / "p.txt"
