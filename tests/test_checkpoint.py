@@ -46,7 +46,11 @@ def test_unused_shared_layer_kv_and_vision_tensors_are_skipped(tmp_path, hf_pair
     extra = {"model.layers.4.self_attn.k_proj.weight": torch.zeros(32, 64),
              "model.vision_tower.patch.weight": torch.zeros(3, 3)}
     save_file(extra, d / "extra.safetensors")
-    load_target(d)  # loads without complaint
+    loaded, original = load_target(d), load_target(hf_pairs["tiny"]["target_dir"])
+    assert loaded.spec.first_shared_layer <= 4  # layer 4 is KV-shared: its k_proj is a leftover, never used
+    got, want = loaded.target.state_dict(), original.target.state_dict()
+    assert got.keys() == want.keys() and not any("k_proj" in k for k in got if k.startswith("layers.4."))
+    assert all(torch.equal(got[k], want[k]) for k in want)  # the zero leftovers were skipped, not loaded
 
 
 def test_missing_tensor_is_named(tmp_path, synth_pair):

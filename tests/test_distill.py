@@ -113,6 +113,23 @@ def test_clusters_are_a_balanced_permutation_and_geometry_matches_target(synth_p
     assert sorted(ordering.tolist()) == list(range(models.spec.vocab_size))
 
 
+def test_clusters_group_tokens_with_similar_embeddings():
+    """Rows drawn around 8 orthogonal directions, ids shuffled: clusters must be (nearly) pure; the identity
+    ordering, or any ordering blind to the embeddings, mixes the groups."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, groups, width = 256, 8, 16
+    labels = torch.randperm(vocab, generator=gen) % groups
+    weight = torch.eye(width)[labels] * 10 + 0.5 * torch.randn(vocab, width, generator=gen)
+
+    def purity(ordering: torch.Tensor) -> float:
+        blocks = labels[ordering].reshape(groups, vocab // groups)
+        return float(sum(torch.bincount(b).max() for b in blocks)) / vocab
+
+    ordering = cluster_tokens(weight, groups)
+    assert sorted(ordering.tolist()) == list(range(vocab))
+    assert purity(ordering) >= 0.7 and purity(torch.arange(vocab)) < 0.35, purity(ordering)
+
+
 def test_committed_demo_pair_meets_the_acceptance_bar():
     """Greedy, draft length 3, on 9 prompts (3 from held-out documents): acceptance >= 0.6, >= 2.2 tokens/verify."""
     from edge_mtp.contract import Contract
