@@ -175,12 +175,12 @@ class _Validator:
                 totals["pytorch"][1] += stats.drafted
             for name, tokens in candidates.items():
                 self._compare_tokens(f"prompt {i + 1}: {name}", ids, tokens, truth)
-            if engine_texts is not None:
+            for engine, texts in (engine_texts or {}).items():
                 # LiteRT-LM does not print the stop token, and its MTP loop may overshoot max tokens by a few.
                 want = self.model.tokenizer.decode([t for t in truth if t not in stops])
-                got = engine_texts[i]
+                got = texts[i]
                 ok = got.startswith(want)
-                self.add("greedy", f"prompt {i + 1}: LiteRT-LM (MTP)", {}, ok,
+                self.add("greedy", f"prompt {i + 1}: {engine}", {}, ok,
                          ("identical text" if got == want else "identical text, then the runtime's overshoot")
                          if ok else f"differs: {got[:40]!r} vs {want[:40]!r}")
         self._acceptance(totals)
@@ -247,10 +247,25 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
         from .runtime.litertlm_engine import run_litertlm
 
         prompt_texts = prompts or DEFAULT_PROMPTS
-        engine_texts = run_litertlm(bundle, prompt_texts, max_tokens, model.contract.context).texts
+        engine_texts = {"LiteRT-LM (MTP)": run_litertlm(bundle, prompt_texts, max_tokens, model.contract.context).texts}
+        if _gpu_present():
+            on_stage("running LiteRT-LM on the GPU")
+            try:  # MTP off: LiteRT-LM 0.18.1's GPU executor cannot run our drafter yet (README, GPU-delegable graphs)
+                engine_texts["LiteRT-LM GPU (no MTP)"] = run_litertlm(
+                    bundle, prompt_texts, max_tokens, model.contract.context, mtp=False, accelerator="gpu").texts
+            except EdgeMtpError as e:
+                report.checks.append(Check("greedy", "LiteRT-LM GPU (no MTP)", False, str(e)[:300], {}))
     on_stage("comparing greedy generations")
     v.generation(ids, max_tokens, torch_backend, engine_texts)
     return report
+
+
+def _gpu_present() -> bool:
+    """A Vulkan device (a real GPU or the software one) that LiteRT-LM's GPU executor can use."""
+    from .runtime.backends.litert import vulkan_devices
+
+    devices = vulkan_devices()
+    return isinstance(devices, list) and bool(devices)
 
 
 def _manifest_source(bundle: Path) -> dict:

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..contract import k_name, v_name
 from ..spec import FULL, SLIDING, DrafterSpec, TargetSpec
-from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq
+from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq, take
 
 
 class Drafter(nn.Module):
@@ -45,17 +45,33 @@ class Drafter(nn.Module):
         return [n for i in layers for n in (k_name(i), v_name(i))]
 
     def head(self, y: torch.Tensor) -> torch.Tensor:
-        """Logits [1,1,V] from the final-normed state y [1,1,h]: dense tied head or the centroid head."""
+        """Logits [1,1,V] from the final-normed state y [1,1,h]: dense tied head or the centroid head.
+
+        The centroid head scores the tokens of the top-k clusters; every other token gets min(scores) - 1. It is
+        built without a scatter (GPU-delegable): each cluster's row of scores is gathered from the k scored rows
+        plus one fill row (by the cluster's rank among the top k, or k), which lays the vocabulary out in
+        `token_ordering` order, and one constant gather puts it back into token order.
+        """
         table = self.embed_tokens.weight
         if not self.spec.use_ordered_embeddings:
             return torch.matmul(y, table.t())
         s = self.spec
-        _, top = torch.topk(self.centroids(y).reshape(-1), s.centroid_top_k)
-        clusters = self.token_ordering.reshape(s.num_centroids, s.tokens_per_centroid)
-        candidates = clusters.index_select(0, top).reshape(-1).long()
-        scores = torch.matmul(table.index_select(0, candidates), y.reshape(-1, 1)).reshape(-1)
-        fill = (scores.min() - 1.0).reshape(1).expand(s.vocab_size)
-        return fill.scatter(0, candidates, scores).reshape(1, 1, s.vocab_size)
+        k, clusters, width = s.centroid_top_k, s.num_centroids, s.tokens_per_centroid
+        _, top = torch.topk(self.centroids(y).reshape(1, clusters), k)
+        top = top.reshape(k).to(torch.int32)
+        candidates = take(self.token_ordering.reshape(clusters, width), 0, top).reshape(k * width)
+        scores = torch.matmul(take(table, 0, candidates), y.reshape(-1, 1)).reshape(k, width)
+        fill = torch.minimum(scores[:1], scores.amin(dim=(0, 1), keepdim=True) - 1.0)  # a row of min - 1
+        chosen = (top.reshape(k, 1) == torch.arange(clusters, dtype=torch.int32)).float()  # [k, clusters]
+        rank = (chosen * (torch.arange(k, dtype=torch.float32) - k).reshape(k, 1)).sum(0) + k  # k: not chosen
+        ordered = take(torch.cat([scores, fill]), 0, rank.to(torch.int32)).reshape(s.vocab_size)
+        return take(ordered, 0, self.token_positions()).reshape(1, 1, s.vocab_size)
+
+    def token_positions(self) -> torch.Tensor:
+        """[V] int32: where each token sits in `token_ordering` (its inverse; a constant once converted)."""
+        ordering = self.token_ordering.long()
+        return torch.zeros_like(ordering, dtype=torch.int32).scatter(
+            0, ordering, torch.arange(ordering.shape[0], dtype=torch.int32))
 
     def forward(self, activations: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
                 hidden_only: bool = False, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -2,6 +2,10 @@
 
 Everything here is export-friendly: static shapes, no host syncs, cache rows written with `scatter` at `input_pos`,
 grouped-query attention as a plain 4-D matmul (no repeat_kv, which the LiteRT converter miscompiles).
+
+Everything here is also GPU-delegable once converted to LiteRT (the rules LiteRT's GPU delegate enforces, README
+"GPU-delegable graphs"): tensors of rank <= 4 only, no BROADCAST_TO (masks are concatenated, not repeated),
+no GATHER_ND / SCATTER (row selection is `take`, which becomes LiteRT's GATHER with int32 indices).
 """
 
 from __future__ import annotations
@@ -63,6 +67,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def tracing_for_litert() -> bool:
+    """True while torch.export traces a module for LiteRT (any export that is not ONNX's)."""
+    return torch.compiler.is_exporting() and not torch.onnx.is_in_onnx_export()
+
+
+def take(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """x.index_select(dim, index) for a 1-D int32 index; traced for LiteRT it is LiteRT's GATHER op.
+
+    (torch's index_select converts to GATHER_ND, which LiteRT's GPU delegate rejects; GATHER along any axis with
+    1-D int32 indices it accepts. Both copy values, so the numerics are the same.)
+    """
+    if tracing_for_litert():
+        import litert_torch.backend.experimental.torch_tfl  # noqa: F401  (registers torch.ops.tfl)
+
+        return torch.ops.tfl.gather(x, index, dim)
+    return x.index_select(dim, index)
+
+
+def graph_output(x: torch.Tensor) -> torch.Tensor:
+    """x again, as a tensor of its own (-(-x), exact) for a graph output that ops inside the graph also read.
+
+    LiteRT's GPU accelerator (ai-edge-litert 2.3, LiteRT-LM 0.18.1) gives such an output a host-memory buffer and
+    never writes it: the target's `activations`, which also feeds the LM head, read back as garbage on the GPU.
+    """
+    return -(-x)
+
+
 def sliding_window_mask(query_pos: torch.Tensor, window: int, context: int) -> torch.Tensor:
     """[T, C] additive mask hiding keys at or before query_pos - window (window keys, the query's own included)."""
     keys = torch.arange(context, dtype=torch.int32)
@@ -88,16 +119,16 @@ class KeyView:
         if not contiguous or span >= context:
             return cls(torch.minimum(mask, sliding_window_mask(query_pos, window, context)))
         # from the first row's position: LiteRT-LM gives the padding rows of a prefill chunk positions of its own
-        start = (query_pos[0] + 1 - window).clamp(0, context - span)
-        index = (start + torch.arange(span, dtype=torch.int32)).long()
+        start = (query_pos[:1] + 1 - window).clamp(0, context - span)
+        index = start + torch.arange(span, dtype=torch.int32)  # int32 throughout: the GPU has no int64
         visible = index[None, :] > (query_pos[:, None] - window)
         window_mask = torch.where(visible, 0.0, MASK_HIDDEN)
-        return cls(torch.minimum(mask.index_select(3, index), window_mask), index)
+        return cls(torch.minimum(take(mask, 3, index), window_mask), index)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """attend() over the viewed slots of K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C]."""
         if self.index is not None:
-            k_cache, v_cache = k_cache.index_select(2, self.index), v_cache.index_select(3, self.index)
+            k_cache, v_cache = take(k_cache, 2, self.index), take(v_cache, 3, self.index)
         return attend(q, k_cache, v_cache, self.mask)
 
 
@@ -126,17 +157,18 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: 
     """Grouped-query attention of q [1,H,T,hd] over K [1,Hkv,C,hd], V^T [1,Hkv,hd,C]; mask [1,1,T,C] or [T,C].
 
     Scale 1 (q and k are normalised), softmax in fp32. Query heads of one KV head are folded into the row axis so
-    every matmul is a plain 4-D one. Returns [1, T, H*hd].
+    every matmul is a plain 4-D one. The mask rows are concatenated once per group (repeat() is BROADCAST_TO, and
+    adding [1,1,T,C] to the scores reshaped to [1,H,T,C] trips a converter bug at T = 1 with one KV head). Every
+    intermediate is 4-D. Returns [1, T, H*hd].
     """
     _, h, t, hd = q.shape
     hkv = k_cache.shape[1]
     groups = h // hkv
-    q = q.reshape(1, hkv, groups * t, hd)
-    scores = torch.matmul(q, k_cache.transpose(2, 3)).float()
-    scores = scores + mask.reshape(1, 1, t, -1).repeat(1, 1, groups, 1)
+    scores = torch.matmul(q.reshape(1, hkv, groups * t, hd), k_cache.transpose(2, 3)).float()
+    scores = scores + torch.cat([mask.reshape(1, 1, t, -1)] * groups, dim=2)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(v_cache, probs.transpose(2, 3))  # [1, Hkv, hd, G*T]
-    return out.reshape(1, hkv, hd, groups, t).permute(0, 4, 1, 3, 2).reshape(1, t, h * hd)
+    return out.transpose(2, 3).reshape(1, h, t, hd).transpose(1, 2).reshape(1, t, h * hd)
 
 
 class MLP(nn.Module):

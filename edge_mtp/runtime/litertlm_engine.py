@@ -25,7 +25,8 @@ info = litert_lm.ModelInfo(args["bundle"])
 supports = info.llm.has_speculative_decoding_support()
 info.close()
 with tempfile.TemporaryDirectory() as cache:
-    engine = litert_lm.Engine(args["bundle"], backend=litert_lm.Backend.CPU(), max_num_tokens=args["context"],
+    backend = litert_lm.Backend.GPU() if args["accelerator"] == "gpu" else litert_lm.Backend.CPU()
+    engine = litert_lm.Engine(args["bundle"], backend=backend, max_num_tokens=args["context"],
                               enable_speculative_decoding=args["mtp"], enable_benchmark=True, cache_dir=cache)
     results = []
     for prompt in args["prompts"]:
@@ -54,19 +55,23 @@ class EngineRun:
 
 
 def run_litertlm(bundle: Path, prompts: list[str], max_tokens: int, context: int, mtp: bool = True,
-                 timeout: float = 600) -> EngineRun:
-    """Generate greedily from each prompt with LiteRT-LM on the CPU (one engine, one session per prompt)."""
+                 timeout: float = 600, accelerator: str = "cpu") -> EngineRun:
+    """Generate greedily from each prompt with LiteRT-LM's CPU or GPU executor (one engine, one session per prompt).
+
+    The GPU executor needs a Vulkan device (scripts/install_software_gpu.sh provides a software one) and a fully
+    delegable bundle (edge_mtp.gpu_check).
+    """
     try:
         import litert_lm  # noqa: F401
     except ImportError:
         raise EdgeMtpError("LiteRT-LM is not installed: pip install litert-lm-api.") from None
     args = json.dumps({"bundle": str(bundle), "prompts": prompts, "max_tokens": max_tokens, "context": context,
-                       "mtp": mtp})
+                       "mtp": mtp, "accelerator": accelerator})
     proc = subprocess.run([sys.executable, "-c", _CHILD, args], capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("EDGE_MTP_RESULT ")), None)
     if proc.returncode != 0 or line is None:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise EdgeMtpError(f"LiteRT-LM failed on {bundle} (exit {proc.returncode}): {tail}")
+        raise EdgeMtpError(f"LiteRT-LM ({accelerator}) failed on {bundle} (exit {proc.returncode}): {tail}")
     data = json.loads(line.split(" ", 1)[1])
     rates = _SUCCESS.findall(proc.stderr)
     return EngineRun([r["text"] for r in data["results"]], [r["decode_tokens_per_second"] for r in data["results"]],

@@ -24,13 +24,14 @@ import numpy as np
 from ...contract import DRAFT, EMBEDDINGS, PLE, TOKEN_IDS, Contract, contract_from_dict
 from ...errors import EdgeMtpError
 from ...export.litertlm import read_litertlm
+from ...gpu_check import check_model
 from .base import Backend
 
 ACCELERATORS = ("cpu", "gpu", "npu")
 HOST_MEMORY = 1  # LiteRtTensorBufferType kLiteRtTensorBufferTypeHostMemory
 log = logging.getLogger(__name__)
 _availability: dict[str, str | None] = {}  # accelerator -> why it cannot be used (None: usable), probed once
-_MODEL_TYPES = {"embedder": "tf_lite_embedder", "per_layer_embedder": "tf_lite_per_layer_embedder",
+MODEL_TYPES = {"embedder": "tf_lite_embedder", "per_layer_embedder": "tf_lite_per_layer_embedder",
                 "target": "tf_lite_prefill_decode", "drafter": "tf_lite_mtp_drafter"}
 
 
@@ -56,20 +57,22 @@ class LiteRTBackend(Backend):
         self.environment = _environment()
         self.requested_accelerator, self.accelerator, self.fallback_reason = accelerator, accelerator, None
         if accelerator != "cpu":
-            embedder = bundle.model_section(_MODEL_TYPES["embedder"])
+            embedder = bundle.model_section(MODEL_TYPES["embedder"])
             reason = accelerator_unavailable(accelerator, bundle.read(embedder), self.environment)
             if reason is not None:  # CPU fallback with one clear line
                 self.accelerator, self.fallback_reason = "cpu", reason
                 log.warning("edge-mtp: the %s accelerator is unavailable (%s); running on the CPU.", accelerator, reason)
         options = self._options(self.accelerator, threads)
-        self.models = {}
-        for name, model_type in _MODEL_TYPES.items():
+        self.models, self.delegation = {}, {}
+        for name, model_type in MODEL_TYPES.items():
             section = bundle.model_section(model_type)
             if section is None:
                 continue
+            model = bundle.read(section)
+            if self.accelerator == "gpu":  # ops the GPU delegate takes / all ops, per signature (see gpu_check)
+                self.delegation[name] = {s: [r.delegated, r.total] for s, r in check_model(model).items()}
             try:
-                self.models[name] = CompiledModel.from_buffer(bundle.read(section), options=options,
-                                                              environment=self.environment)
+                self.models[name] = CompiledModel.from_buffer(model, options=options, environment=self.environment)
             except Exception as e:  # the accelerator could not take this model
                 raise EdgeMtpError(f"The {self.accelerator} accelerator could not load the {name} model "
                                    f"({_first_line(e)}); use --accelerator cpu.") from None
