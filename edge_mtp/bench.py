@@ -59,7 +59,7 @@ class Simulated:
     judged_drafts: int  # drafts the verify decided on: the accepted ones and the first rejected one of each round
     rounds: int
     mean_accepted_length: float
-    diverged_prompts: int  # prompts whose MTP output left the recorded plain continuation (a quantized near-tie)
+    diverged_prompts: int  # prompts whose MTP output still left the recorded continuation after RESYNCS
 
 
 @dataclass
@@ -168,14 +168,16 @@ class SimulatedDrafter(Backend):
     """Runs every graph of `inner` for its real cost, but makes each draft the true next token (read from `truth`,
     the whole sequence by position) with probability `acceptance`, else a token the verify must reject."""
 
-    def __init__(self, inner: Backend, acceptance: float, seed: int = 0):
+    def __init__(self, inner: Backend, acceptance: float):
         if not 0.0 <= acceptance <= 1.0:
             raise EdgeMtpError(f"A simulated acceptance is a probability in [0, 1], not {acceptance}.")
-        self.inner, self.contract, self.name = inner, inner.contract, inner.name
-        self.acceptance, self.rng = acceptance, np.random.default_rng(seed)
-        self.truth: Sequence[int] = ()
-        self._step = 0  # draft steps since the last target call, i.e. within this round
+        self.inner, self.contract, self.name, self.acceptance = inner, inner.contract, inner.name, acceptance
+        self.start([], 0)
         self._logits: np.ndarray | None = None  # one-hot logits, rewritten in place
+
+    def start(self, truth: Sequence[int], seed: int | Sequence[int]) -> None:
+        """Before a generation: the true sequence (prompt + continuation) and the seed of the draws."""
+        self.truth, self.rng, self._step = list(truth), np.random.default_rng(seed), 0
 
     def reset(self) -> None:
         self.inner.reset()
@@ -184,7 +186,7 @@ class SimulatedDrafter(Backend):
         return self.inner.embed(token)
 
     def run_target(self, signature, embeddings, per_layer_embeddings, input_pos, mask):
-        self._step = 0
+        self._step = 0  # draft steps since the last target call, i.e. within this round
         return self.inner.run_target(signature, embeddings, per_layer_embeddings, input_pos, mask)
 
     def run_drafter(self, activations, input_pos, mask):
@@ -203,24 +205,46 @@ class SimulatedDrafter(Backend):
         return out
 
 
+RESYNCS = 4
+
+
+def _simulated_pass(sim: SimulatedDrafter, prompt: list[int], truth: list[int], max_tokens: int,
+                    seed: Sequence[int]) -> tuple[Stats, bool]:
+    """One MTP generation under `sim` and whether it still left the recorded continuation `truth`.
+
+    Where the verify chose another token than plain decoding did (a near-tie the two kernels round differently),
+    the continuation is recorded again from that token on and the generation rerun with the same draws, so later
+    drafts are judged against the sequence the loop really produced.
+    """
+    g = sim.contract.draft_len
+    for _ in range(RESYNCS + 1):
+        sim.start(prompt + truth, seed)
+        out, stats = generate_tokens(sim, prompt, max_tokens=max_tokens, draft_len=g)
+        j = next((j for j, (a, b) in enumerate(zip(out, truth)) if a != b), None)
+        if j is None:
+            return stats, False
+        rest, _ = generate_tokens(sim.inner, prompt + out[:j + 1], max_tokens=max_tokens + g - j - 1, mtp=False)
+        truth = out[:j + 1] + rest
+    return stats, True
+
+
 def simulate(backend: Backend, prompts: Sequence[Sequence[int]], acceptances: Sequence[float], max_tokens: int = 48,
              seed: int = 0) -> list[Simulated]:
     """Per prompt, a plain greedy pass then an MTP pass at each simulated acceptance (interleaved); costs, measured
     and predicted speed-ups. The plain pass records G tokens more than the MTP pass may need."""
     g = backend.contract.draft_len
-    sims = [SimulatedDrafter(backend, a, seed + i) for i, a in enumerate(acceptances)]  # independent draws
+    sims = [SimulatedDrafter(backend, a) for a in acceptances]
     _measure(backend, prompts[:1], min(max_tokens, 8), 0)  # warm-up
     plain: list[Stats] = []
     mtp: list[list[Stats]] = [[] for _ in sims]
     diverged = [0] * len(sims)
-    for prompt in prompts:
+    for p, prompt in enumerate(prompts):
         tokens, stats = generate_tokens(backend, list(prompt), max_tokens=max_tokens + g, mtp=False)
         plain.append(stats)
         for i, sim in enumerate(sims):
-            sim.truth = list(prompt) + tokens
-            out, stats = generate_tokens(sim, list(prompt), max_tokens=max_tokens, draft_len=g)
+            stats, left = _simulated_pass(sim, list(prompt), tokens, max_tokens, (seed, i, p))  # independent draws
             mtp[i].append(stats)
-            diverged[i] += out != tokens[:len(out)]
+            diverged[i] += left
     base = _summarize(plain, 0)
     results = []
     for a, stats, div in zip(acceptances, mtp, diverged):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -135,3 +136,20 @@ def test_simulated_acceptance_on_the_demo_pair(demo_bundle, tmp_path):
     text = CliRunner().invoke(main, ["bench", str(demo_bundle), "--prompts", str(prompts_file), "--max-tokens", "8",
                                      "--simulate-acceptance", "0.5"]).output
     assert "SIMULATED acceptance 0.50" in text
+
+
+class VerifyTie(ScriptedBackend):
+    """The verify picks another token than plain decoding after position 20 (as int8 kernels may at a near-tie)."""
+
+    def run_target(self, signature, embeddings, per_layer_embeddings, input_pos, mask):
+        out = super().run_target(signature, embeddings, per_layer_embeddings, input_pos, mask)
+        for row in np.flatnonzero(input_pos == 20) if signature == "verify" else ():
+            out["logits"][0, row] = np.roll(out["logits"][0, row], 1)
+        return out
+
+
+def test_simulation_follows_the_verify_past_a_near_tie():
+    """At A = 1 every draft must still be accepted although the verify leaves the plain continuation at position 21:
+    the continuation is re-recorded from the verify's token on, not compared with a stale one."""
+    sim, = simulate(VerifyTie(context=256, draft_len=3), [[5, 9, 2, 11, 7]], [1.0], max_tokens=60)
+    assert sim.diverged_prompts == 0 and sim.measured_acceptance == 1.0 and sim.mean_accepted_length == 4.0
