@@ -13,7 +13,11 @@ from ...contract import Contract
 
 
 class Backend(ABC):
-    """Runs the bundle's models; owns the KV state, which `run_target` updates in place and `run_drafter` reads."""
+    """Runs the bundle's models; owns the KV state, which `run_target` updates in place and `run_drafter` reads.
+
+    The loop passes the same input arrays on every call, rewritten in place: a backend copies what it needs during
+    the call and keeps no reference to them; the arrays it returns are its own, fresh for each call.
+    """
 
     contract: Contract
     name: str = "backend"
