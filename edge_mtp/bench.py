@@ -173,7 +173,6 @@ class SimulatedDrafter(Backend):
             raise EdgeMtpError(f"A simulated acceptance is a probability in [0, 1], not {acceptance}.")
         self.inner, self.contract, self.name, self.acceptance = inner, inner.contract, inner.name, acceptance
         self.start([], 0)
-        self._logits: np.ndarray | None = None  # one-hot logits, rewritten in place
 
     def start(self, truth: Sequence[int], seed: int | Sequence[int]) -> None:
         """Before a generation: the true sequence (prompt + continuation) and the seed of the draws."""
@@ -195,13 +194,10 @@ class SimulatedDrafter(Backend):
         self._step += 1
         if position >= len(self.truth):
             raise EdgeMtpError(f"No recorded continuation at position {position}: record a longer plain pass.")
-        true = self.truth[position]
-        if self._logits is None:
-            self._logits = np.zeros_like(out[LOGITS])
-        self._logits.fill(0.0)
-        token = true if self.rng.random() < self.acceptance else (true + 1) % self._logits.shape[-1]
-        self._logits[0, -1, token] = 1.0
-        out[LOGITS] = self._logits
+        true, logits = self.truth[position], out[LOGITS]  # the inner backend's own fresh array: made one-hot
+        token = true if self.rng.random() < self.acceptance else (true + 1) % logits.shape[-1]
+        logits.fill(0.0)
+        logits[0, -1, token] = 1.0
         return out
 
 
