@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -17,6 +18,8 @@ SINGLE_FILE = "model.safetensors"
 # Tensors that may sit in a Gemma 4 checkpoint but never feed the text export.
 IGNORED_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.",
                     "lm_head.")
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
+           "I32": torch.int32}
 SHARED_LAYER_UNUSED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight",
                        "self_attn.v_norm.weight")
 
@@ -49,8 +52,12 @@ class CheckpointReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise CheckpointError(f"{index} is not a valid safetensors index (no 'weight_map').") from None
+                if not all(isinstance(n, str) and isinstance(f, str) and "/" not in f and f not in ("", ".", "..")
+                           for n, f in weight_map.items()):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # JSON and UTF-8 errors too
+                raise CheckpointError(f"{index} is not a valid safetensors index (a 'weight_map' from tensor names "
+                                      "to shard files in the same folder); re-download it.") from None
             for name, file in weight_map.items():
                 self.files[name] = directory / file
             for file in sorted(set(self.files.values())):
@@ -64,6 +71,8 @@ class CheckpointReader:
                 for name in self._open(file).keys():
                     self.files[name] = file
         self._handles: dict[Path, object] = {}
+        self._layouts: dict[Path, dict] = {}
+        self._data_start: dict[Path, int] = {}
 
     def _open(self, file: Path):
         try:
@@ -85,11 +94,51 @@ class CheckpointReader:
         return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor."""
+        """Read one tensor (with pread, so no mapped checkpoint pages stay resident)."""
+        return self.rows(name, 0, None)
+
+    def rows(self, name: str, start: int, stop: int | None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor along its first axis (stop None: to the end), read from disk."""
+        file = self.files[name]
         try:
-            return self._handle(self.files[name]).get_tensor(name)
+            dtype, shape, (begin, end) = self._layout(file)[name]
+            row_bytes = (end - begin) // max(shape[0], 1) if shape else end - begin
+            stop = (shape[0] if shape else 1) if stop is None else stop
+            if not 0 <= start <= stop <= (shape[0] if shape else 1):
+                raise CheckpointError(f"internal: rows {start}:{stop} of {name} are outside its {shape[:1]} rows")
+            data = bytearray((stop - start) * row_bytes)
+            with open(file, "rb") as f:
+                f.seek(self._data_start[file] + begin + start * row_bytes)
+                if f.readinto(data) != len(data):
+                    raise ValueError("file ends early")
+            out = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            return out.reshape([stop - start, *shape[1:]] if shape else [])
+        except CheckpointError:
+            raise
         except Exception as e:
-            raise CheckpointError(f"Cannot read tensor {name} from {self.files[name].name}: {e}") from None
+            raise CheckpointError(f"Cannot read tensor {name} from {file.name}: {e}; the file is truncated or "
+                                  "corrupt (re-download it).") from None
+
+    def _layout(self, file: Path) -> dict[str, tuple[torch.dtype, list[int], tuple[int, int]]]:
+        """dtype, shape and byte range of every tensor of one shard, from its safetensors header."""
+        if file not in self._layouts:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if size > os.fstat(f.fileno()).st_size - 8:
+                    raise CheckpointError(f"{file.name} is truncated or not safetensors (its header claims {size} "
+                                          "bytes); re-download it.")
+                header = json.loads(f.read(size))
+            self._data_start[file] = 8 + size
+            layout = {}
+            for tensor, meta in header.items():
+                if tensor == "__metadata__":
+                    continue
+                if meta["dtype"] not in _DTYPES:
+                    raise CheckpointError(f"Tensor {tensor} in {file.name} has dtype {meta['dtype']}; edge-mtp reads "
+                                          f"{', '.join(_DTYPES)} checkpoints.")
+                layout[tensor] = (_DTYPES[meta["dtype"]], list(meta["shape"]), tuple(meta["data_offsets"]))
+            self._layouts[file] = layout
+        return self._layouts[file]
 
     def language_prefix(self) -> str:
         """'model.language_model.' for multimodal Gemma 4 checkpoints, 'model.' for text-only ones."""
@@ -141,3 +190,10 @@ def ensure_materialized(module: torch.nn.Module, what: str) -> None:
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         if t.is_meta:
             raise CheckpointError(f"{what}: tensor {name} was never loaded.")
+
+
+def check_finite(name: str, value: torch.Tensor, where: str) -> None:
+    """Refuse weights holding NaN or infinity (a broken fine-tune or a bad conversion) before any export work."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"Tensor {name} in {where} contains NaN or infinite values; the checkpoint is broken "
+                              "(re-download it, or fix the fine-tune that produced it).")

@@ -78,7 +78,7 @@ def test_truncated_bundle_is_reported(tiny_bundle, tmp_path):
     path, _ = tiny_bundle
     cut = tmp_path / "cut.litertlm"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(EdgeMtpError, match="is truncated: section"):
+    with pytest.raises(EdgeMtpError, match="is truncated or corrupt: section"):
         read_litertlm(cut)
     (tmp_path / "junk.litertlm").write_bytes(b"not a bundle at all" * 4)
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "junk.litertlm")])
@@ -95,7 +95,7 @@ def test_mismatched_pair_leaves_no_output(hf_pairs, synth_pair, tmp_path):
 def test_unwritable_output_location(synth_pair):
     with pytest.raises(EdgeMtpError, match="Cannot create output folder /proc/edge-mtp"):
         export_litert(synth_pair / "target", synth_pair / "assistant", Path("/proc/edge-mtp/x.litertlm"),
-                      context=CONTEXT)
+                      context=CONTEXT, prefill=(8,))
 
 
 def test_output_under_a_file_is_a_clear_error(synth_pair, tmp_path):
@@ -113,7 +113,7 @@ def test_interrupted_export_leaves_nothing(synth_pair, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        export_litert(synth_pair / "target", None, out, context=CONTEXT, prefill=(8,), check=False, on_stage=interrupt)
+        export_litert(synth_pair / "target", None, out, context=CONTEXT, prefill=(8,), on_stage=interrupt)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -164,7 +164,7 @@ def litert_bundles(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("quant-litert")
     return {r: (root / f"{r}.litertlm", export_litert(demo.target_dir(), demo.assistant_dir(), root / f"{r}.litertlm",
-                                                      context=CONTEXT, prefill=PREFILL, check=False, quant=r))
+                                                      context=CONTEXT, prefill=PREFILL, quant=r))
             for r in LITERT_RECIPES}
 
 
@@ -182,17 +182,37 @@ def test_litert_recipe_runs_in_litert_lm_and_reports(litert_bundles, recipe):
     for with_mtp, plain in zip(on.texts, off.texts):
         assert with_mtp.startswith(plain) and len(plain) > 10, (with_mtp, plain)
     report = summary.quantization
-    assert report["logit_relative_error"] > 1e-3 and 0 < report["top1_agreement"] <= 1
-    got = _loop_acceptance(LiteRTBackend(path), report["prompt_token_ids"], report["max_tokens"])
-    assert report["drafter_acceptance_quantized"] == pytest.approx(got, abs=1e-12)
-    assert 0 < report["drafter_acceptance_fp32"] <= 1
+    # measured against the streamed fp32 PyTorch reference along the bundle's own greedy continuation
+    assert report["reference"] == "streamed PyTorch fp32"
+    assert 1e-3 < report["logit_relative_error"] < 0.5 and report["top1_agreement"] >= 0.8
+    assert report["drafter_top1_agreement"] >= 0.6
     components = report["components"]
-    assert all(row["bytes"] < row["fp32_bytes"] for row in components.values())
+    assert {"embedder", "per_layer_embedder", "prelude", "head", "drafter"} <= set(components)
+    for name, row in components.items():
+        assert row["fp32_error"] <= 1e-4 and row["bytes"] < row["fp32_bytes"], (name, row)
+    layers = [row for name, row in components.items() if name.startswith("layer_")]
     if recipe == "int4":
-        assert components["target"]["bytes"] <= 0.35 * components["target"]["fp32_bytes"]
+        assert all(row["recipe"] == "int4" for row in components.values())
+        assert sum(r["bytes"] for r in layers) <= 0.2 * sum(r["fp32_bytes"] for r in layers)
     else:
         assert components["drafter"]["recipe"] == "int8"
-        assert components["embedder"]["recipe"] == components["per_layer_embedder"]["recipe"] == "int4"
+        assert all(row["recipe"] in ("int4", "int8") for row in components.values())
+        for name, row in components.items():  # 'mixed' keeps 4 bits exactly where their measured error allows
+            if name != "drafter":
+                assert (row["recipe"] == "int4") == (row["int4_error"] <= MIXED_SENSITIVITY), (name, row)
+    assert _weight_types(path) == ({"int4"} if recipe == "int4" else {"int4", "int8"})
+
+
+def _weight_types(bundle) -> set[str]:
+    """Integer weight types in a bundle's target model (what the recipe really wrote, not what it claims)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from edge_mtp.export.litertlm import read_litertlm
+
+    file = read_litertlm(bundle)
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(file.read(file.model_section("tf_lite_prefill_decode"))))
+    names = {9: "int8", 17: "int4"}
+    return {names[t.type] for sg in model.subgraphs for t in sg.tensors if t.buffer and t.type in names}
 
 
 def test_every_recipe_name_is_exercised():

@@ -43,7 +43,7 @@ def test_drafter_reading_the_wrong_cache_fails(synth_pair, tmp_path):
     models = load_target(synth_pair / "target")
     drafter = ShiftedCaches(load_drafter(synth_pair / "assistant", models.spec))
     out = tmp_path / "wired-wrong.litertlm"
-    export_litert_models(models, drafter, out, context=BUNDLE_CONTEXT, prefill=(8,), check=False,
+    export_litert_models(models, drafter, out, context=BUNDLE_CONTEXT, prefill=(8,),
                          source_assistant=synth_pair / "assistant")
     report = validate(out, prompts=PROMPTS, max_tokens=8, use_litert_lm=False)
     assert not report.passed
@@ -55,7 +55,7 @@ def test_one_perturbed_target_weight_fails(synth_pair, tmp_path):
     with torch.no_grad():
         models.target.layers[4].mlp.down_proj.weight[3, 7] += 2.0
     out = tmp_path / "perturbed.litertlm"
-    export_litert_models(models, None, out, context=BUNDLE_CONTEXT, prefill=(8,), check=False)
+    export_litert_models(models, None, out, context=BUNDLE_CONTEXT, prefill=(8,))
     result = CliRunner().invoke(main, ["validate", str(out), "--target", str(synth_pair / "target"),
                                        "--max-tokens", "8", "--no-litert-lm", "--json"])
     assert result.exit_code == 1

@@ -1,4 +1,4 @@
-"""Convert the bundle's models to LiteRT (.tflite) with litert_torch, one model at a time, and check each signature."""
+"""Convert PyTorch modules to LiteRT (.tflite) with litert_torch, and check converted signatures against PyTorch."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +14,8 @@ import torch
 from ..contract import Contract
 from ..errors import EdgeMtpError
 from .signatures import ExportUnit, compare_outputs, run_reference, sample_inputs
+
+Samples = Mapping[str, Sequence[Mapping[str, np.ndarray]]]  # signature -> inputs per seed
 
 
 @contextlib.contextmanager
@@ -27,44 +30,69 @@ def _quiet():
             logging.root.setLevel(previous)
 
 
-def convert_unit(unit: ExportUnit, contract: Contract, path: Path) -> Path:
-    """Trace every signature of one model and write a single multi-signature .tflite at `path`."""
+def convert_module(modules: Mapping[str, torch.nn.Module], samples: Samples, path: Path) -> Path:
+    """Trace each signature's module on its first sample and write one multi-signature .tflite at `path`."""
     try:
         import litert_torch
     except ImportError:
         raise EdgeMtpError("LiteRT export needs litert-torch: pip install 'edge-mtp[litert]'.") from None
     converted = None
     with _quiet(), torch.no_grad():
-        for signature, module in unit.signatures:
-            sample = {k: torch.from_numpy(v) for k, v in sample_inputs(signature, contract).items()}
+        for name, module in modules.items():
+            sample = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in samples[name][0].items()}
             module.eval()
             if converted is None:
-                converted = litert_torch.signature(signature.name, module, sample_kwargs=sample)
+                converted = litert_torch.signature(name, module, sample_kwargs=sample)
             else:
-                converted = converted.signature(signature.name, module, sample_kwargs=sample)
-        model = converted.convert()
-        model.export(str(path))
+                converted = converted.signature(name, module, sample_kwargs=sample)
+        converted.convert().export(str(path))
     return path
 
 
-def run_tflite(path: Path, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def unit_samples(unit: ExportUnit, contract: Contract, seeds: Sequence[int] = (0, 100, 101)) -> dict:
+    """Contract sample inputs for every signature of a unit (the first seed traces, the others check)."""
+    return {sig.name: [sample_inputs(sig, contract, seed=seed) for seed in seeds] for sig, _ in unit.signatures}
+
+
+def convert_unit(unit: ExportUnit, contract: Contract, path: Path) -> Path:
+    """Trace every signature of one model and write a single multi-signature .tflite at `path`."""
+    return convert_module({sig.name: module for sig, module in unit.signatures}, unit_samples(unit, contract), path)
+
+
+class TfliteRunner:
+    """Runs signatures of one .tflite with a single LiteRT interpreter (made once: it packs the weights)."""
+
+    def __init__(self, path: Path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path))
+        self.runners: dict[str, object] = {}
+
+    def __call__(self, signature: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if signature not in self.runners:
+            self.runners[signature] = self.interpreter.get_signature_runner(signature)
+        return self.runners[signature](**inputs)
+
+
+def run_tflite(path: Path, signature: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run one signature of a .tflite with the LiteRT interpreter."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    runner = Interpreter(model_path=str(path)).get_signature_runner(signature)
-    return runner(**inputs)
+    return TfliteRunner(path)(signature, inputs)
 
 
-def check_unit(unit: ExportUnit, contract: Contract, path: Path, seeds: int = 2) -> dict[str, dict]:
-    """Compare every converted signature with its PyTorch module on random inputs; worst error per output."""
+def check_module(path: Path, modules: Mapping[str, torch.nn.Module], samples: Samples) -> dict[str, dict]:
+    """Compare every converted signature with its PyTorch module on the checking samples; worst error per output."""
+    runner = TfliteRunner(path)
     report: dict[str, dict] = {}
-    for signature, module in unit.signatures:
+    for name, module in modules.items():
         worst: dict[str, dict[str, float]] = {}
-        for seed in range(seeds):
-            inputs = sample_inputs(signature, contract, seed=100 + seed)
-            got = run_tflite(path, signature.name, inputs)
-            for name, row in compare_outputs(got, run_reference(module, inputs)).items():
-                if name not in worst or row["relative"] > worst[name]["relative"]:
-                    worst[name] = row
-        report[signature.name] = worst
+        for inputs in samples[name][1:]:
+            for output, row in compare_outputs(runner(name, inputs), run_reference(module, inputs)).items():
+                if output not in worst or row["relative"] > worst[output]["relative"]:
+                    worst[output] = row
+        report[name] = worst
     return report
+
+
+def check_unit(unit: ExportUnit, contract: Contract, path: Path) -> dict[str, dict]:
+    """Compare every converted signature of a unit with its PyTorch module on random contract inputs."""
+    return check_module(path, {sig.name: module for sig, module in unit.signatures}, unit_samples(unit, contract))

@@ -35,10 +35,11 @@ from ..contract import (ACTIVATIONS, DECODE, DRAFTER, EMBEDDER, LOGITS, PER_LAYE
                         Contract, Signature, kv_output_name)
 from ..errors import EdgeMtpError
 from ..model.loading import load_drafter, load_target
+from .driver import enforce_tolerance
 from .onnx_bundle import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
                           contract_from_manifest, is_onnx_bundle, model_file, onnx_output_name,
                           read_manifest, tokenizer_info)
-from .pipeline import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, ExportSummary, _enforce_tolerance,
+from .pipeline import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, ExportSummary,
                        _signature_names, tokenizer_files)
 from .onnx_quantize import check_onnx_recipe, graph_bytes, move_graph, quantize_graph, weight_bytes
 from .quantize import mixed_choice, relative_error
@@ -357,7 +358,7 @@ def export_onnx(target_dir: str | Path, assistant_dir: str | Path | None, out_di
         raise EdgeMtpError(f"Prefill length {max(prefill)} exceeds the context {context}.")
     contract = Contract(models.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)))
     models.target.cache_write = "scatter"  # ScatterElements: in place in onnxruntime (layers.write_cache)
-    checks: dict[str, dict] = {}
+    checks: dict[str, float] = {}
     model_records: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(atomic_directory(out))
@@ -372,8 +373,7 @@ def export_onnx(target_dir: str | Path, assistant_dir: str | Path | None, out_di
             gc.collect()
             if check:
                 stage(f"checking {unit.name} against PyTorch")
-                checks[unit.name] = check_unit(unit, contract, path)
-                _enforce_tolerance(unit.name, checks[unit.name])
+                checks[unit.name] = enforce_tolerance(unit.name, check_unit(unit, contract, path))
             if quantization is not None:
                 stage(f"quantizing {unit.name} ({quant})")
                 fp32 = move_graph(path, fp32_dir / path.name)  # kept as the reference twin

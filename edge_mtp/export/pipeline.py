@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import errno
 import json
-import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,19 +13,19 @@ from typing import Callable
 from ..atomic import atomic_file, writable_parent
 from ..contract import Contract
 from ..errors import EdgeMtpError
+from ..memory import PeakMemory
 from ..model.drafter import Drafter
-from ..model.loading import TargetModels, load_drafter, load_target
+from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_drafter
 from ..spec import spec_to_dict
-from ..prompts import DEFAULT_PROMPTS
+from .bundle_check import bundle_report, enforce
+from .driver import TOLERANCE, Progress, StreamedExport
 from .litertlm import BundleMetadata, read_litertlm, write_litertlm
-from .quality import open_backend, quantization_report
-from .quantize import DEFAULT_RECIPE, check_recipe, quantize_models, relative_error
-from .signatures import export_units
+from .quality import report_prompts
+from .quantize import DEFAULT_RECIPE, check_recipe
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_PREFILL = (32, 128)
 DEFAULT_DRAFT_LEN = 3
-TOLERANCE = 1e-4  # max abs error / reference magnitude, per output of every signature
 MANIFEST_VERSION = 1
 
 
@@ -37,7 +37,7 @@ class ExportSummary:
     bytes: int
     sections: list[dict]
     signatures: dict[str, list[str]]
-    checks: dict[str, dict]
+    checks: dict[str, float]  # worst relative error vs PyTorch per converted piece
     wall_seconds: float
     peak_rss_mib: float
     stages: list[str] = field(default_factory=list)
@@ -86,52 +86,96 @@ def gallery_entry(bundle: Path, name: str, contract: Contract) -> dict:
 
 def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out: str | Path, *,
                   draft_len: int = DEFAULT_DRAFT_LEN, context: int = DEFAULT_CONTEXT,
-                  prefill: tuple[int, ...] = DEFAULT_PREFILL, quant: str = DEFAULT_RECIPE, check: bool = True,
-                  on_stage: Callable[[str], None] = lambda s: None) -> ExportSummary:
-    """Export a target (and its assistant) to a .litertlm bundle at `out`; every signature is checked numerically."""
+                  prefill: tuple[int, ...] = DEFAULT_PREFILL, quant: str = DEFAULT_RECIPE,
+                  on_stage: Callable[[str], None] = lambda s: None,
+                  on_progress: Progress = lambda what, done, total: None) -> ExportSummary:
+    """Export a target (and its assistant) to a .litertlm bundle at `out`, streaming the checkpoint piece by piece."""
     out = Path(out)
-    check_output(out, draft_len)
-    check_recipe(quant)
-    on_stage("loading checkpoints")
-    models = load_target(target_dir)
-    drafter = load_drafter(assistant_dir, models.spec) if assistant_dir is not None else None
-    return export_litert_models(models, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
-                                quant=quant, check=check, on_stage=on_stage, source_assistant=assistant_dir)
+    check_options(out, draft_len, context, prefill, quant)
+    source = TargetCheckpoint(target_dir)
+    drafter = load_drafter(assistant_dir, source.spec) if assistant_dir is not None else None
+    return export_litert_models(source, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
+                                quant=quant, on_stage=on_stage, on_progress=on_progress,
+                                source_assistant=assistant_dir)
 
 
-def check_output(out: Path, draft_len: int) -> None:
-    """Refuse a bad --out or --draft-len before any expensive work."""
+def check_options(out: Path, draft_len: int, context: int, prefill: tuple[int, ...], quant: str) -> None:
+    """Refuse a bad --out, --draft-len, --context, --prefill or --quant before any expensive work."""
     if out.suffix != ".litertlm":
         raise EdgeMtpError(f"Output {out} should end in .litertlm (use --format onnx for an ONNX bundle).")
+    if out.is_dir():
+        raise EdgeMtpError(f"Output {out} is a directory; name a .litertlm file to write.")
     if draft_len < 1:
         raise EdgeMtpError("--draft-len must be at least 1.")
+    if not prefill or min(prefill) < 1:
+        raise EdgeMtpError("--prefill needs positive lengths.")
+    if max(prefill) > context or draft_len + 2 > context:
+        raise EdgeMtpError(f"--context {context} is smaller than a prefill ({max(prefill)}) or verify "
+                           f"({draft_len + 1}) window; raise --context.")
+    check_recipe(quant)
     writable_parent(out)
 
 
-def export_litert_models(models: TargetModels, drafter: Drafter | None, out: Path, *,
+def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter | None, out: Path, *,
                          draft_len: int = DEFAULT_DRAFT_LEN, context: int = DEFAULT_CONTEXT,
                          prefill: tuple[int, ...] = DEFAULT_PREFILL, quant: str = DEFAULT_RECIPE,
-                         check: bool = True, on_stage: Callable[[str], None] = lambda s: None,
+                         on_stage: Callable[[str], None] = lambda s: None,
+                         on_progress: Progress = lambda what, done, total: None,
                          source_assistant: str | Path | None = None) -> ExportSummary:
-    """Export already-loaded modules (see export_litert) to a .litertlm bundle at `out`."""
+    """Export a target source (a checkpoint opened for streaming, or modules in memory) to a .litertlm at `out`."""
     start = time.time()
-    check_output(out, draft_len)
-    check_recipe(quant)
-    if max(prefill) > context:
-        raise EdgeMtpError(f"Prefill length {max(prefill)} exceeds the context {context}.")
-    contract = Contract(models.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)))
-    job = _LitertExport(models, drafter, contract, out, quant, on_stage)
-    job.manifest["source"] = {"target": str(models.path),
-                              "assistant": str(source_assistant) if source_assistant else None}
-    previous_write, models.target.cache_write = models.target.cache_write, "dus"
+    out = Path(out)
+    check_options(out, draft_len, context, prefill, quant)
+    if isinstance(source, TargetModels):
+        source = TargetSource(source)
+    contract = Contract(source.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)))
+    tokenizer, meta = tokenizer_files(source.directory)
+    manifest = {
+        "format": "edge-mtp-litertlm", "format_version": MANIFEST_VERSION, "draft_len": contract.draft_len,
+        "context": contract.context, "prefill_lengths": list(contract.prefill_lengths),
+        "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]", "target": spec_to_dict(source.spec),
+        "drafter": spec_to_dict(drafter.spec) if drafter else None, "quantization": quant,
+        "source": {"target": str(source.directory), "assistant": str(source_assistant) if source_assistant else None},
+    }
+    target = source.models.target
+    previous_write, target.cache_write = target.cache_write, "dus"
+    memory, stages = PeakMemory(), []
+
+    def stage(text: str) -> None:
+        stages.append(text)
+        on_stage(text)
+
     try:
-        with tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as tmp:
-            job.work = Path(tmp)
-            job.convert(check)
-            job.quantize()
-            job.write()
+        with memory, tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as tmp:
+            work = Path(tmp)
+            job = StreamedExport(source, drafter, contract, work, quant, stage, on_progress)
+            paths = job.run()
+            stage("checking the bundle against a streamed PyTorch reference")
+            candidate = work / "candidate.litertlm"
+            write_litertlm(candidate, paths, contract, tokenizer, meta, manifest, work)
+            from ..runtime.backends.litert import LiteRTBackend
+            from ..runtime.api import Tokenizer
+
+            prompts = report_prompts(Tokenizer(tokenizer.read_text(), meta.start_token, meta.stop_tokens), context)
+            report = bundle_report(LiteRTBackend(candidate), source, drafter, contract, prompts)
+            enforce(report, str(out), exact=quant == "fp32")
+            report["components"] = {name: asdict(r) for name, r in job.reports.items()}
+            manifest["quantization_report"] = report
+            candidate.unlink()
+            stage("writing bundle")
+            with atomic_file(out) as partial:
+                write_litertlm(partial, paths, contract, tokenizer, meta, manifest, work)
+                read_litertlm(partial)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise EdgeMtpError(f"The disk holding {out.parent} is full; free space (a real-size export needs "
+                               "about three times the bundle's size while it works) and export again.") from None
+        raise
+    except MemoryError:
+        raise EdgeMtpError("The export ran out of memory; close other programs or export with a smaller "
+                           "--prefill/--context.") from None
     finally:
-        models.target.cache_write = previous_write
+        target.cache_write = previous_write
     (out.parent / f"{out.stem}.allowlist.json").write_text(
         json.dumps({"models": [gallery_entry(out, out.stem, contract)]}, indent=2))
     bundle = read_litertlm(out)
@@ -139,89 +183,8 @@ def export_litert_models(models: TargetModels, drafter: Drafter | None, out: Pat
         out=str(out), bytes=out.stat().st_size,
         sections=[{"type": s.data_type, "model_type": s.model_type, "bytes": s.end - s.begin} for s in bundle.sections],
         signatures={u: [s.name for s in sigs] for u, sigs in _signature_names(contract).items()},
-        checks=job.checks, wall_seconds=time.time() - start,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, stages=job.stages,
-        quantization=job.manifest.get("quantization_report"))
-
-
-class _LitertExport:
-    """One export job: convert and check each model, quantize, write the bundle (in a temporary work folder)."""
-
-    def __init__(self, models: TargetModels, drafter: Drafter | None, contract: Contract, out: Path, quant: str,
-                 on_stage: Callable[[str], None]):
-        self.models, self.drafter, self.contract, self.out, self.quant = models, drafter, contract, out, quant
-        self.on_stage = on_stage
-        self.tokenizer, self.meta = tokenizer_files(models.path)
-        self.units = export_units(models, drafter, contract)
-        self.paths: dict[str, Path] = {}
-        self.checks: dict[str, dict] = {}
-        self.stages: list[str] = []
-        self.work = Path(".")
-        self.manifest = {
-            "format": "edge-mtp-litertlm", "format_version": MANIFEST_VERSION, "draft_len": contract.draft_len,
-            "context": contract.context, "prefill_lengths": list(contract.prefill_lengths),
-            "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]", "target": spec_to_dict(models.spec),
-            "drafter": spec_to_dict(drafter.spec) if drafter else None, "quantization": quant,
-        }
-
-    def stage(self, text: str) -> None:
-        self.stages.append(text)
-        self.on_stage(text)
-
-    def convert(self, check: bool) -> None:
-        """Convert every model to fp32 .tflite; check each signature against PyTorch."""
-        from .litert import check_unit, convert_unit
-
-        for unit in self.units:
-            self.stage(f"converting {unit.name}: {', '.join(s.name for s, _ in unit.signatures)}")
-            self.paths[unit.name] = convert_unit(unit, self.contract, self.work / f"{unit.name}.tflite")
-            if check:
-                self.stage(f"checking {unit.name} against PyTorch")
-                self.checks[unit.name] = check_unit(unit, self.contract, self.paths[unit.name])
-                _enforce_tolerance(unit.name, self.checks[unit.name])
-
-    def quantize(self) -> None:
-        """Apply the recipe model by model, then measure what it cost against the fp32 models."""
-        if self.quant == "fp32":
-            return
-        self.stage(f"quantizing ({self.quant})")
-        fp32 = dict(self.paths)
-        self.paths, chosen = quantize_models(fp32, self.quant, self.work, self._sensitivity)
-        self.stage("measuring the quantization cost against fp32")
-        reference = self.work / "fp32.litertlm"
-        write_litertlm(reference, fp32, self.contract, self.tokenizer, self.meta, self.manifest, self.work)
-        candidate = self.work / "quantized.litertlm"
-        write_litertlm(candidate, self.paths, self.contract, self.tokenizer, self.meta, self.manifest, self.work)
-        report = quantization_report(open_backend(reference), open_backend(candidate), self._prompts())
-        report["components"] = {name: {"recipe": chosen[name], "bytes": self.paths[name].stat().st_size,
-                                       "fp32_bytes": fp32[name].stat().st_size} for name in fp32}
-        self.manifest["quantization_report"] = report
-
-    def _sensitivity(self, name: str, trial: Path) -> float:
-        """Relative error of a component's main output when quantized (used by the 'mixed' recipe)."""
-        from .litert import run_tflite
-        from .signatures import sample_inputs
-
-        unit = next(u for u in self.units if u.name == name)
-        signature = unit.signatures[-1][0]  # verify for the target, the only signature elsewhere
-        inputs = sample_inputs(signature, self.contract, seed=7)
-        key = next(o.name for o in signature.outputs if not o.name.startswith("kv_cache"))
-        want = run_tflite(self.paths[name], signature.name, inputs)
-        return relative_error(run_tflite(trial, signature.name, inputs), want, key)
-
-    def _prompts(self) -> list[list[int]]:
-        from ..runtime.api import Tokenizer
-
-        tok = Tokenizer(self.tokenizer.read_text(), self.meta.start_token, self.meta.stop_tokens)
-        limit = max(4, self.contract.context // 3)
-        return [tok.encode(p)[:limit] for p in DEFAULT_PROMPTS]
-
-    def write(self) -> None:
-        """Assemble the bundle atomically and read it back before publishing it."""
-        self.stage("writing bundle")
-        with atomic_file(self.out) as partial:
-            write_litertlm(partial, self.paths, self.contract, self.tokenizer, self.meta, self.manifest, self.work)
-            read_litertlm(partial)
+        checks={name: r.fp32_error for name, r in job.reports.items()}, wall_seconds=time.time() - start,
+        peak_rss_mib=memory.peak_mib, stages=stages, quantization=manifest.get("quantization_report"))
 
 
 def _signature_names(contract: Contract) -> dict:
@@ -231,13 +194,3 @@ def _signature_names(contract: Contract) -> dict:
     if contract.drafter is not None:
         out["drafter"] = [contract.drafter_signature()]
     return out
-
-
-def _enforce_tolerance(model: str, report: dict[str, dict]) -> None:
-    for signature, outputs in report.items():
-        for name, row in outputs.items():
-            if row["relative"] > TOLERANCE:
-                raise EdgeMtpError(
-                    f"The converted {model} signature '{signature}' differs from PyTorch on '{name}' "
-                    f"(max error {row['max_abs_error']:.3g} vs magnitude {row['scale']:.3g}); this is a converter "
-                    "miscompile: please report it with the checkpoint's config.json.")

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgeMtpError
+from .litert import _quiet
 
 RECIPES = ("fp32", "fp16", "int8", "int4", "int4-b32", "int4-b64", "int4-b128", "mixed")
 DEFAULT_RECIPE = "fp32"
@@ -114,8 +115,9 @@ def quantize_file(path: Path, recipe: list[dict] | None, out: Path) -> Path:
     recipe = list(recipe)
     for _ in range(64):
         try:
-            result = quantizer.Quantizer(str(path), recipe).quantize(enable_progress_bar=False,
-                                                                     enable_progress_report=False)
+            with _quiet():  # its "Applying Transformations" bar ignores enable_progress_bar
+                result = quantizer.Quantizer(str(path), recipe).quantize(enable_progress_bar=False,
+                                                                         enable_progress_report=False)
             break
         except Exception as e:
             match = _NOT_DIVISIBLE.search(str(e))

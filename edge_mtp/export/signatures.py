@@ -21,6 +21,7 @@ class SignatureModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, signature: Signature, positional: tuple[str, ...] = ()):
         super().__init__()
         self.model = model
+        self.signature_name = signature.name
         self.positional = positional
         self.output_names = tuple(o.name for o in signature.outputs)
 
@@ -56,8 +57,10 @@ def export_units(models: TargetModels, drafter: Drafter | None, contract: Contra
     return units
 
 
-def sample_inputs(signature: Signature, contract: Contract, seed: int = 0, start: int | None = None) -> dict[str, np.ndarray]:
-    """Realistic random inputs for a signature: valid token ids, positions mid-context, causal masks, random caches."""
+def sample_inputs(signature: Signature, contract: Contract, seed: int = 0, start: int | None = None,
+                  caches: bool = True) -> dict[str, np.ndarray]:
+    """Realistic random inputs for a signature: valid token ids, positions mid-context, causal masks, random caches
+    (left out with caches=False)."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     length = next((s.shape[1] for s in signature.inputs if s.name == "embeddings"), 1)
@@ -65,6 +68,8 @@ def sample_inputs(signature: Signature, contract: Contract, seed: int = 0, start
         start = int(rng.integers(0, contract.context - length + 1)) if signature.name != "mtp_drafter" else \
             int(rng.integers(1, contract.context))
     for spec in signature.inputs:
+        if spec.name.startswith("kv_cache") and not caches:
+            continue
         if spec.name == "token_ids":
             out[spec.name] = rng.integers(0, contract.target.vocab_size, spec.shape).astype(np.int32)
         elif spec.name == "input_pos":

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointReader, assign, ensure_materialized, resolve_checkpoint, shared_layer_leftovers
-from ..layout import drafter_tensors, target_tensors
+from ..checkpoint import (CheckpointReader, assign, check_finite, ensure_materialized, resolve_checkpoint,
+                          shared_layer_leftovers)
+from ..layout import TensorEntry, drafter_tensors, target_tensors
 from ..spec import DrafterSpec, TargetSpec, check_pair, drafter_spec_from_config, read_config, target_spec_from_config
 from .drafter import Drafter
 from .embedder import Embedder, PerLayerEmbedder
@@ -33,25 +34,87 @@ def build_target(spec: TargetSpec) -> TargetModels:
         return TargetModels(spec, Embedder(spec), PerLayerEmbedder(spec) if spec.ple_dim else None, Target(spec))
 
 
+class TargetSource:
+    """Target weights offered part by part (see TargetCheckpoint); this base serves models already in memory
+    (tests export tampered modules through it): loading and releasing are then no-ops."""
+
+    def __init__(self, models: TargetModels):
+        self.models, self.spec, self.directory = models, models.spec, models.path
+        self.entries = list(target_tensors(self.spec))
+        self.modules = {"embedder": models.embedder, "per_layer_embedder": models.per_layer_embedder,
+                        "target": models.target}
+
+    def entry(self, local: str, owner: str = "target") -> TensorEntry:
+        """The checkpoint entry behind a module tensor path such as 'embed_tokens.weight'."""
+        return next(e for e in self.entries if e.local == local and owner in e.modules)
+
+    def rows(self, entry: TensorEntry, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) of a table."""
+        module = self.modules[entry.modules[0]]
+        owner, _, attr = entry.local.rpartition(".")
+        return getattr(module.get_submodule(owner) if owner else module, attr)[start:stop].detach().to(dtype)
+
+    def load(self, owner: str, local_prefix: str = "", dtype: torch.dtype = torch.float32) -> None:
+        """Make the tensors of module `owner` whose path starts with `local_prefix` (e.g. 'layers.3.') available."""
+
+    def release(self, owner: str, local_prefix: str = "") -> None:
+        """Let those tensors go again."""
+
+
+class TargetCheckpoint(TargetSource):
+    """A target checkpoint opened for streaming: the modules start on the meta device and are filled (and emptied
+    again) part by part, so a real-size export never holds the whole model."""
+
+    def __init__(self, path: str | Path):
+        directory = resolve_checkpoint(path)
+        spec = target_spec_from_config(read_config(directory), where=str(directory / "config.json"))
+        self.reader = CheckpointReader(directory)
+        self.prefix = self.reader.language_prefix()
+        leftovers = shared_layer_leftovers(self.prefix, spec.first_shared_layer, spec.num_layers)
+        entries = self.reader.check(target_tensors(spec), self.prefix, "target", leftovers)
+        models = build_target(spec)
+        models.path = directory
+        super().__init__(models)
+        self.entries = entries
+
+    def _entries(self, owner: str, local_prefix: str) -> list[TensorEntry]:
+        return [e for e in self.entries if owner in e.modules and e.local.startswith(local_prefix)]
+
+    def read(self, entry: TensorEntry, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One checkpoint tensor in `dtype`, refused if it holds NaN or infinity."""
+        value = self.reader.tensor(self.prefix + entry.name)
+        check_finite(self.prefix + entry.name, value, str(self.reader.files[self.prefix + entry.name].name))
+        return value.to(dtype)
+
+    def rows(self, entry: TensorEntry, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) of a table, read from disk, refused if they hold NaN or infinity."""
+        value = self.reader.rows(self.prefix + entry.name, start, stop)
+        check_finite(self.prefix + entry.name, value, str(self.reader.files[self.prefix + entry.name].name))
+        return value.to(dtype)
+
+    def load(self, owner: str, local_prefix: str = "", dtype: torch.dtype = torch.float32) -> None:
+        """Fill the tensors of module `owner` whose path starts with `local_prefix` (e.g. 'layers.3.')."""
+        for entry in self._entries(owner, local_prefix):
+            assign(self.modules[owner], entry.local, self.read(entry, dtype))
+
+    def release(self, owner: str, local_prefix: str = "") -> None:
+        """Return those tensors to the meta device, freeing their memory."""
+        for entry in self._entries(owner, local_prefix):
+            assign(self.modules[owner], entry.local, torch.empty(entry.shape, device="meta"))
+
+
 def load_target(path: str | Path, dtype: torch.dtype = torch.float32) -> TargetModels:
     """Target modules from a gemma4 / gemma4_text checkpoint directory (or a cached Hugging Face repo id)."""
-    directory = resolve_checkpoint(path)
-    spec = target_spec_from_config(read_config(directory), where=str(directory / "config.json"))
-    reader = CheckpointReader(directory)
-    prefix = reader.language_prefix()
-    models = build_target(spec)
-    modules = {"embedder": models.embedder, "per_layer_embedder": models.per_layer_embedder, "target": models.target}
-    leftovers = shared_layer_leftovers(prefix, spec.first_shared_layer, spec.num_layers)
-    for entry in reader.check(target_tensors(spec), prefix, "target", leftovers):
-        value = reader.tensor(prefix + entry.name).to(dtype)
+    checkpoint = TargetCheckpoint(path)
+    for entry in checkpoint.entries:
+        value = checkpoint.read(entry, dtype)
         for owner in entry.modules:
-            assign(modules[owner], entry.local, value)
-    for name, module in modules.items():
+            assign(checkpoint.modules[owner], entry.local, value)
+    for name, module in checkpoint.modules.items():
         if module is not None:
-            ensure_materialized(module, f"{directory} ({name})")
+            ensure_materialized(module, f"{checkpoint.directory} ({name})")
             module.eval()
-    models.path = directory
-    return models
+    return checkpoint.models
 
 
 def read_drafter_spec(directory: Path) -> DrafterSpec:
@@ -72,6 +135,7 @@ def load_drafter(path: str | Path, target: TargetSpec, dtype: torch.dtype = torc
         drafter = Drafter(spec, target, sliding_window=sliding_window)
     for entry in reader.check(drafter_tensors(spec), "", "assistant"):
         value = reader.tensor(entry.name)
+        check_finite(entry.name, value, str(reader.files[entry.name].name))
         assign(drafter, entry.local, value.to(torch.int32) if entry.role == "ordering" else value.to(dtype))
     ensure_materialized(drafter, str(directory))
     return drafter.eval()

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..contract import k_name, v_name
+from ..contract import INPUT_POS, MASK, k_name, v_name
 from ..spec import FULL, SLIDING, TargetSpec
-from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq, write_cache
+from .layers import DecoderLayer, KeyView, RMSNorm, graph_output, rope_cos_sin, rope_inv_freq, write_cache
+
+
+def ple_name(layer: int) -> str:
+    """Name of layer `layer`'s per-layer input row in the layer context."""
+    return f"ple_{layer}"
 
 
 class Target(nn.Module):
@@ -19,6 +24,9 @@ class Target(nn.Module):
     every cache-owning layer i (`contiguous=False` when input_pos is not one run of consecutive positions, as in
     batched training). Returns a dict with `logits` [1,T,V] (softcapped), `activations` [1,T,H] (the
     post-final-norm hidden state) and every cache with the new rows written at `input_pos`.
+
+    The forward is three steps that the streamed exporter also converts one by one: `layer_context` (RoPE tables,
+    key views and PLE rows, computed once for all layers), `layer` (one decoder layer), `head`.
     """
 
     def __init__(self, spec: TargetSpec):
@@ -44,31 +52,73 @@ class Target(nn.Module):
         ctx = self.per_layer_projection_norm(ctx.reshape(*embeddings.shape[:2], s.num_layers, s.ple_dim))
         return (ctx + per_layer_embeddings) * (2.0 ** -0.5)
 
-    def forward(self, embeddings: torch.Tensor, per_layer_embeddings: torch.Tensor | None, input_pos: torch.Tensor,
-                mask: torch.Tensor, contiguous: bool = True, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
+    def layer_context(self, embeddings: torch.Tensor, per_layer_embeddings: torch.Tensor | None,
+                      input_pos: torch.Tensor, mask: torch.Tensor, contiguous: bool = True) -> dict[str, torch.Tensor]:
+        """Everything a layer reads besides the hidden state and the caches, by name.
+
+        `rope_{cos,sin}_<kind>` [T, hd], `mask_<kind>` (the key view's mask) and, for a gathered sliding view,
+        `index_sliding`; `ple_<i>` [1,T,P] per layer; `input_pos` and `mask` as given.
+        """
         s = self.spec
-        rope = {kind: rope_cos_sin(input_pos, getattr(self, f"inv_freq_{kind}")) for kind in (SLIDING, FULL)}
+        out = {INPUT_POS: input_pos, MASK: mask}
         views = {FULL: KeyView(mask), SLIDING: KeyView.sliding(input_pos, mask, s.sliding_window, contiguous)}
-        ple = self.per_layer_inputs(embeddings, per_layer_embeddings) if s.ple_dim else None
-        caches = dict(kv_caches)
-        h = embeddings
-        for i, layer in enumerate(self.layers):
-            kind = s.layer_types[i]
-            cos, sin = rope[kind]
-            src = s.kv_source(i)
-            attn = layer.self_attn
+        for kind in sorted(set(s.layer_types)):
+            out[f"rope_cos_{kind}"], out[f"rope_sin_{kind}"] = rope_cos_sin(input_pos, getattr(self, f"inv_freq_{kind}"))
+            if kind == SLIDING:
+                out[f"mask_{kind}"] = views[kind].mask
+                if views[kind].index is not None:
+                    out[f"index_{kind}"] = views[kind].index
+        if s.ple_dim:
+            ple = self.per_layer_inputs(embeddings, per_layer_embeddings)
+            for i in range(s.num_layers):
+                out[ple_name(i)] = ple[:, :, i]
+        return out
 
-            def attention(x: torch.Tensor, i=i, attn=attn, cos=cos, sin=sin, src=src, kind=kind) -> torch.Tensor:
-                if attn.own_kv:
-                    k, v = attn.key_value(x, cos, sin)
-                    caches[k_name(i)], caches[v_name(i)] = write_cache(
-                        caches[k_name(i)], caches[v_name(i)], k, v, input_pos, self.cache_write)
-                q = attn.query(x, cos, sin)
-                return attn.o_proj(views[kind].attend(q, caches[k_name(src)], caches[v_name(src)]))
+    def layer_inputs(self, i: int) -> list[str]:
+        """Names of the context entries and caches layer i reads (besides the hidden state `h`)."""
+        s = self.spec
+        kind, src = s.layer_types[i], s.kv_source(i)
+        names = [f"rope_cos_{kind}", f"rope_sin_{kind}", MASK if kind == FULL else f"mask_{kind}"]
+        if kind == SLIDING:
+            names.append(f"index_{kind}")
+        if s.ple_dim:
+            names.append(ple_name(i))
+        if i == src:
+            names.append(INPUT_POS)
+        return names + [k_name(src), v_name(src)]
 
-            h = layer(h, attention, ple[:, :, i] if ple is not None else None)
+    def layer(self, i: int, h: torch.Tensor, context: dict[str, torch.Tensor],
+              caches: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decoder layer i on hidden state h; a cache-owning layer writes its new K/V rows into `caches`."""
+        s = self.spec
+        kind, src = s.layer_types[i], s.kv_source(i)
+        cos, sin = context[f"rope_cos_{kind}"], context[f"rope_sin_{kind}"]
+        view = KeyView(context[MASK]) if kind == FULL else KeyView(context[f"mask_{kind}"], context.get(f"index_{kind}"))
+        attn = self.layers[i].self_attn
+
+        def attention(x: torch.Tensor) -> torch.Tensor:
+            if attn.own_kv:
+                k, v = attn.key_value(x, cos, sin)
+                caches[k_name(i)], caches[v_name(i)] = write_cache(
+                    caches[k_name(i)], caches[v_name(i)], k, v, context[INPUT_POS], self.cache_write)
+            q = attn.query(x, cos, sin)
+            return attn.o_proj(view.attend(q, caches[k_name(src)], caches[v_name(src)]))
+
+        return self.layers[i](h, attention, context.get(ple_name(i)))
+
+    def head(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Final norm and the tied, softcapped LM head: `logits` [1,T,V] and `activations` [1,T,H]."""
         activations = self.norm(h)
         logits = torch.matmul(activations, self.embed_tokens.weight.t())
-        if s.final_softcap:
-            logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
-        return {"logits": logits, "activations": activations, **{n: caches[n] for n in kv_caches}}
+        if self.spec.final_softcap:
+            logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
+        return {"logits": logits, "activations": graph_output(activations)}
+
+    def forward(self, embeddings: torch.Tensor, per_layer_embeddings: torch.Tensor | None, input_pos: torch.Tensor,
+                mask: torch.Tensor, contiguous: bool = True, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
+        context = self.layer_context(embeddings, per_layer_embeddings, input_pos, mask, contiguous)
+        caches = dict(kv_caches)
+        h = embeddings
+        for i in range(self.spec.num_layers):
+            h = self.layer(i, h, context, caches)
+        return {**self.head(h), **{n: caches[n] for n in kv_caches}}

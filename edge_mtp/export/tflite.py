@@ -1,0 +1,338 @@
+"""TFLite flatbuffer surgery for the streamed exporter.
+
+Pieces of a model are converted separately (litert-torch), then joined here into one multi-signature model: each
+signature's subgraph is the concatenation of the pieces' subgraphs of that signature, linked by tensor name (an
+input named `h` reads the latest output named `h`). Weights are never held together: each piece's buffers are
+appended to a data file as the piece is added, and the final file carries them after the flatbuffer, addressed by
+`Buffer.offset` (how LiteRT stores models over 2 GB).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..contract import Signature, TensorSpec
+from ..errors import EdgeMtpError
+
+ALIGN = 64  # bytes; every weight starts on a cache line
+_TYPES = {"float32": 0, "float16": 1, "int32": 2, "int64": 4, "bool": 6, "int8": 9}
+# Ops whose options name other subgraphs: a piece holding one cannot be joined by renumbering tensors alone.
+_SUBGRAPH_OPS = ("WHILE", "IF", "CALL_ONCE", "STABLEHLO_COMPOSITE", "STABLEHLO_WHILE", "STABLEHLO_CASE")
+
+
+def _schema():
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+def read_tflite(path: Path):
+    """A .tflite as a ModelT whose buffer data are zero-copy views of the memory-mapped file."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    try:
+        return flatbuffer_utils.read_model(str(path))
+    except Exception as e:
+        raise EdgeMtpError(f"Cannot read the converted model {path}: {e}") from None
+
+
+def pack(model) -> bytearray:
+    """Serialise a ModelT (buffers with data inline, or offset/size only)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return flatbuffer_utils.convert_object_to_bytearray(model)
+
+
+def op_name(model, op) -> str:
+    """The builtin (or custom) name of an operator."""
+    schema = _schema()
+    code = model.operatorCodes[op.opcodeIndex]
+    if code.customCode:
+        return code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode
+    builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+    return next((k for k, v in vars(schema.BuiltinOperator).items() if v == builtin and not k.startswith("_")),
+                str(builtin))
+
+
+def tensor_name(tensor) -> str:
+    """A tensor's name as text."""
+    return tensor.name.decode() if isinstance(tensor.name, bytes) else (tensor.name or "")
+
+
+def signature_io(model, key: str) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(subgraph index, input name -> tensor index, output name -> tensor index) of a signature."""
+    for sig in model.signatureDefs or []:
+        name = sig.signatureKey.decode() if isinstance(sig.signatureKey, bytes) else sig.signatureKey
+        if name == key:
+            def names(maps):
+                return {(m.name.decode() if isinstance(m.name, bytes) else m.name): m.tensorIndex for m in maps or []}
+            return sig.subgraphIndex, names(sig.inputs), names(sig.outputs)
+    raise KeyError(key)
+
+
+def signature_keys(model) -> list[str]:
+    """The signature names of a model, in order."""
+    return [s.signatureKey.decode() if isinstance(s.signatureKey, bytes) else s.signatureKey
+            for s in model.signatureDefs or []]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Weights of a converted piece
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """Where a module tensor sits in a converted model: its buffer, and whether the converter transposed it."""
+
+    buffer: int
+    transposed: bool = False
+
+
+def locate_weights(model, weights: dict[str, np.ndarray]) -> dict[str, WeightSlot]:
+    """Find each weight's buffer by content (the piece was converted with distinct random values per tensor).
+
+    Raises EdgeMtpError naming the first weight the converter folded into other constants or duplicated, since
+    its buffer then cannot be refilled with another layer's values.
+    """
+    by_digest: dict[str, list[int]] = {}
+    for index, buffer in enumerate(model.buffers):
+        if buffer.data is not None and len(buffer.data):
+            by_digest.setdefault(_digest(np.asarray(buffer.data)), []).append(index)
+    slots = {}
+    for name, value in weights.items():
+        value = np.asarray(value, dtype=np.float32)
+        found = [WeightSlot(b) for b in by_digest.get(_digest(value), [])]
+        if value.ndim == 2:
+            found += [WeightSlot(b, True) for b in by_digest.get(_digest(value.T), [])]
+        if len(found) != 1:
+            raise EdgeMtpError(f"weight {name} appears {len(found)} times in the converted piece")
+        slots[name] = found[0]
+    return slots
+
+
+def refill_weights(template: Path, slots: dict[str, WeightSlot], weights: dict[str, np.ndarray], out: Path) -> Path:
+    """Write a copy of a converted piece whose located weights hold new values (same shapes, fp32)."""
+    model = read_tflite(template)
+    for name, slot in slots.items():
+        value = np.asarray(weights[name], dtype=np.float32)
+        value = value.T if slot.transposed else value
+        old = model.buffers[slot.buffer].data
+        if old is None or len(old) != value.nbytes:
+            raise EdgeMtpError(f"weight {name} has {value.nbytes} bytes, its slot in {template.name} {len(old or [])}")
+        model.buffers[slot.buffer].data = np.frombuffer(np.ascontiguousarray(value).tobytes(), dtype=np.uint8)
+    out.write_bytes(pack(model))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Joining pieces
+
+
+class BufferData:
+    """Raw bytes of one buffer that the joiner streams into its data file: an array, or chunks from a generator."""
+
+    def __init__(self, data: np.ndarray | bytes | Iterable[bytes | np.ndarray], size: int | None = None):
+        self.data, self.size = data, size
+
+    def chunks(self) -> Iterable[memoryview]:
+        """The bytes, in order."""
+        if isinstance(self.data, (bytes, bytearray, np.ndarray, memoryview)):
+            yield memoryview(np.ascontiguousarray(self.data).view(np.uint8).reshape(-1))
+        else:
+            for chunk in self.data:
+                yield memoryview(np.ascontiguousarray(chunk).view(np.uint8).reshape(-1))
+
+
+class GraphJoiner:
+    """Builds one model with a subgraph per signature out of pieces whose signatures carry the same names."""
+
+    def __init__(self, signatures: Sequence[Signature], data_file: Path):
+        schema = _schema()
+        self.schema = schema
+        self.signatures = list(signatures)
+        self.model = schema.ModelT()
+        self.model.version = 3
+        self.model.description = "edge-mtp streamed export"
+        self.model.operatorCodes, self.model.buffers, self.model.subgraphs = [], [schema.BufferT()], []
+        self.spans: dict[int, tuple[int, int]] = {}  # buffer -> (offset in the data file, size)
+        self.data_file = data_file
+        self._data = open(data_file, "wb")
+        self._opcodes: dict[tuple, int] = {}
+        self.producers: list[dict[str, int]] = []
+        for sig in self.signatures:
+            subgraph = schema.SubGraphT()
+            subgraph.name = sig.name
+            subgraph.tensors, subgraph.operators = [], []
+            subgraph.inputs = [self._new_tensor(subgraph, spec) for spec in sig.inputs]
+            self.model.subgraphs.append(subgraph)
+            self.producers.append({spec.name: index for spec, index in zip(sig.inputs, subgraph.inputs)})
+
+    def _new_tensor(self, subgraph, spec: TensorSpec) -> int:
+        t = self.schema.TensorT()
+        t.name, t.shape, t.type, t.buffer = spec.name, list(spec.shape), _TYPES[spec.dtype], 0
+        subgraph.tensors.append(t)
+        return len(subgraph.tensors) - 1
+
+    def alias(self, name: str, source: str) -> None:
+        """Let pieces read `source`'s current tensor under the input name `name` (e.g. h <- embeddings)."""
+        for producers in self.producers:
+            if source in producers:
+                producers[name] = producers[source]
+
+    def append_buffer(self, data: BufferData) -> int:
+        """Stream a buffer's bytes into the data file; returns its index in the joined model."""
+        offset = self._data.tell()
+        pad = -offset % ALIGN
+        self._data.write(b"\0" * pad)
+        offset += pad
+        size = 0
+        for chunk in data.chunks():
+            self._data.write(chunk)
+            size += chunk.nbytes
+        if data.size is not None and size != data.size:
+            raise EdgeMtpError(f"internal: a streamed buffer gave {size} bytes instead of {data.size}")
+        self.model.buffers.append(self.schema.BufferT())
+        index = len(self.model.buffers) - 1
+        self.spans[index] = (offset, size)
+        return index
+
+    def _opcode(self, code) -> int:
+        custom = code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode
+        key = (code.builtinCode, code.deprecatedBuiltinCode, custom, code.version)
+        if key not in self._opcodes:
+            self.model.operatorCodes.append(code)
+            self._opcodes[key] = len(self.model.operatorCodes) - 1
+        return self._opcodes[key]
+
+    def add(self, piece_path: Path, prefix: str, rename: dict[str, str] | None = None,
+            replace: dict[int, BufferData] | None = None, model=None) -> None:
+        """Append a piece to every joined signature it has.
+
+        Each piece input reads the latest tensor of its (renamed) name; each piece output becomes the latest of its
+        name. Buffers the piece's signatures share stay shared; `replace` streams other bytes for some buffers;
+        `model` is the piece already read (and perhaps changed, see tables.widen).
+        """
+        model = model if model is not None else read_tflite(piece_path)
+        replace, rename = replace or {}, rename or {}
+        for op in (o for sg in model.subgraphs for o in sg.operators):
+            if op_name(model, op) in _SUBGRAPH_OPS:
+                raise EdgeMtpError(f"internal: piece {prefix} holds a {op_name(model, op)} op, which cannot be joined")
+        buffer_map = {0: 0}
+        keys = signature_keys(model)
+        for position, sig in enumerate(self.signatures):
+            if sig.name not in keys:
+                continue
+            index, inputs, outputs = signature_io(model, sig.name)
+            inputs = {rename.get(n, n): i for n, i in inputs.items()}
+            outputs = {rename.get(n, n): i for n, i in outputs.items()}
+            self._add_subgraph(model, model.subgraphs[index], position, inputs, outputs, prefix, buffer_map, replace)
+
+    def _add_subgraph(self, model, piece, position: int, inputs: dict[str, int], outputs: dict[str, int],
+                      prefix: str, buffer_map: dict[int, int], replace: dict[int, BufferData]) -> None:
+        joined, producers = self.model.subgraphs[position], self.producers[position]
+        tensor_map: dict[int, int] = {-1: -1}
+        for name, index in inputs.items():
+            if name not in producers:
+                raise EdgeMtpError(f"internal: piece {prefix} reads '{name}', which nothing produces in "
+                                   f"{self.signatures[position].name}")
+            mine, theirs = piece.tensors[index], joined.tensors[producers[name]]
+            if list(mine.shape) != list(theirs.shape) or mine.type != theirs.type:
+                raise EdgeMtpError(f"internal: piece {prefix} reads '{name}' as {list(mine.shape)} "
+                                   f"but it is {list(theirs.shape)}")
+            tensor_map[index] = producers[name]
+        copied = [i for i in range(len(piece.tensors)) if i not in tensor_map]
+        for index in copied:
+            tensor = piece.tensors[index]
+            clone = _copy_tensor(tensor)
+            clone.name = f"{prefix}/{tensor_name(tensor)}"
+            if tensor.buffer:
+                if tensor.buffer not in buffer_map:
+                    source = replace.get(tensor.buffer) or BufferData(np.asarray(model.buffers[tensor.buffer].data))
+                    buffer_map[tensor.buffer] = self.append_buffer(source)
+                clone.buffer = buffer_map[tensor.buffer]
+            else:
+                clone.buffer = 0
+            joined.tensors.append(clone)
+            tensor_map[index] = len(joined.tensors) - 1
+        for index in copied:
+            details = joined.tensors[tensor_map[index]].quantization
+            details = details.details if details is not None else None
+            if isinstance(details, self.schema.BlockwiseQuantizationT):
+                details.scales = tensor_map[details.scales]
+                details.zeroPoints = tensor_map.get(details.zeroPoints, -1)
+        for op in piece.operators:
+            clone = self.schema.OperatorT()
+            clone.__dict__.update(op.__dict__)
+            clone.opcodeIndex = self._opcode(model.operatorCodes[op.opcodeIndex])
+            clone.inputs = [tensor_map[i] for i in op.inputs]
+            clone.outputs = [tensor_map[i] for i in op.outputs]
+            clone.intermediates = [tensor_map[i] for i in op.intermediates] if op.intermediates is not None else None
+            joined.operators.append(clone)
+        for name, index in outputs.items():
+            producers[name] = tensor_map[index]
+
+    def finish(self, out: Path) -> Path:
+        """Close the signatures (outputs by contract name), drop dead ops, and write the model to `out`."""
+        schema = self.schema
+        self._data.close()
+        self.model.signatureDefs = []
+        for position, sig in enumerate(self.signatures):
+            subgraph, producers = self.model.subgraphs[position], self.producers[position]
+            missing = [o.name for o in sig.outputs if o.name not in producers]
+            if missing:
+                raise EdgeMtpError(f"internal: no piece produces {missing} for {sig.name}")
+            subgraph.outputs = [producers[o.name] for o in sig.outputs]
+            _drop_dead_ops(subgraph)
+            definition = schema.SignatureDefT()
+            definition.signatureKey, definition.subgraphIndex = sig.name, position
+            definition.inputs = [_tensor_map(schema, s.name, i) for s, i in zip(sig.inputs, subgraph.inputs)]
+            definition.outputs = [_tensor_map(schema, s.name, i) for s, i in zip(sig.outputs, subgraph.outputs)]
+            self.model.signatureDefs.append(definition)
+        for index in self.spans:
+            self.model.buffers[index].offset, self.model.buffers[index].size = 1, 1  # keep the fields in the packing
+        head = len(pack(self.model))
+        base = head + (-head % ALIGN)
+        for index, (offset, size) in self.spans.items():
+            self.model.buffers[index].offset, self.model.buffers[index].size = base + offset, max(size, 1)
+        flat = pack(self.model)
+        if len(flat) != head:
+            raise EdgeMtpError("internal: the flatbuffer changed size when its buffer offsets were set")
+        with open(out, "wb") as f, open(self.data_file, "rb") as data:
+            f.write(flat)
+            f.write(b"\0" * (base - head))
+            shutil.copyfileobj(data, f, 16 << 20)
+        os.unlink(self.data_file)
+        return out
+
+
+def _tensor_map(schema, name: str, index: int):
+    m = schema.TensorMapT()
+    m.name, m.tensorIndex = name, index
+    return m
+
+
+def _copy_tensor(tensor):
+    return copy.deepcopy(tensor)
+
+
+def _drop_dead_ops(subgraph) -> None:
+    """Remove operators none of whose outputs reach the subgraph's outputs (e.g. layers a prefill never needs)."""
+    needed = set(subgraph.outputs)
+    kept = []
+    for op in reversed(subgraph.operators):
+        if any(o in needed for o in op.outputs):
+            kept.append(op)
+            needed.update(i for i in op.inputs if i >= 0)
+    subgraph.operators = kept[::-1]

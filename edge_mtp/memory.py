@@ -1,0 +1,56 @@
+"""Peak resident memory of this process and its children, sampled while work runs (what an OOM killer sees)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+
+def tree_rss_bytes(pid: int | None = None) -> int:
+    """Resident bytes of a process and all its descendants, read from /proc (0 where /proc is missing)."""
+    pid = pid or os.getpid()
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                stack.extend(int(c) for c in children)
+        except OSError:
+            continue
+    return total
+
+
+class PeakMemory:
+    """`with PeakMemory() as m: ...` then `m.peak_mib`: the largest process-tree RSS seen, sampled every `interval`."""
+
+    def __init__(self, interval: float = 0.2, pid: int | None = None):
+        self.interval, self.pid, self.peak = interval, pid, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak = tree_rss_bytes(self.pid)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, tree_rss_bytes(self.pid))
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20

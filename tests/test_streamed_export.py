@@ -1,0 +1,127 @@
+"""The streamed export driver: table formats, the bundle check catching broken bundles, memory, disk full."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_mtp.errors import EdgeMtpError
+from edge_mtp.export import driver as driver_module
+from edge_mtp.export.pipeline import export_litert
+from edge_mtp.export.quantize import component_recipe, quantize_file
+from edge_mtp.export.tables import TableFormat, check_format, find_table
+from edge_mtp.export.tflite import read_tflite
+
+from conftest import BUNDLE_CONTEXT as CONTEXT
+
+
+def _lookup_model(tmp_path: Path, rows: np.ndarray) -> Path:
+    """A converted embedding lookup over `rows` (the shape of a small-vocabulary table piece)."""
+    import torch
+
+    from edge_mtp.export.litert import convert_module
+
+    class Lookup(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding.from_pretrained(torch.from_numpy(rows))
+
+        def forward(self, token_ids):
+            return {"embeddings": self.table(token_ids.long()) * 2.0}
+
+    samples = {"embedder": [{"token_ids": np.array([[3]], np.int32)}]}
+    return convert_module({"embedder": Lookup()}, samples, tmp_path / "lookup.tflite")
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-b64", "fp16"])
+def test_our_table_quantization_is_byte_identical_to_ai_edge_quantizer(tmp_path, recipe):
+    rows = (np.random.default_rng(0).standard_normal((101, 128)) * np.linspace(0.01, 3, 101)[:, None]).astype(np.float32)
+    quantized = quantize_file(_lookup_model(tmp_path, rows), component_recipe(recipe), tmp_path / "q.tflite")
+    model = read_tflite(quantized)
+    slot = find_table(model, 101, 128)
+    want_type = {"int8": 9, "int4": 17, "int4-b64": 17, "fp16": 1}[recipe]
+    assert slot.format.tensor_type == want_type
+    assert slot.format.block == {"int4": 32, "int4-b64": 64}.get(recipe, 0)
+    check_format(model, slot, rows)  # raises unless bytes and scales are the quantizer's own
+    with pytest.raises(EdgeMtpError, match="no longer matches"):
+        check_format(model, slot, rows * 1.01)
+
+
+@pytest.mark.parametrize("fmt", [TableFormat(9), TableFormat(17, 32), TableFormat(17, 0), TableFormat(1)])
+def test_table_dequantization_inverts_quantization_within_half_a_step(fmt):
+    rows = np.random.default_rng(1).standard_normal((7, 64)).astype(np.float32)
+    stored, scales = fmt.quantize(rows)
+    back = fmt.dequantize(stored, scales, rows.shape)
+    if scales is None:
+        assert np.abs(back - rows).max() <= 1e-3
+    else:
+        step = scales.astype(np.float32).reshape(7, -1)
+        step = np.repeat(step, 64 // step.shape[1], axis=1)
+        assert np.all(np.abs(back - rows) <= 0.5 * step * 1.0001 + 1e-7)
+
+
+def test_a_table_streamed_wrongly_is_caught_before_anything_is_written(synth_pair, tmp_path, monkeypatch):
+    """A join that streams wrong rows into the LM head (here: all zeros, a pad-only model) fails the bundle check."""
+    real = driver_module.QuantizedTable
+
+    class ZeroHead(real):
+        def __init__(self, fmt, read_rows, rows, width, path, on_rows=lambda n: None):
+            zero = (lambda a, b: 0 * read_rows(a, b)) if path.name == "head.table" else read_rows
+            super().__init__(fmt, zero, rows, width, path, on_rows)
+
+    monkeypatch.setattr(driver_module, "QuantizedTable", ZeroHead)
+    out = tmp_path / "broken.litertlm"
+    with pytest.raises(EdgeMtpError, match="does not reproduce the model"):
+        export_litert(synth_pair / "target", None, out, context=CONTEXT, prefill=(8,), quant="fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_miswired_bundle_drafter_is_caught(synth_pair, tmp_path, monkeypatch):
+    """The bundle's drafter reading shifted caches while the reference reads the right ones fails the check."""
+    from helpers import ShiftedCaches
+
+    real = driver_module.StreamedExport.drafter_model
+
+    def shifted(self):
+        right, self.drafter = self.drafter, ShiftedCaches(self.drafter)
+        try:
+            return real(self)
+        finally:
+            self.drafter = right
+
+    monkeypatch.setattr(driver_module.StreamedExport, "drafter_model", shifted)
+    with pytest.raises(EdgeMtpError, match="reads the wrong cache"):
+        export_litert(synth_pair / "target", synth_pair / "assistant", tmp_path / "m.litertlm", context=CONTEXT,
+                      prefill=(8,), quant="fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(synth_pair, tmp_path, monkeypatch):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(driver_module.GraphJoiner, "append_buffer", full)
+    with pytest.raises(EdgeMtpError, match="disk .* is full"):
+        export_litert(synth_pair / "target", None, tmp_path / "m.litertlm", context=CONTEXT, prefill=(8,))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_weights_are_refused_naming_the_tensor(synth_pair, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "nan"
+    shutil.copytree(synth_pair / "target", target)
+    shard = next(target.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("layers.2.mlp.up_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(EdgeMtpError, match=f"{name} .* NaN"):
+        export_litert(target, None, tmp_path / "m.litertlm", context=CONTEXT, prefill=(8,))
+    assert not (tmp_path / "m.litertlm").exists()
