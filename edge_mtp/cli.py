@@ -157,9 +157,9 @@ def default_pair() -> tuple[Path, Path]:
 @click.option("--draft-len", default=3, show_default=True, help="Draft tokens per verify (verify takes G+1).")
 @click.option("--context", default=4096, show_default=True, help="KV cache length C (max tokens on device).")
 @click.option("--prefill", default="32,128", show_default=True, help="Prefill signature lengths.")
-@click.option("--quant", default="int8", show_default=True,
-              help="fp32, fp16, int8, int4 (= int4-b32), int4-b64, int4-b128 or mixed, the same for both formats; "
-                   "the bundle records what it cost (quantization_report).")
+@click.option("--quant", default="auto", show_default=True,
+              help="auto (int4 from 1 B parameters, int8 below), fp32, fp16, int8, int4 (= int4-b32), int4-b64, "
+                   "int4-b128 or mixed, the same for both formats; the bundle records what it cost.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool, fmt: str, out: Path | None,
            draft_len: int, context: int, prefill: str, quant: str, as_json: bool) -> None:
@@ -167,7 +167,7 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
     from rich.console import Console
 
     from .export.pipeline import export_litert
-    from .export.quantize import check_recipe
+    from .export.quantize import AUTO, auto_recipe, check_recipe
 
     if out is None:
         out = Path("model.litertlm" if fmt == "litert" else "model-onnx")
@@ -180,6 +180,8 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         assistant_dir = None
     elif assistant_dir is None:
         raise EdgeMtpError("--assistant is required with --target (or pass --no-assistant to export without MTP).")
+    if quant == AUTO:
+        quant = auto_recipe(target_dir)
     if fmt == "onnx":
         from .export.onnx import export_onnx
 

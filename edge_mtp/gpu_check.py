@@ -74,6 +74,14 @@ def check_model(model: bytes) -> dict[str, SignatureReport]:
     return reports
 
 
+def _constant(root, buffer: int) -> bool:
+    """Whether a buffer holds data: inline, or after the flatbuffer at an offset (streamed export, models > 2 GB)."""
+    if buffer <= 0:
+        return False
+    b = root.Buffers(buffer)
+    return b.DataLength() > 0 or b.Offset() > 1
+
+
 def _refusal(name: str, op, graph, tensors: list, root, type_names: dict) -> str | None:
     """Why the GPU delegate refuses this op, or None."""
     if name not in _SUPPORTED:
@@ -81,13 +89,11 @@ def _refusal(name: str, op, graph, tensors: list, root, type_names: dict) -> str
     for t in tensors:
         if t.ShapeLength() > 4:
             return f"tensor {t.Name().decode()} has rank {t.ShapeLength()} (at most 4)"
-        constant = root.Buffers(t.Buffer()).DataLength() > 0 if t.Buffer() > 0 else False
-        if not constant and type_names.get(t.Type()) in _WIDE:
+        if not _constant(root, t.Buffer()) and type_names.get(t.Type()) in _WIDE:
             return f"tensor {t.Name().decode()} is {type_names.get(t.Type()).lower()} (no 64-bit types on the GPU)"
 
     def constant_input(k: int) -> bool:
-        b = graph.Tensors(op.Inputs(k)).Buffer()
-        return b > 0 and root.Buffers(b).DataLength() > 0
+        return _constant(root, graph.Tensors(op.Inputs(k)).Buffer())
 
     if name == "GATHER":
         indices = graph.Tensors(op.Inputs(1))

@@ -9,12 +9,13 @@ identical inputs, so the only differences are the bundle's graphs and caches).
 
 from __future__ import annotations
 
-from typing import Sequence
+import gc
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from ..contract import EMBEDDER, MASK, PER_LAYER_EMBEDDER, TARGET, Contract, causal_mask, drafter_mask
+from ..contract import EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, causal_mask, drafter_mask, k_name, v_name
 from ..errors import EdgeMtpError
 from ..model.drafter import Drafter
 from ..model.loading import TargetSource
@@ -59,10 +60,13 @@ def streamed_reference(source: TargetSource, contract: Contract,
         states.append({"context": context, "caches": caches, "h": embeddings, "embeddings": embeddings[0].numpy()})
     for part in ("per_layer_model_projection", "per_layer_projection_norm"):
         source.release(TARGET, part)
+    keep = set(spec.store_layers.values())
     for i in range(spec.num_layers):
         source.load(TARGET, f"layers.{i}.")
         for state in states:
             state["h"] = target.layer(i, state["h"], state["context"], state["caches"])
+            if i in spec.kv_layers and i not in keep:  # read by no later layer nor the drafter
+                del state["caches"][k_name(i)], state["caches"][v_name(i)]
         source.release(TARGET, f"layers.{i}.")
     source.load(TARGET, "norm")
     entry = source.entry("embed_tokens.weight")
@@ -113,17 +117,24 @@ def _drafter_rows(backend: Backend, drafter: Drafter | None, contract: Contract,
     return bundle_right, reference_right, same, rows, worst
 
 
-def bundle_report(backend: Backend, source: TargetSource, drafter: Drafter | None, contract: Contract,
-                  prompts: Sequence[Sequence[int]], max_tokens: int = REPORT_MAX_TOKENS) -> dict:
-    """Logit error, top-1 agreement and first-draft hit rates of a bundle against the streamed reference."""
+def bundle_report(open_backend: Callable[[], Backend], source: TargetSource, drafter: Drafter | None,
+                  contract: Contract, prompts: Sequence[Sequence[int]], max_tokens: int = REPORT_MAX_TOKENS) -> dict:
+    """Logit error, top-1 agreement and first-draft hit rates of a bundle against the streamed reference.
+
+    The bundle is closed while the reference runs, so the two never hold their weights at the same time.
+    """
     from ..runtime.speculative import generate_tokens
     from .quality import _teacher_forced_logits
 
+    backend = open_backend()
     sequences = []
     for prompt in prompts:
         generated, _ = generate_tokens(backend, prompt, max_tokens=max_tokens, mtp=False)
         sequences.append(list(prompt) + generated[:-1])
+    del backend
+    gc.collect()
     references = streamed_reference(source, contract, sequences)
+    backend = open_backend()
     errors, agree, rows = [], 0, 0
     bundle_hits = reference_hits = same_drafts = draft_rows = 0
     drafter_error = 0.0

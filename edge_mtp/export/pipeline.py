@@ -157,7 +157,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
             from ..runtime.api import Tokenizer
 
             prompts = report_prompts(Tokenizer(tokenizer.read_text(), meta.start_token, meta.stop_tokens), context)
-            report = bundle_report(LiteRTBackend(candidate), source, drafter, contract, prompts)
+            report = bundle_report(lambda: LiteRTBackend(candidate), source, drafter, contract, prompts)
             enforce(report, str(out), exact=quant == "fp32")
             report["components"] = {name: asdict(r) for name, r in job.reports.items()}
             manifest["quantization_report"] = report

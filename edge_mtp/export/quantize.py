@@ -70,8 +70,25 @@ def component_recipe(name: str) -> list[dict] | None:
     raise EdgeMtpError(f"Unknown quantization recipe '{name}'; choose one of {', '.join(RECIPES)}.")
 
 
+AUTO = "auto"
+AUTO_INT4_PARAMETERS = 1_000_000_000  # E2B in int8 would be a ~5 GB phone bundle; int4 is ~2.9 GB
+
+
+def auto_recipe(target_dir: str | Path) -> str:
+    """What --quant auto means for a target: int4 from 1 B parameters (E2B, E4B), int8 below (measured default)."""
+    from ..checkpoint import resolve_checkpoint
+    from ..layout import parameter_count, target_tensors
+    from ..spec import read_config, target_spec_from_config
+
+    directory = resolve_checkpoint(target_dir)
+    spec = target_spec_from_config(read_config(directory), where=str(directory / "config.json"))
+    return "int4" if parameter_count(target_tensors(spec)) >= AUTO_INT4_PARAMETERS else "int8"
+
+
 def check_recipe(name: str) -> None:
     """Refuse an unknown recipe before any conversion work."""
+    if name == AUTO:
+        return
     if name in KV_RECIPES:
         raise EdgeMtpError(INT8_KV_REASON)
     if name not in RECIPES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..contract import k_name, v_name
 from ..spec import FULL, SLIDING, DrafterSpec, TargetSpec
@@ -60,7 +61,10 @@ class Drafter(nn.Module):
         _, top = torch.topk(self.centroids(y).reshape(1, clusters), k)
         top = top.reshape(k).to(torch.int32)
         candidates = take(self.token_ordering.reshape(clusters, width), 0, top).reshape(k * width)
-        scores = torch.matmul(take(table, 0, candidates), y.reshape(-1, 1)).reshape(k, width)
+        # an embedding lookup, not a gather: ai-edge-quantizer quantizes EMBEDDING_LOOKUP tables (GATHER it leaves
+        # fp32: 256 MiB of the E2B bundle), and the GPU delegate takes both
+        rows = F.embedding(candidates.long(), table)
+        scores = torch.matmul(rows, y.reshape(-1, 1)).reshape(k, width)
         fill = torch.minimum(scores[:1], scores.amin(dim=(0, 1), keepdim=True) - 1.0)  # a row of min - 1
         chosen = (top.reshape(k, 1) == torch.arange(clusters, dtype=torch.int32)).float()  # [k, clusters]
         rank = (chosen * (torch.arange(k, dtype=torch.float32) - k).reshape(k, 1)).sum(0) + k  # k: not chosen

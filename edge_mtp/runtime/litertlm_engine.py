@@ -18,7 +18,7 @@ from ..errors import EdgeMtpError
 _SUCCESS = re.compile(r"MTP Drafter - Success rate: ([0-9.eE+-]+)")
 
 _CHILD = r"""
-import json, sys, tempfile
+import json, sys, tempfile, time
 import litert_lm
 args = json.loads(sys.argv[1])
 info = litert_lm.ModelInfo(args["bundle"])
@@ -26,8 +26,10 @@ supports = info.llm.has_speculative_decoding_support()
 info.close()
 with tempfile.TemporaryDirectory() as cache:
     backend = litert_lm.Backend.GPU() if args["accelerator"] == "gpu" else litert_lm.Backend.CPU()
+    start = time.time()
     engine = litert_lm.Engine(args["bundle"], backend=backend, max_num_tokens=args["context"],
                               enable_speculative_decoding=args["mtp"], enable_benchmark=True, cache_dir=cache)
+    load_seconds = time.time() - start
     results = []
     for prompt in args["prompts"]:
         session = engine.create_session(apply_prompt_template=False, max_output_tokens=args["max_tokens"],
@@ -38,7 +40,7 @@ with tempfile.TemporaryDirectory() as cache:
         results.append({"text": response.texts[0] if response.texts else "",
                         "decode_tokens_per_second": getattr(bench, "last_decode_tokens_per_second", None)})
         session.close()
-    print("EDGE_MTP_RESULT " + json.dumps({"supports_mtp": supports, "results": results}), flush=True)
+    print("EDGE_MTP_RESULT " + json.dumps({"supports_mtp": supports, "results": results, "load_seconds": load_seconds}), flush=True)
     engine.close()
 """
 
@@ -52,6 +54,7 @@ class EngineRun:
     supports_mtp: bool
     success_rate: float | None
     log: str
+    load_seconds: float | None = None
 
 
 def run_litertlm(bundle: Path, prompts: list[str], max_tokens: int, context: int, mtp: bool = True,
@@ -76,4 +79,4 @@ def run_litertlm(bundle: Path, prompts: list[str], max_tokens: int, context: int
     rates = _SUCCESS.findall(proc.stderr)
     return EngineRun([r["text"] for r in data["results"]], [r["decode_tokens_per_second"] for r in data["results"]],
                      data["supports_mtp"],
-                     float(rates[-1]) if rates else None, proc.stderr)
+                     float(rates[-1]) if rates else None, proc.stderr, data.get("load_seconds"))
