@@ -167,12 +167,11 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
     from rich.console import Console
 
     from .export.pipeline import export_litert
-    from .export.quantize import AUTO, auto_recipe, check_recipe
+    from .export.quantize import AUTO, auto_recipe
 
     if out is None:
         out = Path("model.litertlm" if fmt == "litert" else "model-onnx")
     _check_export_options(out, fmt, draft_len, context, prefill, quant)
-    check_recipe(quant)
     if target_dir is None:
         target_dir, demo_assistant = default_pair()
         assistant_dir = assistant_dir or demo_assistant
@@ -217,12 +216,9 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
 
 def _check_export_options(out: Path, fmt: str, draft_len: int, context: int, prefill: str, quant: str) -> None:
     """export's option checks that need no model (run before anything is loaded or converted)."""
-    if draft_len < 1:
-        raise EdgeMtpError(f"--draft-len must be at least 1, not {draft_len}.")
-    lengths = _parse_lengths(prefill)
-    if context < max(lengths) or context < draft_len + 2:
-        raise EdgeMtpError(f"--context {context} is smaller than the longest prefill ({max(lengths)}) or the verify "
-                           f"window ({draft_len + 1} tokens plus one); raise --context.")
+    from .export.pipeline import check_shapes
+
+    check_shapes(draft_len, context, _parse_lengths(prefill), quant)
     if fmt == "litert" and out.suffix != ".litertlm":
         raise EdgeMtpError(f"--out {out} should end in .litertlm (or pass --format onnx for a bundle folder).")
     _check_output(out, folder=fmt == "onnx")

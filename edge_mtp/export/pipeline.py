@@ -99,20 +99,25 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
                                 source_assistant=assistant_dir)
 
 
-def check_options(out: Path, draft_len: int, context: int, prefill: tuple[int, ...], quant: str) -> None:
-    """Refuse a bad --out, --draft-len, --context, --prefill or --quant before any expensive work."""
-    if out.suffix != ".litertlm":
-        raise EdgeMtpError(f"Output {out} should end in .litertlm (use --format onnx for an ONNX bundle).")
-    if out.is_dir():
-        raise EdgeMtpError(f"Output {out} is a directory; name a .litertlm file to write.")
+def check_shapes(draft_len: int, context: int, prefill: tuple[int, ...], quant: str) -> None:
+    """Refuse a bad --draft-len, --context, --prefill or --quant (either format) before any expensive work."""
     if draft_len < 1:
-        raise EdgeMtpError("--draft-len must be at least 1.")
+        raise EdgeMtpError(f"--draft-len must be at least 1, not {draft_len}.")
     if not prefill or min(prefill) < 1:
         raise EdgeMtpError("--prefill needs positive lengths.")
     if max(prefill) > context or draft_len + 2 > context:
-        raise EdgeMtpError(f"--context {context} is smaller than a prefill ({max(prefill)}) or verify "
-                           f"({draft_len + 1}) window; raise --context.")
+        raise EdgeMtpError(f"--context {context} is smaller than the longest prefill ({max(prefill)}) or the verify "
+                           f"window ({draft_len + 1} tokens plus one); raise --context.")
     check_recipe(quant)
+
+
+def check_options(out: Path, draft_len: int, context: int, prefill: tuple[int, ...], quant: str) -> None:
+    """Refuse a bad --out or any other bad option of a LiteRT export before any expensive work."""
+    if out.suffix != ".litertlm":
+        raise EdgeMtpError(f"--out {out} should end in .litertlm (or pass --format onnx for a bundle folder).")
+    if out.is_dir():
+        raise EdgeMtpError(f"--out {out} is a directory; name a .litertlm file to write.")
+    check_shapes(draft_len, context, prefill, quant)
     writable_parent(out)
 
 

@@ -92,7 +92,7 @@ def check_recipe(name: str) -> None:
     if name in KV_RECIPES:
         raise EdgeMtpError(INT8_KV_REASON)
     if name not in RECIPES:
-        raise EdgeMtpError(f"Unknown quantization recipe '{name}'; choose one of {', '.join(RECIPES)}.")
+        raise EdgeMtpError(f"Unknown quantization recipe '{name}'; choose one of {AUTO}, {', '.join(RECIPES)}.")
 
 
 _NOT_DIVISIBLE = re.compile(r"parameters for tensor: (.+?)\. Error: Quantized dimension \d+ in tensor shape "
