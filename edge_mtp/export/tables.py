@@ -60,7 +60,9 @@ class TableFormat:
             blocks = rows.reshape(n, d // self.block, self.block)
             scale = np.maximum(np.abs(blocks).max(axis=2), np.float32(1e-9)) / np.float32(7)
             scale = _through_bfloat16(scale).astype(np.float16)
-            q = np.clip(np.rint(blocks / scale.astype(np.float32)[:, :, None]), -8, 7).astype(np.int8).reshape(-1)
+            with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block's scale underflows to 0 in
+                # float16; its values then come out as the quantizer's own (whatever they are, times a zero scale)
+                q = np.clip(np.rint(blocks / scale.astype(np.float32)[:, :, None]), -8, 7).astype(np.int8).reshape(-1)
             return _pack4(q), scale
         raise EdgeMtpError(f"internal: table tensor type {self.tensor_type} is not supported")
 
