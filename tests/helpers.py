@@ -7,12 +7,17 @@ import torch
 from edge_mtp.export.pipeline import TOLERANCE
 
 
-def assert_export_checks(summary, layers: int = 6) -> None:
-    """Every converted piece matched PyTorch within the export tolerance, and the whole bundle matched the streamed
-    PyTorch reference to float rounding (an fp32 export)."""
-    pieces = {"embedder", "per_layer_embedder", "prelude", "head", "drafter"} | {f"layer_{i}" for i in range(layers)}
+def assert_export_checks(summary, pieces: set[str]) -> None:
+    """Every converted piece (LiteRT) or model (ONNX) matched PyTorch within the export tolerance."""
     assert set(summary.checks) == pieces
     assert all(0 <= error <= TOLERANCE for error in summary.checks.values()), summary.checks
+
+
+def assert_streamed_export(summary, layers: int = 6) -> None:
+    """A LiteRT fp32 export: every piece checked, and the whole bundle equal to the streamed PyTorch reference to
+    float rounding, for the target and the drafter."""
+    assert_export_checks(summary, {"embedder", "per_layer_embedder", "prelude", "head", "drafter"} |
+                         {f"layer_{i}" for i in range(layers)})
     report = summary.quantization
     assert report["reference"] == "streamed PyTorch fp32"
     assert report["logit_relative_error"] <= 1e-4 and report["top1_agreement"] == 1.0

@@ -19,7 +19,7 @@ from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
 
-from helpers import assert_export_checks
+from helpers import assert_streamed_export
 from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
 
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on a phone, exactly."]
@@ -40,7 +40,7 @@ def _ours(pair_dir: Path, prompts, max_tokens: int, mtp: bool = True):
 
 
 def test_every_signature_matches_pytorch(tiny_bundle):
-    assert_export_checks(tiny_bundle[1])
+    assert_streamed_export(tiny_bundle[1])
 
 
 def test_bundle_layout_follows_the_contract(tiny_bundle):

@@ -60,7 +60,8 @@ def streamed_reference(source: TargetSource, contract: Contract,
         states.append({"context": context, "caches": caches, "h": embeddings, "embeddings": embeddings[0].numpy()})
     for part in ("per_layer_model_projection", "per_layer_projection_norm"):
         source.release(TARGET, part)
-    keep = set(spec.store_layers.values())
+    drafter_reads = {t.name for t in contract.drafter_kv_tensors()} if contract.drafter is not None else set()
+    keep = set(spec.store_layers.values()) | {i for i in spec.kv_layers if k_name(i) in drafter_reads}
     for i in range(spec.num_layers):
         source.load(TARGET, f"layers.{i}.")
         for state in states:
