@@ -34,14 +34,14 @@ def streamed_reference(source: TargetSource, contract: Contract,
                        sequences: Sequence[Sequence[int]]) -> list[dict[str, np.ndarray]]:
     """Per sequence: teacher-forced `logits` [T,V], `activations` [T,H], `embeddings` [T,H] and the caches of the
     target, computed in one pass over the layers with only one layer's weights loaded at a time."""
-    from .driver import _swapped
+    from .driver import swapped
 
     spec, target = contract.target, source.models.target
     order = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]))
 
     def embed(owner: str, local: str, ids: Sequence[int]) -> torch.Tensor:
         local_ids = torch.from_numpy(np.searchsorted(order, ids).astype(np.int32)).reshape(1, len(ids))
-        with _swapped(source.modules[owner], local, table[owner]):
+        with swapped(source.modules[owner], local, table[owner]):
             return next(iter(source.modules[owner](local_ids).values()))
 
     table = {EMBEDDER: _rows(source, source.entry("embed_tokens.weight", EMBEDDER), order)}
@@ -73,7 +73,7 @@ def streamed_reference(source: TargetSource, contract: Contract,
     entry = source.entry("embed_tokens.weight")
     logits: list[list[np.ndarray]] = [[] for _ in states]
     for start in range(0, spec.vocab_size, HEAD_ROWS):  # the head's logits, a slice of the vocabulary at a time
-        with _swapped(target, "embed_tokens.weight", source.rows(entry, start, min(spec.vocab_size, start + HEAD_ROWS))):
+        with swapped(target, "embed_tokens.weight", source.rows(entry, start, min(spec.vocab_size, start + HEAD_ROWS))):
             heads = [target.head(state["h"]) for state in states]
         for rows, out in zip(logits, heads):
             rows.append(out["logits"][0].numpy())

@@ -199,7 +199,7 @@ class StreamedExport:
         rows = ck.rows(entry, 0, small)
         head = Head(self.target)
         samples = inputs.head()
-        with _swapped(self.target, "embed_tokens.weight", rows):
+        with swapped(self.target, "embed_tokens.weight", rows):
             path = self._piece("head", {sig: head for sig in samples.by_signature}, samples, self.work / "head.tflite")
         ck.release(TARGET, "norm")
         factor = folded_factor(read_tflite(self.work / "head.tflite"), small, spec.hidden_size, rows.numpy())
@@ -237,7 +237,7 @@ class StreamedExport:
         samples = PieceSamples({signature.name: [{"token_ids": rng.integers(0, small, (1, 1)).astype(np.int32)}
                                                  for _ in range(3)]})
         self.on_stage(f"converting the {name.replace('_', ' ')}")
-        with _swapped(module, local, rows):
+        with swapped(module, local, rows):
             path = self._piece(name, {signature.name: wrapped}, samples, self.work / f"{name}.small.tflite")
         model = read_tflite(path)
         slot = find_table(model, small, width)
@@ -260,7 +260,7 @@ class StreamedExport:
         ids = np.unique(np.r_[0, 1, table.rows // 2, table.rows - 1,
                               np.random.default_rng(3).integers(0, table.rows, 4)])
         runner = TfliteRunner(path)
-        with _swapped(wrapped.model, local, torch.from_numpy(table.rows_back(ids))):
+        with swapped(wrapped.model, local, torch.from_numpy(table.rows_back(ids))):
             for k, token in enumerate(ids):
                 got = runner(wrapped.signature_name, {"token_ids": np.array([[token]], np.int32)})
                 want = run_reference(wrapped, {"token_ids": np.array([[k]], np.int32)})
@@ -284,7 +284,7 @@ class StreamedExport:
 
 
 @contextmanager
-def _swapped(module: torch.nn.Module, local: str, value: torch.Tensor):
+def swapped(module: torch.nn.Module, local: str, value: torch.Tensor):
     """Put `value` at a module tensor path for the duration of a block, then put the previous tensor back."""
     owner, _, attr = local.rpartition(".")
     holder = module.get_submodule(owner) if owner else module

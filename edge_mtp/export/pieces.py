@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..contract import INPUT_POS, MASK, Contract, Signature, k_name, v_name
-from ..model.target import Target, ple_name
+from ..model.target import Target
 from ..spec import FULL, SLIDING, TargetSpec
 
 HIDDEN = "h"
@@ -172,6 +172,3 @@ def layer_rename(target: Target, i: int, piece: LayerPiece) -> dict[str, str]:
         names["k_cache"], names["v_cache"] = k_name(i), v_name(i)
     return names
 
-
-__all__ = ["HIDDEN", "Prelude", "LayerPiece", "Head", "PieceInputs", "PieceSamples", "layer_kind", "layer_rename",
-           "generic_name", "ple_name"]

@@ -255,7 +255,7 @@ class GraphJoiner:
         copied = [i for i in range(len(piece.tensors)) if i not in tensor_map]
         for index in copied:
             tensor = piece.tensors[index]
-            clone = _copy_tensor(tensor)
+            clone = copy.deepcopy(tensor)
             clone.name = f"{prefix}/{tensor_name(tensor)}"
             if tensor.buffer:
                 if tensor.buffer not in buffer_map:
@@ -321,10 +321,6 @@ def _tensor_map(schema, name: str, index: int):
     m = schema.TensorMapT()
     m.name, m.tensorIndex = name, index
     return m
-
-
-def _copy_tensor(tensor):
-    return copy.deepcopy(tensor)
 
 
 def _drop_dead_ops(subgraph) -> None:
