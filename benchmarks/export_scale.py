@@ -1,5 +1,5 @@
 """Real-size export: synthesise a preset once (random weights, exact HF layout) and export it, printing peak memory
-of the whole process tree, wall time per stage and the bundle's sections.
+of the whole process tree, wall time and peak memory per stage and the bundle's sections.
 
     python -m benchmarks.export_scale --preset e2b --quant int4 [--context 4096] [--format litert]
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
+from edge_mtp.cache import cache_root
 from edge_mtp.memory import PeakMemory
 from edge_mtp.spec import preset_pair
 from edge_mtp.synth import write_drafter, write_target
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--prefill", default="32,128")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path,
-                        default=Path(os.environ.get("EDGE_MTP_CACHE", Path.home() / ".cache" / "edge-mtp")) / "synth")
+                        default=cache_root() / "synth")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -49,37 +49,43 @@ def main() -> None:
     pair = synthesised(args.preset, args.cache)
     synth_seconds = time.time() - start
     out = args.out or Path(f"{args.preset}-{args.quant}.litertlm")
-    stages: list[tuple[str, float]] = []
+    stages: list[tuple[str, float, float]] = []  # (stage, seconds, peak RSS GiB during it)
     current = ["loading checkpoints", time.time()]
+    memory = PeakMemory()
+    overall = 0
 
     def stage(text: str) -> None:
+        nonlocal overall
         now = time.time()
-        stages.append((current[0], now - current[1]))
+        peak = memory.restart()
+        overall = max(overall, peak)
+        stages.append((current[0], now - current[1], peak / 2**30))
         current[:] = [text, now]
         print(f"[{now - start:7.1f} s] {text}", flush=True)
 
     def progress(what: str, done: int, total: int) -> None:
         print(f"[{time.time() - start:7.1f} s]   {done}/{total} {what}", flush=True)
 
-    with PeakMemory() as memory:
+    with memory:
         summary = export_litert(pair / "target", pair / "assistant", out, context=args.context,
                                 prefill=tuple(int(x) for x in args.prefill.split(",")), quant=args.quant,
                                 on_stage=stage, on_progress=progress)
         stage("done")
+    overall = max(overall, memory.peak)
     report = summary.quantization or {}
     result = {
         "preset": args.preset, "quant": args.quant, "context": args.context, "synth_seconds": synth_seconds,
-        "export_seconds": summary.wall_seconds, "peak_rss_gib": memory.peak / 2**30, "bundle_bytes": summary.bytes,
+        "export_seconds": summary.wall_seconds, "peak_rss_gib": overall / 2**30, "bundle_bytes": summary.bytes,
         "sections": summary.sections, "stage_seconds": stages,
         "logit_relative_error": report.get("logit_relative_error"), "top1_agreement": report.get("top1_agreement"),
         "drafter_top1_agreement": report.get("drafter_top1_agreement"),
     }
     print(f"\n{args.preset} {args.quant}: export {summary.wall_seconds / 60:.1f} min, peak RSS (process tree) "
-          f"{memory.peak / 2**30:.2f} GiB, bundle {summary.bytes / 2**30:.2f} GiB")
+          f"{overall / 2**30:.2f} GiB, bundle {summary.bytes / 2**30:.2f} GiB")
     for section in summary.sections:
         print(f"  {section['type']:<18} {section['model_type'] or '':<28} {section['bytes'] / 2**20:>10.1f} MiB")
-    for text, seconds in stages:
-        print(f"  {seconds:8.1f} s  {text}")
+    for text, seconds, peak in stages:
+        print(f"  {seconds:8.1f} s  {peak:6.2f} GiB peak  {text}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from .cache import cache_root
 from .errors import EdgeMtpError
 from .quiet import native_output_captured, verbose_requested
 
@@ -136,7 +137,7 @@ def default_pair() -> tuple[Path, Path]:
     from .spec import preset_pair
     from .synth import write_drafter, write_target
 
-    cache = Path(os.environ.get("EDGE_MTP_CACHE", Path.home() / ".cache" / "edge-mtp")) / "synthetic-tiny"
+    cache = cache_root() / "synthetic-tiny"
     target, drafter = preset_pair("tiny")
     if not (cache / "target" / "config.json").is_file():
         write_target(cache / "target", target, seed=0)
@@ -251,7 +252,7 @@ def default_bundle() -> Path:
     from .export.pipeline import export_litert
 
     target, assistant = default_pair()
-    cache = Path(os.environ.get("EDGE_MTP_CACHE", Path.home() / ".cache" / "edge-mtp"))
+    cache = cache_root()
     bundle = cache / f"demo-{target.parent.name}.litertlm"
     if not bundle.is_file():
         click.echo(f"exporting the demo pair once to {bundle} ...", err=True)

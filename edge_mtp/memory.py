@@ -51,6 +51,11 @@ class PeakMemory:
             self._thread.join()
         self.peak = max(self.peak, tree_rss_bytes(self.pid))
 
+    def restart(self) -> int:
+        """The peak so far (bytes); sampling goes on from the current resident size (peaks of successive stages)."""
+        peak, self.peak = max(self.peak, tree_rss_bytes(self.pid)), tree_rss_bytes(self.pid)
+        return peak
+
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -12,6 +15,10 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
+# Caches (converted layer templates, the demo bundle) live for one test session: shared by its exports, never the
+# user's own.
+os.environ["EDGE_MTP_CACHE"] = tempfile.mkdtemp(prefix="edge-mtp-test-cache-")
+atexit.register(shutil.rmtree, os.environ["EDGE_MTP_CACHE"], ignore_errors=True)
 
 from edge_mtp.spec import preset_pair  # noqa: E402
 

@@ -169,3 +169,38 @@ def test_exporting_the_wide_preset_holds_pieces_not_the_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["increase"] <= 20 * row["largest"], row
+
+
+def test_a_second_export_takes_layer_templates_from_the_cache(tiny_bundle, synth_pair, tmp_path, monkeypatch):
+    """Layer templates depend on geometry and contract, not weights or recipe: re-exporting the tiny pair (with
+    another recipe) converts no layer kind again, except one whose cached file is damaged."""
+    from conftest import BUNDLE_PREFILL
+    from edge_mtp.export import template_cache
+    from edge_mtp.export.pieces import layer_kind
+    from edge_mtp.spec import preset_pair
+
+    converted, fetched = [], []
+    real_convert, real_fetch = driver_module.convert_module, template_cache.fetch
+
+    def counting_convert(modules, samples, path):
+        converted.append(path.name)
+        return real_convert(modules, samples, path)
+
+    def damaging_fetch(key, to):
+        fetched.append(key)
+        found = real_fetch(key, to)
+        if found and len(fetched) == 1:
+            to.write_bytes(to.read_bytes()[:1000])
+        return found
+
+    monkeypatch.setattr(driver_module, "convert_module", counting_convert)
+    monkeypatch.setattr(template_cache, "fetch", damaging_fetch)
+    summary = export_litert(synth_pair / "target", synth_pair / "assistant", tmp_path / "again.litertlm",
+                            context=CONTEXT, prefill=BUNDLE_PREFILL, quant="fp32")
+    spec = preset_pair("tiny")[0]
+    kinds = len({layer_kind(spec, i) for i in range(spec.num_layers)})
+    assert len(fetched) == kinds > 1
+    templates = [name for name in converted if name.startswith("kind")]
+    assert templates == ["kind0.tflite"]  # only the damaged one was converted again
+    assert len(converted) == 6  # embedder, per-layer embedder, prelude, head, drafter, and that template
+    assert summary.quantization["logit_relative_error"] <= 1e-3  # layers refilled from cached templates are right

@@ -25,6 +25,7 @@ from ..contract import EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
 from ..errors import EdgeMtpError
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint
+from . import template_cache
 from .litert import TfliteRunner, check_module, convert_module
 from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_kind, layer_rename
 from .quantize import MIXED_SENSITIVITY, component_recipe, quantize_file
@@ -155,7 +156,7 @@ class StreamedExport:
             modules = {sig: piece for sig in samples.by_signature}
             kind = layer_kind(spec, i)
             if kind not in self.templates:
-                self.templates[kind] = self._template(piece, samples, self.work / f"kind{len(self.templates)}.tflite")
+                self.templates[kind] = self._template(i, piece, samples, self.work / f"kind{len(self.templates)}.tflite")
             template = self.templates[kind]
             fp32 = self.work / f"layer_{i}.tflite"
             refill = None
@@ -173,21 +174,31 @@ class StreamedExport:
         self.on_stage("writing the target model")
         return joiner.finish(self.work / "target.tflite")
 
-    def _template(self, piece: LayerPiece, samples: PieceSamples, path: Path) -> Template:
-        """Convert a layer kind once with distinct placeholder weights and find each weight's buffer."""
+    def _template(self, i: int, piece: LayerPiece, samples: PieceSamples, path: Path) -> Template:
+        """A layer kind converted once with distinct placeholder weights (or taken from the template cache), and
+        where each weight's buffer is."""
         real = {n: t.clone() for n, t in piece.state_dict().items()}
         placeholders = {n: _placeholder(n, t.shape, k) for k, (n, t) in enumerate(real.items())}
+        wanted = {n: v.numpy() for n, v in placeholders.items()}
+        key = template_cache.template_key(self.contract.target, self.contract, i, self.target.cache_write,
+                                          samples.by_signature)
+        if template_cache.fetch(key, path):
+            try:
+                return Template(path, locate_weights(read_tflite(path), wanted))
+            except EdgeMtpError:  # a damaged or foreign file: convert afresh
+                pass
         for n, value in placeholders.items():
             assign(piece, n, value)
         try:
             convert_module({sig: piece for sig in samples.by_signature}, samples.by_signature, path)
-            try:
-                slots = locate_weights(read_tflite(path), {n: v.numpy() for n, v in placeholders.items()})
-            except EdgeMtpError:
-                slots = None  # the converter folded a weight: convert every layer of this kind instead
         finally:
             for n, value in real.items():
                 assign(piece, n, value)
+        try:
+            slots = locate_weights(read_tflite(path), wanted)
+        except EdgeMtpError:
+            return Template(path, None)  # the converter folded a weight: convert every layer of this kind instead
+        template_cache.store(key, path)
         return Template(path, slots)
 
     def _head(self, joiner: GraphJoiner, inputs: PieceInputs) -> None:

@@ -11,12 +11,17 @@ accepts, and they differ between signatures: a cache may need a WebGPU buffer wh
 and host memory where a CPU partition does. A WebGPU buffer bound where host memory is required is silently not
 written back (the cache keeps stale rows), while host memory bound to a WebGPU slot is copied in and out by the
 runtime. So a cache gets the type every user accepts when there is one, else host memory.
+
+Each model packs its weights for XNNPACK into a weight-cache file of its own (in a private temporary folder): without
+it every signature packs a private copy, so a target with prefill, decode and verify signatures holds its weights
+three to four times over (measured on the wide preset: 268 MiB resident for a 70 MiB int8 target, 97 MiB with it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +67,7 @@ class LiteRTBackend(Backend):
             if reason is not None:  # CPU fallback with one clear line
                 self.accelerator, self.fallback_reason = "cpu", reason
                 log.warning("edge-mtp: the %s accelerator is unavailable (%s); running on the CPU.", accelerator, reason)
-        options = self._options(self.accelerator, threads)
+        self._weight_cache = tempfile.TemporaryDirectory(prefix="edge-mtp-xnnpack-")
         self.models, self.delegation = {}, {}
         for name, model_type in MODEL_TYPES.items():
             section = bundle.model_section(model_type)
@@ -72,6 +77,7 @@ class LiteRTBackend(Backend):
             if self.accelerator == "gpu":  # ops the GPU delegate takes / all ops, per signature (see gpu_check)
                 self.delegation[name] = {s: [r.delegated, r.total] for s, r in check_model(model).items()}
             try:
+                options = self._options(self.accelerator, threads, Path(self._weight_cache.name) / f"{name}.cache")
                 self.models[name] = CompiledModel.from_buffer(model, options=options, environment=self.environment)
             except Exception as e:  # the accelerator could not take this model
                 raise EdgeMtpError(f"The {self.accelerator} accelerator could not load the {name} model "
@@ -86,11 +92,11 @@ class LiteRTBackend(Backend):
         self.reset()
 
     @staticmethod
-    def _options(accelerator: str, threads: int):
+    def _options(accelerator: str, threads: int, weight_cache: Path):
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
         from ai_edge_litert.options import CpuOptions, GpuOptions, Options
 
-        cpu = CpuOptions(num_threads=threads)
+        cpu = CpuOptions(num_threads=threads, xnnpack_weight_cache_path=str(weight_cache))
         if accelerator == "cpu":
             return Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=cpu)
         kind = {"gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}[accelerator]
