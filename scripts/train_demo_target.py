@@ -32,8 +32,11 @@ SPEC = TargetSpec(
     head_dim=64, global_head_dim=128, sliding_window=64, vocab_size=VOCAB, num_kv_shared_layers=3, ple_dim=16,
     ple_vocab_size=VOCAB, double_wide_mlp=True, final_softcap=30.0, bos_token_id=2, eos_token_ids=(1, 5),
     pad_token_id=0, dtype="bfloat16")
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
-                 "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# Gemma's turn format; content may be a string (transformers) or a list of parts (LiteRT-LM's conversation)
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+                 "m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+                 "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 SKIP = {"test", "site-packages", "idlelib", "lib2to3", "tkinter", "turtledemo", "tests"}
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
+import os
 import struct
+import uuid
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, k_name, v_name
 from ..errors import EdgeMtpError
@@ -24,6 +29,8 @@ CONTAINER_MAJOR = 1  # the .litertlm major version LiteRT-LM 0.18 reads
 SECTIONS_KEY = "sections"  # manifest entry: type, model type, size and sha256 of every section, in file order
 MAX_SECTIONS, MAX_ITEMS = 256, 1024  # far above any real bundle; a header claiming more is corrupt
 MAX_TOKENIZER_BYTES = 1 << 30
+SOURCE_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "chat_template.jinja", "*.safetensors", "*.safetensors.index.json")  # what an export reads
 
 
 @dataclass
@@ -100,8 +107,46 @@ def write_litertlm(out: Path, models: dict[str, Path], contract: Contract, token
     for name, path in models.items():
         builder.add_tflite_model(str(path), types[name])
     builder.add_executor_metadata(str(executor))
-    with open(out, "wb") as f:
+    with open(out, "wb") as f, _stable_header(sections, manifest):
         builder.build(f, validate_metadata=True)
+
+
+def source_files(directory: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint directory that an export reads, by file name."""
+    files = sorted({p for pattern in SOURCE_PATTERNS for p in Path(directory).glob(pattern) if p.is_file()})
+    return {p.name: sha256_file(p) for p in files}
+
+
+@contextmanager
+def _stable_header(sections: list[dict], manifest: dict[str, Any]) -> Iterator[None]:
+    """Make the builder's header reproducible: its uuid derives from the sections' and the manifest's content, and
+    its creation time is SOURCE_DATE_EPOCH (the reproducible-builds convention) or the newest source file's mtime.
+
+    The builder replaces both with uuid4() and now() on every build; its one helper doing so is swapped meanwhile.
+    """
+    from litert_lm_builder import litertlm_builder as lb
+
+    digest = hashlib.sha256(json.dumps([sections, manifest], sort_keys=True).encode()).digest()
+    stamp = datetime.datetime.fromtimestamp(_source_epoch(manifest), datetime.timezone.utc).isoformat()
+    fixed = [lb.Metadata(key="uuid", value=str(uuid.UUID(bytes=digest[:16], version=4)), dtype=lb.DType.STRING),
+             lb.Metadata(key="creation_timestamp", value=stamp, dtype=lb.DType.STRING)]
+    original = lb.populate_system_metadata
+    lb.populate_system_metadata = lambda metadata: [m for m in metadata if m.key not in ("uuid", "creation_timestamp")] \
+        + fixed
+    try:
+        yield
+    finally:
+        lb.populate_system_metadata = original
+
+
+def _source_epoch(manifest: dict[str, Any]) -> int:
+    """SOURCE_DATE_EPOCH if set, else the newest mtime of the source files the manifest names (0 without any)."""
+    if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
+        return int(os.environ["SOURCE_DATE_EPOCH"])
+    source = manifest.get("source") or {}
+    times = [(Path(source[role]) / name).stat().st_mtime for role, files in (source.get("sha256") or {}).items()
+             for name in files if isinstance(source.get(role), str) and (Path(source[role]) / name).is_file()]
+    return int(max(times, default=0))
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_file, writable_parent
+from ..chat_template import checkpoint_specials, fit_template
+from ..checkpoint import resolve_checkpoint
 from ..contract import Contract
 from ..errors import EdgeMtpError
 from ..memory import PeakMemory
@@ -19,7 +21,7 @@ from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_d
 from ..spec import spec_to_dict
 from .bundle_check import bundle_report, enforce
 from .driver import TOLERANCE, Progress, StreamedExport
-from .litertlm import BundleMetadata, read_litertlm, write_litertlm
+from .litertlm import BundleMetadata, read_litertlm, source_files, write_litertlm
 from .quality import report_prompts
 from .quantize import DEFAULT_RECIPE, check_recipe
 
@@ -88,7 +90,8 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
                   draft_len: int = DEFAULT_DRAFT_LEN, context: int = DEFAULT_CONTEXT,
                   prefill: tuple[int, ...] = DEFAULT_PREFILL, quant: str = DEFAULT_RECIPE,
                   on_stage: Callable[[str], None] = lambda s: None,
-                  on_progress: Progress = lambda what, done, total: None) -> ExportSummary:
+                  on_progress: Progress = lambda what, done, total: None,
+                  allow_template_mismatch: bool = False) -> ExportSummary:
     """Export a target (and its assistant) to a .litertlm bundle at `out`, streaming the checkpoint piece by piece."""
     out = Path(out)
     check_options(out, draft_len, context, prefill, quant)
@@ -96,7 +99,7 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
     drafter = load_drafter(assistant_dir, source.spec) if assistant_dir is not None else None
     return export_litert_models(source, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
                                 quant=quant, on_stage=on_stage, on_progress=on_progress,
-                                source_assistant=assistant_dir)
+                                source_assistant=assistant_dir, allow_template_mismatch=allow_template_mismatch)
 
 
 def check_shapes(draft_len: int, context: int, prefill: tuple[int, ...], quant: str) -> None:
@@ -126,7 +129,8 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
                          prefill: tuple[int, ...] = DEFAULT_PREFILL, quant: str = DEFAULT_RECIPE,
                          on_stage: Callable[[str], None] = lambda s: None,
                          on_progress: Progress = lambda what, done, total: None,
-                         source_assistant: str | Path | None = None) -> ExportSummary:
+                         source_assistant: str | Path | None = None,
+                         allow_template_mismatch: bool = False) -> ExportSummary:
     """Export a target source (a checkpoint opened for streaming, or modules in memory) to a .litertlm at `out`."""
     start = time.time()
     out = Path(out)
@@ -140,7 +144,9 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
         "context": contract.context, "prefill_lengths": list(contract.prefill_lengths),
         "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]", "target": spec_to_dict(source.spec),
         "drafter": spec_to_dict(drafter.spec) if drafter else None, "quantization": quant,
-        "source": {"target": str(source.directory), "assistant": str(source_assistant) if source_assistant else None},
+        "source": {"target": str(source.directory), "assistant": str(source_assistant) if source_assistant else None,
+                   "sha256": {"target": source_files(source.directory), "assistant":
+                              source_files(resolve_checkpoint(source_assistant)) if source_assistant else None}},
     }
     target = source.models.target
     previous_write, target.cache_write = target.cache_write, "dus"
@@ -164,8 +170,12 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
             prompts = report_prompts(Tokenizer(tokenizer.read_text(), meta.start_token, meta.stop_tokens), context)
             report = bundle_report(lambda: LiteRTBackend(candidate), source, drafter, contract, prompts)
             enforce(report, str(out), exact=quant == "fp32")
-            report["components"] = {name: asdict(r) for name, r in job.reports.items()}
+            report["components"] = {name: {k: v for k, v in asdict(r).items() if k != "seconds"}  # reproducible
+                                    for name, r in job.reports.items()}
             manifest["quantization_report"] = report
+            fit = fit_template(meta.chat_template, checkpoint_specials(source.directory) if meta.chat_template else {},
+                               candidate, contract.context, allow_template_mismatch)
+            meta.chat_template, manifest["chat_template"] = fit.template, fit.to_dict()
             candidate.unlink()
             stage("writing bundle")
             with atomic_file(out) as partial:

@@ -44,15 +44,9 @@ class Tokenizer:
         """The user message wrapped in the model's chat template (plain text when it has none)."""
         if not self.chat_template:
             return message
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from ..chat_template import render  # transformers' sandboxed renderer, with LiteRT-LM's empty specials
 
-        try:  # the template comes from the bundle: render it sandboxed, so it can only format text
-            template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
-            return template.render(messages=[{"role": "user", "content": message}], add_generation_prompt=True,
-                                   bos_token="")
-        except Exception as e:  # syntax and security errors, and whatever the template's own expressions raise
-            raise EdgeMtpError(f"The bundle's chat template cannot be rendered ({e}); run without --chat or fix the "
-                               "template and re-export.") from None
+        return render(self.chat_template, [{"role": "user", "content": message}])
 
 
 def bundle_tokenizer(bundle: LitertlmFile) -> Tokenizer:
