@@ -161,9 +161,12 @@ def default_pair() -> tuple[Path, Path]:
 @click.option("--quant", default="auto", show_default=True,
               help="auto (int4 from 1 B parameters, int8 below), fp32, fp16, int8, int4 (= int4-b32), int4-b64, "
                    "int4-b128 or mixed, the same for both formats; the bundle records what it cost.")
+@click.option("--allow-template-mismatch", is_flag=True,
+              help="Export even if LiteRT-LM cannot render the chat template as transformers does (recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool, fmt: str, out: Path | None,
-           draft_len: int, context: int, prefill: str, quant: str, as_json: bool) -> None:
+           draft_len: int, context: int, prefill: str, quant: str, allow_template_mismatch: bool,
+           as_json: bool) -> None:
     """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
     from rich.console import Console
 
@@ -194,7 +197,7 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         with export_progress() as (stage, progress):
             summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
                                     prefill=_parse_lengths(prefill), quant=quant, on_stage=stage,
-                                    on_progress=progress)
+                                    on_progress=progress, allow_template_mismatch=allow_template_mismatch)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -260,24 +263,36 @@ def default_bundle() -> Path:
     return bundle
 
 
+def _loop_options(command):
+    """The options of the draft/verify loop that `run` and `chat` share: bundle, backend, drafting, sampling."""
+    options = [
+        click.argument("bundle", required=False, type=click.Path(path_type=Path)),
+        click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None,
+                     help="Default: the bundle's own format."),
+        click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu", "xnnpack", "nnapi", "coreml", "qnn"]),
+                     default="cpu", show_default=True,
+                     help="LiteRT: cpu/gpu/npu; ONNX Runtime: cpu/xnnpack/nnapi/coreml/qnn."),
+        click.option("--draft-len", type=click.IntRange(min=1), default=None, help="Default: the bundle's."),
+        click.option("--no-mtp", is_flag=True, help="Plain decoding (no drafter)."),
+        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True),
+        click.option("--top-p", default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--no-verify", is_flag=True,
+                     help="Skip checking the bundle against its recorded sha256 (faster start)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.argument("bundle", required=False, type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None,
-              help="Default: the bundle's own format.")
-@click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu", "xnnpack", "nnapi", "coreml", "qnn"]),
-              default="cpu", show_default=True, help="LiteRT: cpu/gpu/npu; ONNX Runtime: cpu/xnnpack/nnapi/coreml/qnn.")
+@_loop_options
 @click.option("--prompt", default="Once upon a time", show_default=True)
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids instead of --prompt.")
 @click.option("--max-tokens", default=64, show_default=True)
-@click.option("--draft-len", type=click.IntRange(min=1), default=None, help="Default: the bundle's.")
-@click.option("--no-mtp", is_flag=True, help="Plain decoding (no drafter).")
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, stats.")
-@click.option("--no-verify", is_flag=True, help="Skip checking the bundle against its recorded sha256 (faster start).")
 def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str, prompt_ids: str | None,
         max_tokens: int, draft_len: int | None, no_mtp: bool, temperature: float, top_k: int, top_p: float,
         seed: int | None, chat: bool, as_json: bool, no_verify: bool) -> None:
@@ -313,6 +328,74 @@ def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str,
     click.echo(f"[{len(tokens)} tokens, {stats['tokens_per_second']:.1f} tok/s, TTFT {stats['time_to_first_token_ms']:.0f} ms"
                + ("" if no_mtp else f", acceptance {stats['acceptance_rate']:.2f}, {stats['mean_accepted_length']:.2f} "
                   f"tokens/verify, drafted {stats['drafted']}, accepted {stats['accepted']}") + "]", err=True)
+
+
+CHAT_HELP = "/stats: the last reply's acceptance and speed; /reset: new conversation; Ctrl-D: leave."
+
+
+@main.command()
+@_loop_options
+@click.option("--max-tokens", default=256, show_default=True, help="Most tokens per reply.")
+def chat(bundle: Path | None, backend: str | None, accelerator: str, max_tokens: int, draft_len: int | None,
+         no_mtp: bool, temperature: float, top_k: int, top_p: float, seed: int | None, no_verify: bool) -> None:
+    """Chat with a bundle on the draft/verify loop, the KV cache kept across turns.
+
+    /stats: the last reply's acceptance and speed; /reset: new conversation; Ctrl-D: leave.
+    """
+    from .runtime.api import check_generation, load
+    from .runtime.chat import ChatSession, TurnOptions
+    from .runtime.sampling import SamplingConfig
+
+    check_generation(max_tokens, temperature, top_k, top_p)
+    model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator, verify=not no_verify)
+    session = ChatSession(model, TurnOptions(max_tokens, draft_len, not no_mtp,
+                                             SamplingConfig(temperature, top_k, top_p, seed)))
+    click.echo(CHAT_HELP, err=True)
+    while True:
+        click.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line:  # Ctrl-D / end of input
+            click.echo()
+            return
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            session.reset()
+            click.echo("[new conversation]", err=True)
+        elif text.strip() == "/stats":
+            click.echo(_chat_stats(session), err=True)
+        elif text.strip().startswith("/"):
+            click.echo(f"unknown command {text.strip()}; {CHAT_HELP}", err=True)
+        elif text.strip():
+            _chat_turn(session, text)
+
+
+def _chat_turn(session, text: str) -> None:
+    """Stream one reply (stop token hidden); a turn the bundle cannot take is reported and the session goes on."""
+    tokens, shown = [], ""
+    stops = set(session.model.tokenizer.stop_tokens)
+    try:
+        for token in session.send(text):
+            tokens.append(token)
+            shown_now = session.model.tokenizer.decode([t for t in tokens if t not in stops])
+            click.echo(shown_now[len(shown):], nl=False)
+            shown = shown_now
+    except EdgeMtpError as e:
+        click.echo(f"error: {e}", err=True)
+        return
+    click.echo()
+
+
+def _chat_stats(session) -> str:
+    """The last reply's statistics in one line."""
+    st = session.last_stats
+    if not st.generated:
+        return "[no reply yet]"
+    line = (f"[{st.generated} tokens, {st.tokens_per_second:.1f} tok/s, TTFT {st.time_to_first_token_ms:.0f} ms, "
+            f"prompt {st.prompt_tokens} tokens of which {session.reused} reused from the cache")
+    if st.verifies:
+        line += (f", acceptance {st.acceptance_rate:.2f}, {st.mean_accepted_length:.2f} tokens/verify, drafted "
+                 f"{st.drafted}, accepted {st.accepted}")
+    return line + "]"
 
 
 @main.command()

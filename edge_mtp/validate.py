@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from .checkpoint import resolve_checkpoint
 from .contract import DECODE, VERIFY, drafter_mask
 from .errors import EdgeMtpError
 from .reference import TransformersPair, error_metrics
@@ -199,6 +200,57 @@ class _Validator:
                  f"diverges at token {pos} where the top-2 gap is {gap:.2e}: "
                  + ("a near-tie, not a bug" if tie else "a real difference"))
 
+    # -- chat -------------------------------------------------------------------------------------------------
+
+    def chat(self, bundle: Path, target_dir: Path, max_tokens: int, use_litert_lm: bool) -> None:
+        """The bundle's chat template vs the checkpoint's in transformers, byte for byte on every conversation; then
+        one conversation through LiteRT-LM's Conversation API, MTP on and off, vs our loop on the same prompt."""
+        from .chat_template import CONVERSATIONS, checkpoint_specials, litertlm_conversations, references
+        from .export.pipeline import tokenizer_files
+
+        stored = self.model.tokenizer.chat_template
+        original = tokenizer_files(target_dir)[1].chat_template if (target_dir / "tokenizer.json").is_file() else None
+        if not stored or not original:  # nothing to compare
+            return
+        specials = checkpoint_specials(target_dir)
+        bos = specials.get("bos_token") or ""  # transformers renders it; LiteRT-LM and we prepend it as an id
+        want = references(original, specials)
+        self._same_renderings("edge-mtp runtime", {n: bos + _rendered(stored, CONVERSATIONS[n]) for n in want}, want)
+        if not use_litert_lm or bundle.suffix != ".litertlm":
+            return
+        context, conversation = self.contract.context, "multi-turn"
+        jobs = [(None, CONVERSATIONS[n], 0) for n in want] + [(None, CONVERSATIONS[conversation], max_tokens)]
+        modes = (True, False) if self.backend.has_drafter else (False,)  # the first run also renders
+        runs = {mtp: litertlm_conversations(bundle, context, jobs if mtp == modes[0] else jobs[-1:], mtp=mtp)
+                for mtp in modes}
+        renderings = runs[modes[0]]
+        self._same_renderings("LiteRT-LM", {n: bos + r.text if r.error is None else f"(error: {r.error})"
+                                            for n, r in zip(want, renderings)}, want)
+        ids = self.model.tokenizer.encode(want[conversation].removeprefix(bos))
+        stops = self.model.tokenizer.stop_tokens
+        tokens = list(self.model.generate(ids, max_tokens=max_tokens, mtp=False))
+        text_tokens = [t for t in tokens if t not in stops]  # LiteRT-LM's reply leaves the stop token out
+        text = self.model.tokenizer.decode(text_tokens)
+        for mtp, results in runs.items():
+            reply = results[-1]
+            # without MTP (no overshoot) the conversation's length tells how many prompt tokens it prefilled
+            same_prompt = mtp or (reply.token_count or 0) - len(ids) in (len(tokens), len(text_tokens))
+            ok = reply.reply is not None and reply.reply.startswith(text) and same_prompt
+            self.add("chat", f"{conversation} conversation: LiteRT-LM Conversation ({'MTP' if mtp else 'no MTP'}) "
+                     "vs our loop", {"prompt_tokens": len(ids), "tokens": len(tokens)}, ok,
+                     f"same text ({len(tokens)} tokens) from the same {len(ids)}-token prompt" if ok else
+                     f"differs: {(reply.reply or reply.error or '')[:40]!r} vs {text[:40]!r}, conversation length "
+                     f"{reply.token_count} for a {len(ids)}-token prompt")
+
+    def _same_renderings(self, who: str, got: dict[str, str], want: dict[str, str]) -> None:
+        """One check: `who` renders every conversation exactly as transformers does."""
+        from .chat_template import first_difference
+
+        bad = next((n for n in want if got[n] != want[n]), None)
+        self.add("chat", f"template: {who} vs transformers", {"conversations": len(want)}, bad is None,
+                 f"{len(want)} conversations byte-identical ({', '.join(want)})" if bad is None else
+                 f"the {bad} conversation {first_difference(want[bad], got[bad])}")
+
     def _acceptance(self, totals: dict) -> None:
         if not self.backend.has_drafter or totals["pytorch"][1] == 0:
             return
@@ -257,6 +309,29 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
                 report.checks.append(Check("greedy", "LiteRT-LM GPU (no MTP)", False, str(e)[:300], {}))
     on_stage("comparing greedy generations")
     v.generation(ids, max_tokens, torch_backend, engine_texts)
+    on_stage("comparing chat renderings")
+    v.chat(bundle, resolve_checkpoint(target_dir), max_tokens, use_litert_lm)
+    return report
+
+
+def _rendered(template: str, messages: list[dict]) -> str:
+    """Our runtime's rendering, or the reason it fails (a check then fails instead of validate stopping)."""
+    from .chat_template import render
+
+    try:
+        return render(template, messages)
+    except EdgeMtpError as e:
+        return f"(error: {e})"
+
+
+def validate_chat(bundle: str | Path, target_dir: str | Path, max_tokens: int = 16,
+                  use_litert_lm: bool = True) -> Report:
+    """Only the chat row of validate: the bundle's template and LiteRT-LM's conversation against the checkpoint's."""
+    bundle = Path(bundle)
+    model = load(bundle)
+    report = Report(str(bundle), Thresholds())
+    _Validator(model, None, report.thresholds, report).chat(bundle, resolve_checkpoint(target_dir), max_tokens,
+                                                            use_litert_lm)
     return report
 
 

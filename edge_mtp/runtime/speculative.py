@@ -164,20 +164,20 @@ class SpeculativeDecoder:
         """Deprecated: step(); kept while edge_mtp/validate.py still calls it."""
         return self.step(signature, tokens, start)
 
-    def prefill(self, tokens: Sequence[int]) -> None:
-        """Write the caches of `tokens` at positions 0..n-1, in chunks of the exported prefill lengths."""
-        start, lengths, context = 0, sorted(self.contract.prefill_lengths), self.contract.context
-        while start < len(tokens):
-            remaining = len(tokens) - start
-            fitting = [n for n in lengths if start + n <= context]
+    def prefill(self, tokens: Sequence[int], start: int = 0) -> None:
+        """Write the caches of `tokens` at positions start.., in chunks of the exported prefill lengths."""
+        done, lengths, context = 0, sorted(self.contract.prefill_lengths), self.contract.context
+        while done < len(tokens):
+            position, remaining = start + done, len(tokens) - done
+            fitting = [n for n in lengths if position + n <= context]
             if not fitting:  # too close to the context end for any padded prefill: one token at a time
-                self.step(DECODE, tokens[start:start + 1], start)
-                start += 1
+                self.step(DECODE, tokens[done:done + 1], position)
+                done += 1
                 continue
             length = next((n for n in fitting if n >= remaining), fitting[-1])
-            chunk = tokens[start:start + min(length, remaining)]
-            self.step(prefill_name(length), chunk, start)
-            start += len(chunk)
+            chunk = tokens[done:done + min(length, remaining)]
+            self.step(prefill_name(length), chunk, position)
+            done += len(chunk)
 
     def draft(self, token: int, carry: np.ndarray, position: int, count: int,
               sampling: SamplingConfig, rng: np.random.Generator) -> tuple[list[int], list[np.ndarray]]:
@@ -231,16 +231,24 @@ class SpeculativeDecoder:
 
     def generate(self, prompt: Sequence[int], max_tokens: int = 64, draft_len: int | None = None, mtp: bool = True,
                  sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
-                 stats: Stats | None = None, clock: Callable[[], float] = time.perf_counter) -> Iterator[int]:
-        """Yield generated tokens as they are accepted; `stats` (if given) is filled in as generation goes."""
+                 stats: Stats | None = None, clock: Callable[[], float] = time.perf_counter,
+                 cached: int = 0) -> Iterator[int]:
+        """Yield generated tokens as they are accepted; `stats` (if given) is filled in as generation goes.
+
+        With `cached` > 0 the caches already hold the first `cached` prompt tokens (a chat's earlier turns): only
+        the rest is prefilled.
+        """
         c = self.contract
         g = self._check(prompt, mtp, draft_len)
         st = stats if stats is not None else Stats()
         st.draft_len, st.prompt_tokens = g, len(prompt)
         rng, stop, self._clock, self.rounds = np.random.default_rng(sampling.seed), set(stop_tokens), clock, []
-        self.backend.reset()
+        if not 0 <= cached < len(prompt):
+            raise ValueError(f"cached ({cached}) must leave at least the last prompt token to decode")
+        if not cached:
+            self.backend.reset()
         t0 = clock()
-        self.prefill(prompt[:-1])
+        self.prefill(prompt[cached:-1], cached)
         st.prefill_ms = (clock() - t0) * 1000
         position = len(prompt) - 1
         out = self._timed(st.decode_ms, self.step, DECODE, [prompt[-1]], position)
