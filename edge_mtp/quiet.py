@@ -7,6 +7,7 @@ progress bars and the final `error:` line stay visible and a `--json` stdout hol
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import logging
 import os
@@ -112,3 +113,21 @@ def _python_loggers_quiet() -> Iterator[None]:
     finally:
         root.setLevel(previous)
         ours.setLevel(ours_previous)
+
+
+@contextmanager
+def converter_output_quiet() -> Iterator[None]:
+    """Converters and quantizers (litert_torch, the ONNX dynamo exporter, ai-edge-quantizer) print progress trees,
+    bars, warnings and logs from Python for every stage: all of it is dropped while they run."""
+    loggers = [logging.root, logging.getLogger("torch.onnx"), logging.getLogger("onnxscript")]
+    previous = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, previous):
+                lg.setLevel(level)

@@ -84,6 +84,22 @@ def test_verification_can_be_skipped_and_a_corrupt_bundle_never_reaches_the_runt
     read_litertlm(bad, verify=False)  # the header alone is intact: the opt-out skips the hashing
 
 
+def test_a_load_failure_on_the_cpu_names_the_cause_not_the_cpu(tiny_bundle, monkeypatch):
+    from ai_edge_litert.compiled_model import CompiledModel
+
+    from edge_mtp.runtime.backends.litert import LiteRTBackend
+
+    def refuse(cls, *args, **kwargs):
+        raise RuntimeError("ERROR: [flatbuffer_tools.cc:88]\n└ Invalid flatbuffer")
+
+    monkeypatch.setattr(CompiledModel, "from_buffer", classmethod(refuse))
+    with pytest.raises(EdgeMtpError) as error:
+        LiteRTBackend(tiny_bundle[0], accelerator="cpu")
+    message = str(error.value)
+    assert "Invalid flatbuffer" in message and str(tiny_bundle[0]) in message and "re-export" in message
+    assert "--accelerator" not in message  # the user is on the CPU already
+
+
 def test_chat_template_from_a_bundle_is_rendered_sandboxed(tiny_bundle):
     tokenizer = edge_mtp.load(tiny_bundle[0]).tokenizer
     safe = Tokenizer(tokenizer._tok.to_str(), 2, [1], "{{ messages[0]['content'] | upper }}")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -13,21 +10,10 @@ import torch
 
 from ..contract import Contract
 from ..errors import EdgeMtpError
+from ..quiet import converter_output_quiet
 from .signatures import ExportUnit, compare_outputs, run_reference, sample_inputs
 
 Samples = Mapping[str, Sequence[Mapping[str, np.ndarray]]]  # signature -> inputs per seed
-
-
-@contextlib.contextmanager
-def _quiet():
-    """litert_torch prints a progress tree and absl logs for every stage; keep the user's terminal readable."""
-    previous = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            yield
-        finally:
-            logging.root.setLevel(previous)
 
 
 def convert_module(modules: Mapping[str, torch.nn.Module], samples: Samples, path: Path) -> Path:
@@ -37,7 +23,7 @@ def convert_module(modules: Mapping[str, torch.nn.Module], samples: Samples, pat
     except ImportError:
         raise EdgeMtpError("LiteRT export needs litert-torch: pip install 'edge-mtp[litert]'.") from None
     converted = None
-    with _quiet(), torch.no_grad():
+    with converter_output_quiet(), torch.no_grad():
         for name, module in modules.items():
             sample = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in samples[name][0].items()}
             module.eval()

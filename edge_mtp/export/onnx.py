@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import json
-import logging
 import resource
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +32,7 @@ from ..contract import (ACTIVATIONS, DECODE, DRAFTER, EMBEDDER, LOGITS, PER_LAYE
                         Contract, Signature, kv_output_name)
 from ..errors import EdgeMtpError
 from ..model.loading import load_drafter, load_target
+from ..quiet import converter_output_quiet
 from .driver import enforce_tolerance
 from .onnx_bundle import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
                           contract_from_manifest, is_onnx_bundle, model_file, onnx_output_name,
@@ -46,23 +44,6 @@ from .quantize import mixed_choice, relative_error
 from .signatures import ExportUnit, compare_outputs, export_units, run_reference, sample_inputs
 
 OPSET = 20
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The dynamo exporter prints its progress and logs warnings per stage; keep the user's terminal readable."""
-    loggers = [logging.root, logging.getLogger("torch.onnx"), logging.getLogger("onnxscript")]
-    previous = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, previous):
-                lg.setLevel(level)
 
 
 class _Positional(torch.nn.Module):
@@ -124,7 +105,7 @@ def export_target_graph(target: torch.nn.Module, contract: Contract, path: Path)
     axis = {"embeddings": 1, "per_layer_embeddings": 1, "input_pos": 0, "mask": 2}
     dynamic = ([{axis[n]: T} for n in per_token], [None] * len(kv_names))
     args = ([sample[n] for n in per_token], [sample[n] for n in kv_names])
-    with _quiet(), torch.no_grad():
+    with converter_output_quiet(), torch.no_grad():
         program = torch.onnx.export(_TargetGraph(target, contract).eval(), args, dynamo=True, opset_version=OPSET,
                                     input_names=in_names, output_names=out_names, dynamic_shapes=dynamic,
                                     external_data=True, verbose=False)
@@ -137,7 +118,7 @@ def export_static_graph(signature: Signature, module: torch.nn.Module, contract:
     """Trace a fixed-shape signature (embedders, drafter) and write `path` (+ `path`.data)."""
     sample = sample_inputs(signature, contract, seed=0)
     args = tuple(torch.from_numpy(sample[s.name]) for s in signature.inputs)
-    with _quiet(), torch.no_grad():
+    with converter_output_quiet(), torch.no_grad():
         program = torch.onnx.export(_Positional(module, signature).eval(), args, dynamo=True, opset_version=OPSET,
                                     input_names=[s.name for s in signature.inputs],
                                     output_names=[onnx_output_name(contract, s.name) for s in signature.outputs],

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgeMtpError
-from .litert import _quiet
+from ..quiet import converter_output_quiet
 
 RECIPES = ("fp32", "fp16", "int8", "int4", "int4-b32", "int4-b64", "int4-b128", "mixed")
 DEFAULT_RECIPE = "fp32"
@@ -132,7 +132,7 @@ def quantize_file(path: Path, recipe: list[dict] | None, out: Path) -> Path:
     recipe = list(recipe)
     for _ in range(64):
         try:
-            with _quiet():  # its "Applying Transformations" bar ignores enable_progress_bar
+            with converter_output_quiet():  # its "Applying Transformations" bar ignores enable_progress_bar
                 result = quantizer.Quantizer(str(path), recipe).quantize(enable_progress_bar=False,
                                                                          enable_progress_report=False)
             break

@@ -80,8 +80,11 @@ class LiteRTBackend(Backend):
                 options = self._options(self.accelerator, threads, Path(self._weight_cache.name) / f"{name}.cache")
                 self.models[name] = CompiledModel.from_buffer(model, options=options, environment=self.environment)
             except Exception as e:  # the accelerator could not take this model
-                raise EdgeMtpError(f"The {self.accelerator} accelerator could not load the {name} model "
-                                   f"({_first_line(e)}); use --accelerator cpu.") from None
+                hint = ("use --accelerator cpu" if self.accelerator != "cpu" else
+                        "`edge-mtp inspect` checks its sections; an intact bundle that fails here was written by an "
+                        "exporter this LiteRT cannot read: re-export it with this edge-mtp")
+                raise EdgeMtpError(f"LiteRT on the {self.accelerator} could not load the {name} model of "
+                                   f"{bundle_path} ({_first_line(e)}); {hint}.") from None
         if "drafter" not in self.models:
             self.contract = Contract(self.contract.target, None, self.contract.context, self.contract.draft_len,
                                      self.contract.prefill_lengths)
