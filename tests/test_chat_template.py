@@ -103,3 +103,36 @@ def test_demo_bundle_template_renders_as_transformers(demo_bundle):
     want = [demo.apply_chat_template(CONVERSATIONS[n], tokenize=False, add_generation_prompt=True) for n in names]
     assert ["<bos>" + r.text for r in got] == want
     assert got[0].text == "<start_of_turn>user\nWhat does the open() function return?<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_export_stores_the_adapted_template_and_records_it(synth_pair, tmp_path):
+    """The whole path: a checkpoint whose template LiteRT-LM cannot render as is, exported by the CLI."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edge_mtp.cli import main
+    from edge_mtp.export.litertlm import read_litertlm
+
+    from conftest import BUNDLE_PREFILL
+
+    target = tmp_path / "target"
+    shutil.copytree(synth_pair / "target", target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": GEMMA4_STYLE}))
+    out = tmp_path / "adapted.litertlm"
+    result = CliRunner().invoke(main, ["export", "--target", str(target), "--assistant", str(synth_pair / "assistant"),
+                                       "--out", str(out), "--context", str(BUNDLE_CONTEXT),
+                                       "--prefill", ",".join(map(str, BUNDLE_PREFILL))])
+    assert result.exit_code == 0, result.output
+    entry = read_litertlm(out).manifest["chat_template"]
+    assert entry["status"] == "adapted" and entry["adaptations"] == ["content parts to text", "map and string methods",
+                                                                     "none tests"]
+    names = entry["conversations"]
+    got = litertlm_conversations(out, BUNDLE_CONTEXT, [(None, CONVERSATIONS[n], 0) for n in names])  # its own
+    want = transformers_renderings(AutoTokenizer.from_pretrained(str(target)), GEMMA4_STYLE, names)
+    assert ["<bos>" + r.text for r in got] == want
+    import edge_mtp  # and `run --chat` feeds the model the same text
+
+    assert edge_mtp.load(out).tokenizer.chat(CONVERSATIONS["single turn"][0]["content"]) == want[0][len("<bos>"):]
