@@ -97,15 +97,16 @@ def test_validate_chat_row_passes_the_demo_bundle_and_catches_a_template_that_di
 def test_chat_on_a_pseudo_terminal_shows_prompts_streams_and_leaves_on_ctrl_d(demo_bundle):
     """On a terminal native output is captured (edge_mtp/quiet.py): the prompt and reply must still get through."""
     import os
-    import pty
     import select
+    import subprocess
     import sys
     import time
 
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the CLI on the pseudo-terminal
-        os.execv(sys.executable, [sys.executable, "-c", "from edge_mtp.cli import main; main()", "chat",
-                                  str(demo_bundle), "--max-tokens", "6"])
+    fd, terminal = os.openpty()  # the CLI's stdin, stdout and stderr are the terminal's end
+    child = subprocess.Popen([sys.executable, "-c", "from edge_mtp.cli import main; main()", "chat", str(demo_bundle),
+                              "--max-tokens", "6"], stdin=terminal, stdout=terminal, stderr=terminal,
+                             start_new_session=True)
+    os.close(terminal)
     seen = b""
 
     def wait_for(text: bytes, timeout: float = 120) -> bool:
@@ -115,11 +116,10 @@ def test_chat_on_a_pseudo_terminal_shows_prompts_streams_and_leaves_on_ctrl_d(de
             if select.select([fd], [], [], 0.2)[0]:
                 try:
                     seen += os.read(fd, 4096)
-                except OSError:
+                except OSError:  # the child closed the terminal
                     break
         return text in seen
 
-    done = 0
     try:
         assert wait_for(b"\n> ")
         os.write(fd, b"What does open() return?\n")
@@ -127,16 +127,11 @@ def test_chat_on_a_pseudo_terminal_shows_prompts_streams_and_leaves_on_ctrl_d(de
         os.write(fd, b"/stats\n")
         assert wait_for(b"reused from the cache")
         os.write(fd, b"\x04")  # Ctrl-D
-        for _ in range(100):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            wait_for(b"\x00", 0.1)  # keep draining the terminal
-        assert done and os.waitstatus_to_exitcode(status) == 0, seen.decode(errors="replace")
+        wait_for(b"\x00", 10)  # drain until the child closes the terminal
+        assert child.wait(timeout=60) == 0, seen.decode(errors="replace")
     finally:
-        if not done:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
+        child.kill()
+        child.wait()
         os.close(fd)
     reply = seen.split(b"?\r\n", 1)[1].split(b"\n> ", 1)[0].strip()
     assert reply and b"INFO" not in seen and b"<end_of_turn>" not in seen
