@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import DEMO_CONTEXT, DEMO_PREFILL
 from edge_mtp import demo
 from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export.onnx import export_onnx, quantize_onnx_bundle
@@ -164,7 +165,7 @@ def litert_bundles(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("quant-litert")
     return {r: (root / f"{r}.litertlm", export_litert(demo.target_dir(), demo.assistant_dir(), root / f"{r}.litertlm",
-                                                      context=CONTEXT, prefill=PREFILL, quant=r))
+                                                      context=DEMO_CONTEXT, prefill=DEMO_PREFILL, quant=r))
             for r in LITERT_RECIPES}
 
 
@@ -174,8 +175,8 @@ def test_litert_recipe_runs_in_litert_lm_and_reports(litert_bundles, recipe):
     from edge_mtp.runtime.litertlm_engine import run_litertlm
 
     path, summary = litert_bundles[recipe]
-    on = run_litertlm(path, PROMPTS, max_tokens=24, context=CONTEXT, mtp=True)
-    off = run_litertlm(path, PROMPTS, max_tokens=24, context=CONTEXT, mtp=False)
+    on = run_litertlm(path, PROMPTS, max_tokens=24, context=DEMO_CONTEXT, mtp=True)
+    off = run_litertlm(path, PROMPTS, max_tokens=24, context=DEMO_CONTEXT, mtp=False)
     assert on.supports_mtp and on.success_rate is not None
     # LiteRT-LM 0.18.1 with MTP emits a verify round's accepted drafts even past max_output_tokens, so its text can
     # run a few tokens longer; up to the plain run's length it must be the same text.
