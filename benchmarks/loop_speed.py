@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from edge_mtp.bundle import open_bundle
 from edge_mtp.contract import DECODE, VERIFY, causal_mask, drafter_mask
 from edge_mtp.prompts import DEFAULT_PROMPTS
 from edge_mtp.runtime.backends.base import Backend
@@ -81,13 +82,6 @@ def litertlm_tokens_per_second(bundle: Path, prompts: Sequence[str], max_tokens:
             session.close()
         engine.close()
     return tokens / seconds
-
-
-def bundle_tokenizer(bundle: Path):
-    """The bundle's tokenizer (the models edge_mtp.load opened with it are released on return)."""
-    import edge_mtp
-
-    return edge_mtp.load(bundle).tokenizer
 
 
 def best_of(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:
@@ -163,7 +157,7 @@ def main() -> None:
             from edge_mtp.export.onnx import export_onnx
 
             export_onnx(target_dir(), assistant_dir(), folder, context=args.context, prefill=(32, 128))
-        tokenizer = bundle_tokenizer(bundle)
+        tokenizer = open_bundle(bundle).tokenizer
         litert, onnx = LiteRTBackend(bundle, threads=args.threads), OnnxBackend(folder, threads=args.threads)
         ids = [tokenizer.encode(p) for p in DEFAULT_PROMPTS]
         print(f"{bundle.name} + {folder.name}, context {litert.contract.context}, {args.threads} CPU thread(s), "

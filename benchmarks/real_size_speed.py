@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.loop_speed import bundle_tokenizer, compare_loops, print_costs, print_loops, signature_ms
+from benchmarks.loop_speed import compare_loops, print_costs, print_loops, signature_ms
 from edge_mtp.bench import bench, predict, simulate
+from edge_mtp.bundle import open_bundle
 from edge_mtp.prompts import DEFAULT_PROMPTS
 
 
@@ -37,7 +38,7 @@ def main() -> None:
 
     from edge_mtp.runtime.backends.litert import LiteRTBackend
 
-    tokenizer = bundle_tokenizer(args.bundle)
+    tokenizer = open_bundle(args.bundle).tokenizer
     backend = LiteRTBackend(args.bundle, threads=args.threads)
     c = backend.contract
     if not backend.has_drafter:

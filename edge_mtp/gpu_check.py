@@ -108,12 +108,11 @@ def _refusal(name: str, op, graph, tensors: list, root, type_names: dict) -> str
 
 def check_bundle(path: Path) -> dict[str, dict[str, SignatureReport]]:
     """check_model for every model of a .litertlm bundle, keyed by model name (embedder, target, drafter, ...)."""
-    from .export.litertlm import read_litertlm
-    from .runtime.backends.litert import MODEL_TYPES
+    from .bundle.litertlm import SECTION_MODEL_TYPES, read_litertlm
 
     bundle = read_litertlm(path)
     out = {}
-    for name, model_type in MODEL_TYPES.items():
+    for name, model_type in SECTION_MODEL_TYPES.items():
         section = bundle.model_section(model_type)
         if section is not None:
             out[name] = check_model(bundle.read(section))

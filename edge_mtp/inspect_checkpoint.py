@@ -37,7 +37,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
 def describe_bundle(path: Path, verify: bool = True) -> dict[str, Any]:
     """Sections, model types, signatures and tensor names/shapes/dtypes of a .litertlm bundle (with `verify`, only
     after every section matched its recorded sha256, so a corrupt model never reaches the interpreter)."""
-    from .export.litertlm import read_litertlm
+    from .bundle.litertlm import read_litertlm
 
     bundle = read_litertlm(path, verify=verify)
     sections = []

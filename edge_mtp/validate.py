@@ -345,7 +345,7 @@ def _gpu_present() -> bool:
 
 def _manifest_source(bundle: Path) -> dict:
     if bundle.suffix == ".litertlm":
-        from .export.litertlm import read_litertlm
+        from .bundle.litertlm import read_litertlm
 
         return read_litertlm(bundle).manifest.get("source") or {}
     manifest = bundle / "manifest.json"

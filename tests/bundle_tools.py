@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edge_mtp.contract import Contract
-from edge_mtp.export.litertlm import MODEL_TYPES, SECTIONS_KEY, BundleMetadata, read_litertlm, write_litertlm
+from edge_mtp.bundle.litertlm import MODEL_TYPES, SECTIONS_KEY, BundleMetadata, read_litertlm, write_litertlm
 from edge_mtp.spec import preset_pair, spec_to_dict
 
 

@@ -188,7 +188,7 @@ class Seeds:
 
     def _onnx_manifest(self, target, drafter) -> dict:
         from edge_mtp.contract import Contract
-        from edge_mtp.export.onnx_bundle import build_manifest, model_file
+        from edge_mtp.bundle.onnx import build_manifest, model_file
 
         folder = self.root / "onnx"
         folder.mkdir()
@@ -209,29 +209,25 @@ class Seeds:
 
 
 def read_litertlm_bundle(folder: Path, data: bytes) -> None:
-    """The .litertlm path of edge_mtp.load up to the native runtime: header, hashes, manifest, tokenizer."""
-    from edge_mtp.export.bundle_contract import checked_contract
-    from edge_mtp.export.litertlm import read_litertlm
-    from edge_mtp.runtime.api import bundle_tokenizer
+    """edge_mtp.bundle.open_bundle on a .litertlm file (what edge_mtp.load does before the native runtime):
+    header, hashes, manifest, contract, tokenizer."""
+    from edge_mtp.bundle import open_bundle
 
     path = folder / "model.litertlm"
     path.write_bytes(data)
-    bundle = read_litertlm(path, verify=True)
-    checked_contract(bundle.manifest, str(path))
-    bundle_tokenizer(bundle).encode("Hello <pad> world")
+    open_bundle(path).tokenizer.encode("Hello <pad> world")
 
 
 def read_onnx_manifest(folder: Path, manifest: bytes) -> None:
-    """The ONNX bundle path of edge_mtp.load up to onnxruntime: manifest, file checks, contract, tokenizer."""
-    from edge_mtp.export.onnx_bundle import contract_from_manifest, read_manifest, tokenizer_info
+    """edge_mtp.bundle.open_bundle on an ONNX bundle folder (what edge_mtp.load does before onnxruntime): manifest,
+    file checks, contract, tokenizer."""
+    from edge_mtp.bundle import open_bundle
 
     for name in ("embedder", "per_layer_embedder", "target", "drafter"):
         (folder / f"{name}.onnx").write_bytes(name.encode())
     shutil.copy(SEEDS.root / "tokenizer.json", folder / "tokenizer.json")
     (folder / "manifest.json").write_bytes(manifest)
-    parsed = read_manifest(folder)
-    contract_from_manifest(parsed, str(folder))
-    tokenizer_info(folder, parsed)
+    open_bundle(folder).tokenizer.encode("Hello <pad> world")
 
 
 def read_checkpoint_config(folder: Path, config: bytes) -> None:
@@ -248,7 +244,7 @@ def read_checkpoint_config(folder: Path, config: bytes) -> None:
 
 def read_tokenizer(folder: Path, value: tuple[bytes, str]) -> None:
     """A bundle's tokenizer.json and chat template, as the runtime uses them."""
-    from edge_mtp.runtime.api import Tokenizer
+    from edge_mtp.bundle.tokenizer import Tokenizer
 
     text, template = value
     try:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from edge_mtp.cli import main
-from edge_mtp.export.litertlm import read_litertlm
+from edge_mtp.bundle.litertlm import read_litertlm
 from edge_mtp.spec import preset_pair
 from edge_mtp.synth import write_drafter, write_target
 

@@ -94,7 +94,7 @@ def test_a_construct_litertlm_lacks_is_named_and_the_flag_records_it(tiny_bundle
 def test_demo_bundle_template_renders_as_transformers(demo_bundle):
     """The issue's own example: Gallery's message no longer reaches the model wrapped in JSON."""
     from edge_mtp.demo import target_dir
-    from edge_mtp.export.litertlm import read_litertlm
+    from edge_mtp.bundle.litertlm import read_litertlm
 
     assert read_litertlm(demo_bundle).manifest["chat_template"]["status"] == "identical"
     demo = AutoTokenizer.from_pretrained(str(target_dir()))
@@ -113,7 +113,7 @@ def test_export_stores_the_adapted_template_and_records_it(synth_pair, tmp_path)
     from click.testing import CliRunner
 
     from edge_mtp.cli import main
-    from edge_mtp.export.litertlm import read_litertlm
+    from edge_mtp.bundle.litertlm import read_litertlm
 
     from conftest import BUNDLE_PREFILL
 

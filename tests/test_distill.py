@@ -136,7 +136,7 @@ def test_committed_demo_pair_meets_the_acceptance_bar():
     from edge_mtp.demo import assistant_dir, target_dir
     from edge_mtp.model.loading import load_drafter, load_target
     from edge_mtp.prompts import DEFAULT_PROMPTS
-    from edge_mtp.runtime.api import Tokenizer
+    from edge_mtp.bundle.tokenizer import Tokenizer
     from edge_mtp.runtime.backends.torch import TorchBackend
     from edge_mtp.runtime.speculative import generate_tokens
     from edge_mtp.spec import check_pair

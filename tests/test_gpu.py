@@ -20,7 +20,7 @@ import pytest
 
 from edge_mtp.contract import causal_mask, drafter_mask, prefill_name
 from edge_mtp.errors import EdgeMtpError
-from edge_mtp.export.litertlm import read_litertlm
+from edge_mtp.bundle.litertlm import read_litertlm
 from edge_mtp.gpu_check import check_model
 from edge_mtp.runtime.backends.litert import LiteRTBackend, accelerator_unavailable, vulkan_devices
 from edge_mtp.runtime.litertlm_engine import run_litertlm

@@ -12,8 +12,8 @@ import pytest
 
 import edge_mtp
 from edge_mtp.errors import EdgeMtpError
-from edge_mtp.export.litertlm import SECTIONS_KEY, read_litertlm
-from edge_mtp.runtime.api import Tokenizer
+from edge_mtp.bundle.litertlm import SECTIONS_KEY, read_litertlm
+from edge_mtp.bundle.tokenizer import Tokenizer
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

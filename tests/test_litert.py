@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from edge_mtp.cli import main
 from edge_mtp.contract import Contract
 from edge_mtp.errors import EdgeMtpError, PairMismatchError
-from edge_mtp.export.litertlm import read_litertlm
+from edge_mtp.bundle.litertlm import read_litertlm
 from edge_mtp.export.pipeline import export_litert
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.runtime.backends.torch import TorchBackend

@@ -13,12 +13,12 @@ import torch
 from edge_mtp.contract import DECODE, DRAFT, Contract, causal_mask, drafter_mask, k_name
 from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export.onnx import export_onnx
-from edge_mtp.export.onnx_bundle import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
+from edge_mtp.bundle.onnx import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
 from edge_mtp.export.pipeline import TOLERANCE
 from edge_mtp.export.signatures import compare_outputs, export_units, run_reference, sample_inputs
 from edge_mtp.model.loading import load_drafter, load_target
-from edge_mtp.runtime.api import Tokenizer
-from edge_mtp.runtime.backends.onnx import OnnxBackend, contract_and_tokenizer
+from edge_mtp.bundle import open_bundle
+from edge_mtp.runtime.backends.onnx import OnnxBackend
 from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.speculative import SpeculativeDecoder
 
@@ -73,9 +73,9 @@ def test_manifest_records_the_contract(onnx_bundle, reference):
     drafter_kv = {t["name"] for t in manifest["signatures"][DRAFT]["inputs"] if t["name"].startswith("kv_")}
     assert drafter_kv == {"kv_cache_k_1", "kv_cache_v_1", "kv_cache_k_2", "kv_cache_v_2"}
     assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {MANIFEST}
-    contract, tok = contract_and_tokenizer(path)
-    assert contract == reference[2]
-    tokenizer = Tokenizer(**tok)
+    opened = open_bundle(path)
+    assert opened.contract == reference[2]
+    tokenizer = opened.tokenizer
     assert tokenizer.bos == reference[0].spec.bos_token_id and tokenizer.stop_tokens == [1]
     assert tokenizer.decode(tokenizer.encode("abc")[1:]) == "abc"
 
@@ -122,7 +122,7 @@ def _generate(backend, prompts, tokenizer, mtp=True):
 
 def test_greedy_mtp_equals_plain_and_pytorch(onnx_bundle, backend, reference):
     models, drafter, contract = reference
-    tokenizer = Tokenizer(**contract_and_tokenizer(onnx_bundle[0])[1])
+    tokenizer = open_bundle(onnx_bundle[0]).tokenizer
     torch_backend = TorchBackend(models, drafter, contract)
     onnx_mtp = _generate(backend, PROMPTS, tokenizer)
     onnx_plain = _generate(backend, PROMPTS, tokenizer, mtp=False)
@@ -240,8 +240,8 @@ def test_demo_pair_accepts_drafts_identically(tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx-demo") / "demo"
     export_onnx(DEMO / "target", DEMO / "assistant", out, context=128, prefill=PREFILL, check=False)
     backend = OnnxBackend(out, threads=1)
-    contract, tok = contract_and_tokenizer(out)
-    tokenizer = Tokenizer(**tok)
+    opened = open_bundle(out)
+    contract, tokenizer = opened.contract, opened.tokenizer
     models = load_target(DEMO / "target")
     torch_backend = TorchBackend(models, load_drafter(DEMO / "assistant", models.spec), contract)
     prompts = ["The quick brown fox", "def main():", "import os"]

@@ -13,11 +13,11 @@ from conftest import DEMO_CONTEXT, DEMO_PREFILL
 from edge_mtp import demo
 from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export.onnx import export_onnx, quantize_onnx_bundle
-from edge_mtp.export.onnx_bundle import MANIFEST, read_manifest
+from edge_mtp.bundle.onnx import MANIFEST, read_manifest
 from edge_mtp.export.onnx_quantize import graph_bytes, weight_bytes
 from edge_mtp.export.quantize import INT8_KV_REASON, MIXED_SENSITIVITY, RECIPES, check_recipe
-from edge_mtp.runtime.api import Tokenizer
-from edge_mtp.runtime.backends.onnx import OnnxBackend, contract_and_tokenizer
+from edge_mtp.bundle import open_bundle
+from edge_mtp.runtime.backends.onnx import OnnxBackend
 from edge_mtp.runtime.speculative import SpeculativeDecoder, generate_tokens
 
 CONTEXT, PREFILL = 128, (16,)
@@ -61,7 +61,7 @@ def _greedy(backend, tokenizer, mtp):
 def test_onnx_recipe_runs_mtp_like_plain(onnx_bundles, recipe):
     bundle = onnx_bundles[recipe]
     backend = OnnxBackend(bundle, threads=1)  # also checks every file against the manifest's sha256
-    tokenizer = Tokenizer(**contract_and_tokenizer(bundle)[1])
+    tokenizer = open_bundle(bundle).tokenizer
     mtp, plain = _greedy(backend, tokenizer, True), _greedy(backend, tokenizer, False)
     for prompt, a, b in zip(PROMPTS, mtp, plain):
         _assert_equal_or_near_tie(backend, tokenizer.encode(prompt), a, b)
@@ -171,7 +171,6 @@ def litert_bundles(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("recipe", LITERT_RECIPES)
 def test_litert_recipe_runs_in_litert_lm_and_reports(litert_bundles, recipe):
-    from edge_mtp.runtime.backends.litert import LiteRTBackend
     from edge_mtp.runtime.litertlm_engine import run_litertlm
 
     path, summary = litert_bundles[recipe]
@@ -210,7 +209,7 @@ def _weight_types(bundle) -> set[str]:
     """Integer weight types in a bundle's target model (what the recipe really wrote, not what it claims)."""
     from ai_edge_litert.tools import flatbuffer_utils
 
-    from edge_mtp.export.litertlm import read_litertlm
+    from edge_mtp.bundle.litertlm import read_litertlm
 
     file = read_litertlm(bundle)
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(file.read(file.model_section("tf_lite_prefill_decode"))))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from edge_mtp.export.litertlm import read_litertlm
+from edge_mtp.bundle.litertlm import read_litertlm
 from edge_mtp.export.pipeline import export_litert
 
 from conftest import BUNDLE_CONTEXT, BUNDLE_PREFILL

@@ -34,7 +34,7 @@ from ..errors import EdgeMtpError
 from ..model.loading import load_drafter, load_target
 from ..quiet import converter_output_quiet
 from .driver import enforce_tolerance
-from .onnx_bundle import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
+from ..bundle.onnx import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
                           contract_from_manifest, is_onnx_bundle, model_file, onnx_output_name,
                           read_manifest, tokenizer_info)
 from .pipeline import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, ExportSummary,
@@ -252,12 +252,11 @@ class _Quantization:
 
     def report(self, bundle: Path, manifest: dict, fp32_bundle: Path) -> dict:
         """The quantization report of the (manifest-complete) bundle folder against the fp32 bundle folder."""
-        from ..runtime.api import Tokenizer
-        from ..runtime.backends.onnx import OnnxBackend
-        from .quality import quantization_report, report_prompts
+        from ..bundle.tokenizer import Tokenizer
+        from ..checks.quality import quantization_report, report_prompts
 
         prompts = report_prompts(Tokenizer(**tokenizer_info(bundle, manifest)), self.contract.context)
-        report = quantization_report(OnnxBackend(fp32_bundle, threads=1), OnnxBackend(bundle, threads=1), prompts)
+        report = quantization_report(fp32_bundle, bundle, prompts)  # bundle folders open in onnxruntime
         report["components"] = self.components
         gc.collect()
         return report

@@ -19,10 +19,10 @@ from ..memory import PeakMemory
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_drafter
 from ..spec import spec_to_dict
-from .bundle_check import bundle_report, enforce
+from ..bundle.tokenizer import Tokenizer
+from ..checks.bundle_check import enforce, litert_bundle_report
 from .driver import TOLERANCE, Progress, StreamedExport
-from .litertlm import BundleMetadata, read_litertlm, source_files, write_litertlm
-from .quality import report_prompts
+from ..bundle.litertlm import BundleMetadata, read_litertlm, source_files, write_litertlm
 from .quantize import DEFAULT_RECIPE, check_recipe
 
 DEFAULT_CONTEXT = 4096
@@ -164,11 +164,8 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
             stage("checking the bundle against a streamed PyTorch reference")
             candidate = work / "candidate.litertlm"
             write_litertlm(candidate, paths, contract, tokenizer, meta, manifest, work)
-            from ..runtime.backends.litert import LiteRTBackend
-            from ..runtime.api import Tokenizer
-
-            prompts = report_prompts(Tokenizer(tokenizer.read_text(), meta.start_token, meta.stop_tokens), context)
-            report = bundle_report(lambda: LiteRTBackend(candidate), source, drafter, contract, prompts)
+            report = litert_bundle_report(candidate, source, drafter, contract,
+                                          Tokenizer(tokenizer.read_text(), meta.start_token, meta.stop_tokens))
             enforce(report, str(out), exact=quant == "fp32")
             report["components"] = {name: {k: v for k, v in asdict(r).items() if k != "seconds"}  # reproducible
                                     for name, r in job.reports.items()}

@@ -7,64 +7,13 @@ from typing import Iterator, Sequence
 
 from ..contract import Contract
 from ..errors import EdgeMtpError
-from ..export.bundle_contract import checked_contract
-from ..export.litertlm import LitertlmFile, read_litertlm
-from ..export.onnx_bundle import tokenizer_info
+from ..bundle import ONNX, Bundle, open_bundle
+from ..bundle.tokenizer import Tokenizer
 from .backends.base import Backend
 from .sampling import SamplingConfig
 from .speculative import SpeculativeDecoder, Stats
 
 BACKENDS = ("litert", "onnx", "torch")
-
-
-class Tokenizer:
-    """Text <-> ids with the bundle's Hugging Face tokenizer (bos prepended as LiteRT-LM does)."""
-
-    def __init__(self, tokenizer_json: str, bos: int, stop_tokens: Sequence[int], chat_template: str | None = None):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            self._tok = HFTokenizer.from_str(tokenizer_json)
-        except Exception as e:  # tokenizers raises plain Exceptions for malformed JSON or models
-            raise EdgeMtpError(f"The bundle's tokenizer.json is not a valid Hugging Face tokenizer "
-                               f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); re-export the "
-                               "bundle.") from None
-        self.bos, self.stop_tokens, self.chat_template = bos, list(stop_tokens), chat_template
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with exactly one leading bos."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos] + ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of generated ids (special tokens kept, so nothing is silently hidden)."""
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-    def chat(self, message: str) -> str:
-        """The user message wrapped in the model's chat template (plain text when it has none)."""
-        if not self.chat_template:
-            return message
-        from ..chat_template import render  # transformers' sandboxed renderer, with LiteRT-LM's empty specials
-
-        return render(self.chat_template, [{"role": "user", "content": message}])
-
-
-def bundle_tokenizer(bundle: LitertlmFile) -> Tokenizer:
-    """The tokenizer, start and stop tokens and chat template stored in a .litertlm bundle."""
-    from google.protobuf.message import DecodeError
-    from litert_lm_builder.runtime.proto import llm_metadata_pb2
-
-    section = bundle.section("llm_metadata")
-    if section is None:
-        raise EdgeMtpError(f"{bundle.path} has no LLM metadata section; re-export it.")
-    try:
-        meta = llm_metadata_pb2.LlmMetadata.FromString(bundle.read(section))
-        bos = meta.start_token.token_ids.ids[0]
-    except (DecodeError, IndexError):
-        raise EdgeMtpError(f"{bundle.path}: the LLM metadata section is corrupt or names no start token; re-export "
-                           "the bundle.") from None
-    stops = [t.token_ids.ids[0] for t in meta.stop_tokens if t.token_ids.ids]
-    return Tokenizer(bundle.tokenizer_json(), bos, stops, meta.jinja_prompt_template or None)
 
 
 def check_generation(max_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -114,7 +63,7 @@ class Model:
                                          stop_tokens=self.tokenizer.stop_tokens, stats=self.last_stats)
 
 
-def _torch_backend(bundle: LitertlmFile, contract: Contract) -> Backend:
+def _torch_backend(bundle: Bundle) -> Backend:
     """Our PyTorch modules on the checkpoints the bundle was exported from, under the bundle's contract."""
     from ..model.loading import load_drafter, load_target
     from .backends.torch import TorchBackend
@@ -125,7 +74,7 @@ def _torch_backend(bundle: LitertlmFile, contract: Contract) -> Backend:
                            "backend needs them (use --backend litert).")
     models = load_target(source["target"])
     drafter = load_drafter(source["assistant"], models.spec) if source.get("assistant") else None
-    return TorchBackend(models, drafter, contract)
+    return TorchBackend(models, drafter, bundle.contract)
 
 
 def load(path: str | Path, backend: str | None = None, accelerator: str = "cpu", verify: bool = True) -> Model:
@@ -134,27 +83,20 @@ def load(path: str | Path, backend: str | None = None, accelerator: str = "cpu",
     With `verify` (the default) every section or file is checked against the sha256 recorded at export before
     any of it reaches a native runtime; pass False to skip the hashing on bundles you trust.
     """
-    path = Path(path)
     if backend not in (None, *BACKENDS):
         raise EdgeMtpError(f"Unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
-    if path.suffix == ".litertlm":
-        if backend == "onnx":
-            raise EdgeMtpError(f"{path} is a LiteRT bundle; run it with --backend litert (or torch).")
-        bundle = read_litertlm(path, verify=verify)
-        contract = checked_contract(bundle.manifest, str(path))
-        tokenizer = bundle_tokenizer(bundle)
-        if backend == "torch":
-            return Model(_torch_backend(bundle, contract), tokenizer)
-        from .backends.litert import LiteRTBackend
-
-        return Model(LiteRTBackend(path, accelerator), tokenizer)
-    if path.is_dir():
-        if backend not in (None, "onnx"):
-            raise EdgeMtpError(f"{path} is an ONNX bundle folder; run it with --backend onnx.")
+    path = Path(path)
+    if path.suffix == ".litertlm" and backend == "onnx":
+        raise EdgeMtpError(f"{path} is a LiteRT bundle; run it with --backend litert (or torch).")
+    if path.is_dir() and backend not in (None, "onnx"):
+        raise EdgeMtpError(f"{path} is an ONNX bundle folder; run it with --backend onnx.")
+    bundle = open_bundle(path, verify=verify)
+    if bundle.format == ONNX:
         from .backends.onnx import OnnxBackend
 
-        onnx_backend = OnnxBackend(path, provider=accelerator, verify=verify)
-        return Model(onnx_backend, Tokenizer(**tokenizer_info(path, onnx_backend.manifest)))
-    if not path.exists():
-        raise EdgeMtpError(f"Bundle {path} does not exist; pass a .litertlm file or an ONNX bundle folder.")
-    raise EdgeMtpError(f"{path} is not a bundle edge-mtp can run (expected a .litertlm file or an ONNX bundle folder).")
+        return Model(OnnxBackend(path, provider=accelerator, verify=False), bundle.tokenizer)  # verified above
+    if backend == "torch":
+        return Model(_torch_backend(bundle), bundle.tokenizer)
+    from .backends.litert import LiteRTBackend
+
+    return Model(LiteRTBackend(path, accelerator), bundle.tokenizer)

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...contract import DRAFT, EMBEDDINGS, PLE, TOKEN_IDS, Contract, contract_from_dict
+from ...bundle.litertlm import SECTION_MODEL_TYPES, read_litertlm
+from ...bundle.manifest import checked_contract
+from ...contract import DRAFT, EMBEDDINGS, PLE, TOKEN_IDS, Contract
 from ...errors import EdgeMtpError
-from ...export.litertlm import read_litertlm
 from ...gpu_check import check_model
 from .base import Backend
 
@@ -36,15 +37,6 @@ ACCELERATORS = ("cpu", "gpu", "npu")
 HOST_MEMORY = 1  # LiteRtTensorBufferType kLiteRtTensorBufferTypeHostMemory
 log = logging.getLogger(__name__)
 _availability: dict[str, str | None] = {}  # accelerator -> why it cannot be used (None: usable), probed once
-MODEL_TYPES = {"embedder": "tf_lite_embedder", "per_layer_embedder": "tf_lite_per_layer_embedder",
-                "target": "tf_lite_prefill_decode", "drafter": "tf_lite_mtp_drafter"}
-
-
-def contract_from_manifest(manifest: dict, where: str) -> Contract:
-    """The bundle's Contract, rebuilt from the manifest export wrote into it."""
-    if not manifest or "target" not in manifest:
-        raise EdgeMtpError(f"{where} has no edge-mtp manifest; only bundles written by edge-mtp export can be run here.")
-    return contract_from_dict(manifest)
 
 
 class LiteRTBackend(Backend):
@@ -58,18 +50,18 @@ class LiteRTBackend(Backend):
         if accelerator not in ACCELERATORS:
             raise EdgeMtpError(f"Unknown accelerator '{accelerator}'; choose one of {', '.join(ACCELERATORS)}.")
         bundle = read_litertlm(bundle_path)
-        self.contract = contract_from_manifest(bundle.manifest, str(bundle_path))
+        self.contract = checked_contract(bundle.manifest, str(bundle_path))
         self.environment = _environment()
         self.requested_accelerator, self.accelerator, self.fallback_reason = accelerator, accelerator, None
         if accelerator != "cpu":
-            embedder = bundle.model_section(MODEL_TYPES["embedder"])
+            embedder = bundle.model_section(SECTION_MODEL_TYPES["embedder"])
             reason = accelerator_unavailable(accelerator, bundle.read(embedder), self.environment)
             if reason is not None:  # CPU fallback with one clear line
                 self.accelerator, self.fallback_reason = "cpu", reason
                 log.warning("edge-mtp: the %s accelerator is unavailable (%s); running on the CPU.", accelerator, reason)
         self._weight_cache = tempfile.TemporaryDirectory(prefix="edge-mtp-xnnpack-")
         self.models, self.delegation = {}, {}
-        for name, model_type in MODEL_TYPES.items():
+        for name, model_type in SECTION_MODEL_TYPES.items():
             section = bundle.model_section(model_type)
             if section is None:
                 continue

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ...contract import DECODE, DRAFT, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, Signature
+from ...contract import DECODE, DRAFT, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Signature
 from ...errors import EdgeMtpError
-from ...export.onnx_bundle import contract_from_manifest, onnx_output_name, read_manifest, tokenizer_info
+from ...bundle.onnx import contract_from_manifest, onnx_output_name, read_manifest
 from .base import Backend
 
 # Short provider names (as on the command line) -> onnxruntime execution providers.
@@ -41,13 +41,6 @@ def resolve_provider(provider: str) -> list[str]:
         raise EdgeMtpError(f"Execution provider '{provider}' ({name}) is not in this onnxruntime build; available: "
                            f"{', '.join(_short(p) for p in available)} (install the onnxruntime package built with it).")
     return [name] if name == PROVIDERS["cpu"] else [name, PROVIDERS["cpu"]]
-
-
-def contract_and_tokenizer(bundle_dir: str | Path, verify: bool = True) -> tuple[Contract, dict[str, Any]]:
-    """The bundle's Contract and the keyword arguments of runtime.api.Tokenizer, from its checked manifest."""
-    manifest = read_manifest(bundle_dir, verify=verify)
-    return contract_from_manifest(manifest, str(Path(bundle_dir) / "manifest.json")), \
-        tokenizer_info(bundle_dir, manifest)
 
 
 @dataclass
@@ -183,4 +176,4 @@ class OnnxBackend(Backend):
         return {s.name: self.kv_values[s.name] for s in self.contract.drafter_kv_tensors()}
 
 
-__all__ = ["OnnxBackend", "PROVIDERS", "resolve_provider", "contract_and_tokenizer"]
+__all__ = ["OnnxBackend", "PROVIDERS", "resolve_provider"]

@@ -8,7 +8,6 @@ the runtime side uses this module too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from ..contract import (DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract,
                         kv_output_name)
 from ..errors import EdgeMtpError
 from ..spec import spec_to_dict
-from .bundle_contract import checked_contract
+from .manifest import check_format_version, checked_contract, sha256_file
 
 FORMAT = "edge-mtp-onnx"
 FORMAT_VERSION = 1
@@ -33,18 +32,6 @@ TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE = "tokenizer.json", "tokenizer_c
 def model_file(model: str) -> str:
     """File name of a bundle model ('target' -> 'target.onnx')."""
     return f"{model}.onnx"
-
-
-def sha256_file(path: Path, begin: int = 0, end: int | None = None, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of bytes [begin, end) of a file (default: all of it), read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(begin)
-        left = end - begin if end is not None else None
-        while (left is None or left > 0) and (block := f.read(chunk if left is None else min(chunk, left))):
-            digest.update(block)
-            left = left - len(block) if left is not None else None
-    return digest.hexdigest()
 
 
 def _tensor(spec: TensorSpec, onnx_name: str | None = None) -> dict[str, Any]:
@@ -128,12 +115,7 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EdgeMtpError(f"{path} is not an edge-mtp ONNX manifest (format "
                            f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, expected '{FORMAT}').")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise EdgeMtpError(f"{path} has an invalid format_version {version!r}; re-export the bundle.")
-    if version > FORMAT_VERSION:
-        raise EdgeMtpError(f"{root} was written by a newer edge-mtp (bundle format version {version}, this version "
-                           f"reads up to {FORMAT_VERSION}); upgrade edge-mtp to run it.")
+    check_format_version(manifest.get("format_version"), str(root), FORMAT_VERSION)
     files = manifest.get("files")
     if not isinstance(files, dict) or not isinstance(manifest.get("models", {}), dict):
         raise EdgeMtpError(f"{path} lists no files; re-export the bundle.")

@@ -10,12 +10,14 @@ identical inputs, so the only differences are the bundle's graphs and caches).
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..contract import EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, causal_mask, drafter_mask, k_name, v_name
+from ..bundle.tokenizer import Tokenizer
 from ..errors import EdgeMtpError
 from ..model.drafter import Drafter
 from ..model.loading import TargetSource
@@ -34,7 +36,7 @@ def streamed_reference(source: TargetSource, contract: Contract,
                        sequences: Sequence[Sequence[int]]) -> list[dict[str, np.ndarray]]:
     """Per sequence: teacher-forced `logits` [T,V], `activations` [T,H], `embeddings` [T,H] and the caches of the
     target, computed in one pass over the layers with only one layer's weights loaded at a time."""
-    from .driver import swapped
+    from ..export.driver import swapped
 
     spec, target = contract.target, source.models.target
     order = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]))
@@ -156,6 +158,16 @@ def bundle_report(open_backend: Callable[[], Backend], source: TargetSource, dra
                       drafter_first_hit_bundle=bundle_hits / draft_rows,
                       drafter_first_hit_reference=reference_hits / draft_rows)
     return report
+
+
+def litert_bundle_report(bundle: Path, source: TargetSource, drafter: Drafter | None, contract: Contract,
+                         tokenizer: Tokenizer) -> dict:
+    """bundle_report of a .litertlm file, run in LiteRT on the default report prompts."""
+    from ..runtime.backends.litert import LiteRTBackend
+    from .quality import report_prompts
+
+    prompts = report_prompts(tokenizer, contract.context)
+    return bundle_report(lambda: LiteRTBackend(bundle), source, drafter, contract, prompts)
 
 
 def enforce(report: dict, where: str, exact: bool) -> None:

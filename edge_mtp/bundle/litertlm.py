@@ -16,11 +16,12 @@ from typing import Any, Iterator
 
 from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, k_name, v_name
 from ..errors import EdgeMtpError
-from .onnx_bundle import sha256_file
+from .manifest import check_format_version, sha256_file
 
 MAGIC = b"LITERTLM"
 MODEL_TYPES = {TARGET: "PREFILL_DECODE", EMBEDDER: "EMBEDDER", PER_LAYER_EMBEDDER: "PER_LAYER_EMBEDDER",
                DRAFTER: "MTP_DRAFTER"}
+SECTION_MODEL_TYPES = {name: f"tf_lite_{kind.lower()}" for name, kind in MODEL_TYPES.items()}  # as read back
 SECTION_TYPES = {3: "tflite_model", 4: "sp_tokenizer", 5: "llm_metadata", 6: "hf_tokenizer", 7: "tflite_weights",
                  9: "executor_metadata"}
 MANIFEST_KEY = "edge_mtp_manifest"
@@ -145,7 +146,7 @@ def _source_epoch(manifest: dict[str, Any]) -> int:
         return int(os.environ["SOURCE_DATE_EPOCH"])
     source = manifest.get("source") or {}
     times = [(Path(source[role]) / name).stat().st_mtime for role, files in (source.get("sha256") or {}).items()
-             for name in files if isinstance(source.get(role), str) and (Path(source[role]) / name).is_file()]
+             for name in files or () if isinstance(source.get(role), str) and (Path(source[role]) / name).is_file()]
     return int(max(times, default=0))
 
 
@@ -271,12 +272,7 @@ def _manifest(system: dict[str, Any], path: Path) -> dict[str, Any]:
         manifest = None
     if not isinstance(manifest, dict):
         raise EdgeMtpError(f"{path} has a corrupt edge-mtp manifest; re-copy or re-export the bundle.")
-    version = manifest.get("format_version", 1)
-    if not isinstance(version, int) or version < 1:
-        raise EdgeMtpError(f"{path} has an invalid manifest format_version {version!r}; re-export the bundle.")
-    if version > MANIFEST_VERSION:
-        raise EdgeMtpError(f"{path} was written by a newer edge-mtp (manifest version {version}, this version reads "
-                           f"up to {MANIFEST_VERSION}); upgrade edge-mtp to run it.")
+    check_format_version(manifest.get("format_version", 1), str(path), MANIFEST_VERSION)
     return manifest
 
 

@@ -1,4 +1,4 @@
-"""The Contract a bundle manifest (.litertlm or ONNX) records, rebuilt with every value checked.
+"""What a bundle manifest (.litertlm or ONNX) records, checked: its format version and its Contract.
 
 Manifests are untrusted bytes: a wrong type, a missing key or an impossible size becomes one EdgeMtpError here,
 before any runtime allocates a cache or hands a model to native code.
@@ -6,6 +6,8 @@ before any runtime allocates a cache or hands a model to native code.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from ..contract import Contract, contract_from_dict
@@ -14,6 +16,27 @@ from ..spec import check_pair
 
 MAX_CONTEXT = 1 << 20  # tokens; far beyond Gemma 4's 128k, below what would allocate absurd caches
 MAX_DRAFT_LEN = 64
+
+
+def sha256_file(path: Path, begin: int = 0, end: int | None = None, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of bytes [begin, end) of a file (default: all of it), read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(begin)
+        left = end - begin if end is not None else None
+        while (left is None or left > 0) and (block := f.read(chunk if left is None else min(chunk, left))):
+            digest.update(block)
+            left = left - len(block) if left is not None else None
+    return digest.hexdigest()
+
+
+def check_format_version(version: Any, where: str, readable: int) -> None:
+    """A manifest's format_version must be a positive integer no newer than the `readable` one."""
+    if type(version) is not int or version < 1:
+        raise EdgeMtpError(f"{where} has an invalid manifest format_version {version!r}; re-export the bundle.")
+    if version > readable:
+        raise EdgeMtpError(f"{where} was written by a newer edge-mtp (manifest format version {version}, this version "
+                           f"reads up to {readable}); upgrade edge-mtp to run it.")
 
 
 def checked_contract(manifest: dict[str, Any], where: str) -> Contract:

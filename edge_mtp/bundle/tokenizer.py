@@ -1,0 +1,58 @@
+"""A bundle's tokenizer: text <-> ids with its Hugging Face tokenizer, start/stop tokens and chat template."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..errors import EdgeMtpError
+from .litertlm import LitertlmFile
+
+
+class Tokenizer:
+    """Text <-> ids with the bundle's Hugging Face tokenizer (bos prepended as LiteRT-LM does)."""
+
+    def __init__(self, tokenizer_json: str, bos: int, stop_tokens: Sequence[int], chat_template: str | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._tok = HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:  # tokenizers raises plain Exceptions for malformed JSON or models
+            raise EdgeMtpError(f"The bundle's tokenizer.json is not a valid Hugging Face tokenizer "
+                               f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); re-export the "
+                               "bundle.") from None
+        self.bos, self.stop_tokens, self.chat_template = bos, list(stop_tokens), chat_template
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with exactly one leading bos."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos] + ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids (special tokens kept, so nothing is silently hidden)."""
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def chat(self, message: str) -> str:
+        """The user message wrapped in the model's chat template (plain text when it has none)."""
+        if not self.chat_template:
+            return message
+        from ..chat_template import render  # transformers' sandboxed renderer, with LiteRT-LM's empty specials
+
+        return render(self.chat_template, [{"role": "user", "content": message}])
+
+
+def bundle_tokenizer(bundle: LitertlmFile) -> Tokenizer:
+    """The tokenizer, start and stop tokens and chat template stored in a .litertlm bundle."""
+    from google.protobuf.message import DecodeError
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2
+
+    section = bundle.section("llm_metadata")
+    if section is None:
+        raise EdgeMtpError(f"{bundle.path} has no LLM metadata section; re-export it.")
+    try:
+        meta = llm_metadata_pb2.LlmMetadata.FromString(bundle.read(section))
+        bos = meta.start_token.token_ids.ids[0]
+    except (DecodeError, IndexError):
+        raise EdgeMtpError(f"{bundle.path}: the LLM metadata section is corrupt or names no start token; re-export "
+                           "the bundle.") from None
+    stops = [t.token_ids.ids[0] for t in meta.stop_tokens if t.token_ids.ids]
+    return Tokenizer(bundle.tokenizer_json(), bos, stops, meta.jinja_prompt_template or None)
