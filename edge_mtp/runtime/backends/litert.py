@@ -14,7 +14,8 @@ runtime. So a cache gets the type every user accepts when there is one, else hos
 
 Each model packs its weights for XNNPACK into a weight-cache file of its own (in a private temporary folder): without
 it every signature packs a private copy, so a target with prefill, decode and verify signatures holds its weights
-three to four times over (measured on the wide preset: 268 MiB resident for a 70 MiB int8 target, 97 MiB with it).
+three to four times over (measured on the wide preset: 268 MiB resident for a 70 MiB int8 target, 97 MiB with it;
+E2B int8 bundle: 10.5 GiB, 7.7 GiB with it). See WEIGHT_CACHE_MAX_BYTES for the one limit found.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from .base import Backend
 ACCELERATORS = ("cpu", "gpu", "npu")
 HOST_MEMORY = 1  # LiteRtTensorBufferType kLiteRtTensorBufferTypeHostMemory
 log = logging.getLogger(__name__)
+# XNNPACK aborted the process (after "cannot append buffer to cache file") while writing the cache of the E4B int8
+# target (a 4.6 GB section) at 3.16 GiB, with 21 GB of disk free; the E2B int8 target's (2.2 GB) works. Larger
+# models go without the cache rather than risk that abort.
+WEIGHT_CACHE_MAX_BYTES = 3 << 30
 _availability: dict[str, str | None] = {}  # accelerator -> why it cannot be used (None: usable), probed once
 
 
@@ -69,7 +74,8 @@ class LiteRTBackend(Backend):
             if self.accelerator == "gpu":  # ops the GPU delegate takes / all ops, per signature (see gpu_check)
                 self.delegation[name] = {s: [r.delegated, r.total] for s, r in check_model(model).items()}
             try:
-                options = self._options(self.accelerator, threads, Path(self._weight_cache.name) / f"{name}.cache")
+                cache = Path(self._weight_cache.name) / f"{name}.cache" if len(model) <= WEIGHT_CACHE_MAX_BYTES else None
+                options = self._options(self.accelerator, threads, cache)
                 self.models[name] = CompiledModel.from_buffer(model, options=options, environment=self.environment)
             except Exception as e:  # the accelerator could not take this model
                 hint = ("use --accelerator cpu" if self.accelerator != "cpu" else
@@ -87,11 +93,11 @@ class LiteRTBackend(Backend):
         self.reset()
 
     @staticmethod
-    def _options(accelerator: str, threads: int, weight_cache: Path):
+    def _options(accelerator: str, threads: int, weight_cache: Path | None):
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
         from ai_edge_litert.options import CpuOptions, GpuOptions, Options
 
-        cpu = CpuOptions(num_threads=threads, xnnpack_weight_cache_path=str(weight_cache))
+        cpu = CpuOptions(num_threads=threads, xnnpack_weight_cache_path=str(weight_cache or ""))
         if accelerator == "cpu":
             return Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=cpu)
         kind = {"gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}[accelerator]
