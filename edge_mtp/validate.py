@@ -100,18 +100,18 @@ class _Validator:
             if self.contract.target.ple_dim:
                 ple.append((np.concatenate([self.backend.embed(t)[1][0] for t in ids]), self.ref.per_layer_embedding(ids)))
             self.backend.reset()
-            rows = [self.decoder._run(DECODE, [t], j, 1) for j, t in enumerate(ids)]
+            rows = [self.decoder.step(DECODE, [t], j) for j, t in enumerate(ids)]
             dec.append((np.concatenate([r["logits"][0] for r in rows]), want["logits"]))
             dec.append((np.concatenate([r["activations"][0] for r in rows]), want["activations"]))
             self.backend.reset()
             self.decoder.prefill(ids[:-1])
-            pre.append((self.decoder._run(DECODE, [ids[-1]], len(ids) - 1, 1)["logits"][0], want["logits"][-1:]))
+            pre.append((self.decoder.step(DECODE, [ids[-1]], len(ids) - 1)["logits"][0], want["logits"][-1:]))
             g = self.contract.draft_len
             if self.backend.has_drafter and len(ids) >= g + 2:
                 start = len(ids) - g - 1
                 self.backend.reset()
                 self.decoder.prefill(ids[:start])
-                out = self.decoder._run(VERIFY, ids[start:], start, g + 1)
+                out = self.decoder.step(VERIFY, ids[start:], start)
                 ver.append((out["logits"][0], want["logits"][start:]))
             if self.backend.has_drafter and self.ref.assistant is not None:
                 dra.extend(self._drafter_rows(ids, want))

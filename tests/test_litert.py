@@ -68,10 +68,11 @@ def test_litert_lm_runs_the_bundle_with_mtp_identically(tiny_bundle, synth_pair)
     path, _ = tiny_bundle
     on = run_litertlm(path, PROMPTS, max_tokens=20, context=CONTEXT, mtp=True)
     off = run_litertlm(path, PROMPTS, max_tokens=20, context=CONTEXT, mtp=False)
-    ours, accepted, drafted = _ours(synth_pair, PROMPTS, 20)
-    assert on.supports_mtp
+    ours, _, _ = _ours(synth_pair, PROMPTS, 20)
+    assert on.supports_mtp and on.success_rate is not None
     assert on.texts == off.texts == ours
-    assert on.success_rate is not None and on.success_rate == pytest.approx(accepted / drafted, abs=1e-5)
+    # The success rate itself is compared on the demo pair (tests/test_litert_demo.py), whose trained drafter is
+    # accepted over half the time: this random pair's rate can be 0 on both sides, which would prove nothing.
 
 
 def test_truncated_bundle_is_reported(tiny_bundle, tmp_path):

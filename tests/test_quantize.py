@@ -81,7 +81,7 @@ def _assert_equal_or_near_tie(backend, prompt, mtp, plain, tie=0.02):
     backend.reset()
     sequence = list(prompt) + plain[:at]
     decoder.prefill(sequence[:-1])
-    row = decoder._run("decode", [sequence[-1]], len(sequence) - 1, 1)["logits"][0, 0]
+    row = decoder.step("decode", [sequence[-1]], len(sequence) - 1)["logits"][0, 0]
     top = np.sort(row)[-2:]
     assert top[1] - top[0] <= tie * np.abs(row).max(), (at, top, mtp, plain)
 

@@ -160,10 +160,6 @@ class SpeculativeDecoder:
             self._inputs[length] = TargetInputs(length, self.contract.context, emb, ple)
         return self._inputs[length]
 
-    def _run(self, signature: str, tokens: Sequence[int], start: int, length: int) -> dict[str, np.ndarray]:
-        """Deprecated: step(); kept while edge_mtp/validate.py still calls it."""
-        return self.step(signature, tokens, start)
-
     def prefill(self, tokens: Sequence[int], start: int = 0) -> None:
         """Write the caches of `tokens` at positions start.., in chunks of the exported prefill lengths."""
         done, lengths, context = 0, sorted(self.contract.prefill_lengths), self.contract.context
