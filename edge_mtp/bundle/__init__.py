@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contract import Contract
+from ..contract import EMBEDDER, TARGET, Contract
 from ..errors import EdgeMtpError
 from .litertlm import SECTION_MODEL_TYPES, LitertlmFile, Section, read_litertlm
 from .manifest import checked_contract
@@ -40,7 +40,9 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if path.is_dir():
         manifest = read_manifest(path, verify=verify)
         contract = contract_from_manifest(manifest, str(path / MANIFEST))
-        models = {name: path / record["file"] for name, record in manifest["models"].items()}
+        models = {name: path / record["file"] for name, record in manifest.get("models", {}).items()}
+        if TARGET not in models or EMBEDDER not in models:
+            raise EdgeMtpError(f"{path / MANIFEST} names no target or embedder model; re-export the bundle.")
         return Bundle(path, ONNX, contract, Tokenizer(**tokenizer_info(path, manifest)), manifest, models)
     if not path.exists():
         raise EdgeMtpError(f"Bundle {path} does not exist; pass a .litertlm file or an ONNX bundle folder.")
