@@ -139,3 +139,16 @@ def test_run_cli_sampling_is_seeded_and_torch_backend_and_chat_work(tiny_bundle)
     assert any(run(*sampled, "--seed", str(s))["tokens"] != first["tokens"] for s in (8, 9, 10))  # seed matters
     assert run("--backend", "torch")["tokens"] == greedy["tokens"]  # our PyTorch modules decide as the bundle does
     assert run("--chat")["tokens"] == greedy["tokens"]  # the tiny pair has no chat template: plain prompt
+
+
+def test_a_tokenizer_that_loads_but_cannot_encode_is_one_clear_error(tmp_path):
+    """Found by scripts/fuzz_readers.py: a BPE model whose unk token is missing from its vocabulary loads, then
+    tokenizers raises a plain Exception on the first unknown character."""
+    from edge_mtp.tokenizer_files import write_char_tokenizer
+
+    write_char_tokenizer(tmp_path, 256)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    del data["model"]["vocab"]["<unk>"]
+    tokenizer = Tokenizer(json.dumps(data), 2, [1])
+    with pytest.raises(EdgeMtpError, match="tokenizer.json cannot encode text .*<unk>.* re-export"):
+        tokenizer.encode("Hello \x1f world")

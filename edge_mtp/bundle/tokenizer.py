@@ -17,19 +17,23 @@ class Tokenizer:
         try:
             self._tok = HFTokenizer.from_str(tokenizer_json)
         except Exception as e:  # tokenizers raises plain Exceptions for malformed JSON or models
-            raise EdgeMtpError(f"The bundle's tokenizer.json is not a valid Hugging Face tokenizer "
-                               f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); re-export the "
-                               "bundle.") from None
+            raise _broken(e, "is not a valid Hugging Face tokenizer") from None
         self.bos, self.stop_tokens, self.chat_template = bos, list(stop_tokens), chat_template
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with exactly one leading bos."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a model that loads yet cannot encode, e.g. an unk token missing from its vocabulary
+            raise _broken(e, "cannot encode text") from None
         return [self.bos] + ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids (special tokens kept, so nothing is silently hidden)."""
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        try:
+            return self._tok.decode(list(ids), skip_special_tokens=False)
+        except Exception as e:
+            raise _broken(e, "cannot decode token ids") from None
 
     def chat(self, message: str) -> str:
         """The user message wrapped in the model's chat template (plain text when it has none)."""
@@ -38,6 +42,12 @@ class Tokenizer:
         from ..chat_template import render  # transformers' sandboxed renderer, with LiteRT-LM's empty specials
 
         return render(self.chat_template, [{"role": "user", "content": message}])
+
+
+def _broken(error: Exception, what: str) -> EdgeMtpError:
+    """A tokenizers failure (it raises plain Exceptions) as one sentence naming its first line."""
+    detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+    return EdgeMtpError(f"The bundle's tokenizer.json {what} ({detail}); re-export the bundle.")
 
 
 def bundle_tokenizer(bundle: LitertlmFile) -> Tokenizer:
