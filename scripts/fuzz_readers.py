@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from edge_mtp.errors import EdgeMtpError  # noqa: E402
-from fuzz_targets import run_guarded, targets  # noqa: E402
+from fuzz_targets import frozen_heap, run_guarded, targets  # noqa: E402
 
 
 def fuzz(name: str, reader, strategy, examples: int) -> dict:
@@ -40,7 +40,8 @@ def fuzz(name: str, reader, strategy, examples: int) -> dict:
         run_guarded(counting, value)
 
     start = time.perf_counter()
-    run()
+    with frozen_heap():
+        run()
     seconds = time.perf_counter() - start
     total = sum(outcomes.values())
     return {"reader": name, "inputs": total, "seconds": seconds, "rejected": outcomes["EdgeMtpError"],

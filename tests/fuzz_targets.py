@@ -15,8 +15,9 @@ import shutil
 import signal
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hypothesis import strategies as st
 
@@ -84,11 +85,21 @@ def _attempt(reader: Callable[[Path, Any], None], value: Any) -> tuple[bool, lis
     return _Watch.hung, list(_Watch.outside)
 
 
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Everything alive before a fuzz run (a whole test session) is frozen out of the collector while it runs: a
+    full collection over it costs seconds of CPU that belong to no input. Freezing once, not per input, so that the
+    garbage inputs leave behind is still collected."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_guarded(reader: Callable[[Path, Any], None], value: Any) -> None:
     """Run one reader on one input; raise AssertionError if the contract is broken."""
-    # Objects alive before the input (the whole test session) are frozen out of the collector: a full collection
-    # over them costs seconds of CPU that belong to no input.
-    gc.freeze()
     hung, outside = _attempt(reader, value)
     if hung:  # a real hang repeats; CPU spent by other threads of this process (ITIMER_PROF counts them) does not
         hung, outside = _attempt(reader, value)
