@@ -60,4 +60,24 @@ class VectorsTest {
         ppa.zip(s.perPositionAcceptance).forEach { (x, y) -> assertEquals("$name: per_position_acceptance", x, y, 1e-12) }
         assertEquals("$name: emitted_tokens", result.tokens.size, s.emittedTokens)
     }
+
+    @Test
+    fun `a hand-derived partial acceptance and a stop token inside a verify`() {
+        // Worked out by hand, not by the Python loop: prompt at positions 0..2, first token 20 at position 3.
+        // Round 1 (position 3): drafts 21, 22; the target picks 21, 30 -> 21 accepted, 22 rejected, 30 emitted.
+        // Round 2 (position 5): drafts 40, 41; the target picks 1 (the stop token) first -> nothing accepted, 1 ends.
+        val rounds = listOf(ReplayRound(3, intArrayOf(21, 22), intArrayOf(21, 30, 31)),
+                            ReplayRound(5, intArrayOf(40, 41), intArrayOf(1, 51, 52)))
+        val model = ReplayModel(64, 3, 20, rounds)
+        val result = SpeculativeDecoder(GreedySpeculator(model))
+            .generate(intArrayOf(1000, 1001, 1002), DecodeConfig(2, 10, setOf(1))) { true }
+        assertArrayEquals(intArrayOf(20, 21, 30, 1), result.tokens)
+        assertTrue(model.exhausted)
+        assertEquals(listOf(1, 0), result.stats.acceptedPerRound)
+        assertEquals(4, result.stats.drafted)
+        assertEquals(1, result.stats.accepted)
+        assertEquals(2, result.stats.verifies)
+        assertEquals(0, result.stats.plainDecodes)
+        assertEquals(0.25, result.stats.draftAcceptanceRate, 1e-12)
+    }
 }
