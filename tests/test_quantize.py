@@ -92,6 +92,12 @@ def test_onnx_sizes_shrink(onnx_bundles, recipe):
     want = weight_bytes(fp32 / "target.onnx")["matmul"]
     got = weight_bytes(bundle / "target.onnx")["matmul"]
     assert 0 < got <= WEIGHT_RATIO[recipe] * want, (recipe, got, want)
+    if recipe.startswith("int4"):  # the size bound alone would pass a silent fall-back to int8
+        import onnx
+
+        graph = onnx.load(str(bundle / "target.onnx"), load_external_data=False).graph
+        blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+        assert blocks == {int(recipe.split("-b")[1]) if "-b" in recipe else 32}, (recipe, blocks)
     report = read_manifest(bundle)["quantization_report"]
     for model, row in report["components"].items():
         assert row["bytes"] == graph_bytes(bundle / f"{model}.onnx")
