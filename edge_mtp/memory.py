@@ -53,7 +53,8 @@ class PeakMemory:
 
     def restart(self) -> int:
         """The peak so far (bytes); sampling goes on from the current resident size (peaks of successive stages)."""
-        peak, self.peak = max(self.peak, tree_rss_bytes(self.pid)), tree_rss_bytes(self.pid)
+        now = tree_rss_bytes(self.pid)
+        peak, self.peak = max(self.peak, now), now
         return peak
 
     @property

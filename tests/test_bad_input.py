@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from edge_mtp.cli import main
 from edge_mtp.bundle.litertlm import read_litertlm
 from edge_mtp.spec import preset_pair
-from edge_mtp.synth import write_drafter, write_target
+from edge_mtp.synth import write_drafter
 
 from bundle_tools import flip, rewrap, with_container_version
 

@@ -112,7 +112,6 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(synth_pair, tmp_path,
 def test_nan_weights_are_refused_naming_the_tensor(synth_pair, tmp_path):
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     target = tmp_path / "nan"
