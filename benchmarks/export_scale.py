@@ -1,7 +1,7 @@
 """Real-size export: synthesise a preset once (random weights, exact HF layout) and export it, printing peak memory
 of the whole process tree, wall time and peak memory per stage and the bundle's sections.
 
-    python -m benchmarks.export_scale --preset e2b --quant int4 [--context 4096] [--format litert]
+    python -m benchmarks.export_scale --preset e2b --quant int4 [--context 4096] [--format litert|onnx]
 
 Not a test: E2B takes tens of minutes on 2 cores. The test suite runs the same streamed path on small presets.
 """
@@ -32,6 +32,7 @@ def synthesised(preset: str, root: Path) -> Path:
 
 def main() -> None:
     """Export one preset and print what it cost."""
+    from edge_mtp.export.onnx import export_onnx
     from edge_mtp.export.pipeline import export_litert
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--quant", default="int4")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--prefill", default="32,128")
+    parser.add_argument("--format", choices=("litert", "onnx"), default="litert")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path,
                         default=cache_root() / "synth")
@@ -48,7 +50,8 @@ def main() -> None:
     start = time.time()
     pair = synthesised(args.preset, args.cache)
     synth_seconds = time.time() - start
-    out = args.out or Path(f"{args.preset}-{args.quant}.litertlm")
+    out = args.out or Path(f"{args.preset}-{args.quant}" + (".litertlm" if args.format == "litert" else "-onnx"))
+    export = export_litert if args.format == "litert" else export_onnx
     stages: list[tuple[str, float, float]] = []  # (stage, seconds, peak RSS GiB during it)
     current = ["loading checkpoints", time.time()]
     memory = PeakMemory()
@@ -67,14 +70,14 @@ def main() -> None:
         print(f"[{time.time() - start:7.1f} s]   {done}/{total} {what}", flush=True)
 
     with memory:
-        summary = export_litert(pair / "target", pair / "assistant", out, context=args.context,
+        summary = export(pair / "target", pair / "assistant", out, context=args.context,
                                 prefill=tuple(int(x) for x in args.prefill.split(",")), quant=args.quant,
                                 on_stage=stage, on_progress=progress)
         stage("done")
     overall = max(overall, memory.peak)
     report = summary.quantization or {}
     result = {
-        "preset": args.preset, "quant": args.quant, "context": args.context, "synth_seconds": synth_seconds,
+        "preset": args.preset, "format": args.format, "quant": args.quant, "context": args.context, "synth_seconds": synth_seconds,
         "export_seconds": summary.wall_seconds, "peak_rss_gib": overall / 2**30, "bundle_bytes": summary.bytes,
         "sections": summary.sections, "stage_seconds": stages,
         "logit_relative_error": report.get("logit_relative_error"), "top1_agreement": report.get("top1_agreement"),

@@ -1,4 +1,5 @@
-"""ONNX export and the onnxruntime backend: graphs vs PyTorch, greedy MTP equality, one shared KV buffer, bad input."""
+"""ONNX export (the streamed path every model size takes) and the onnxruntime backend: pieces vs PyTorch, the bundle
+vs the streamed reference, greedy MTP equality, one shared KV buffer, bad input."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from edge_mtp.runtime.backends.onnx import OnnxBackend
 from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.speculative import SpeculativeDecoder
 
-from helpers import assert_export_checks
+from helpers import assert_streamed_export
 from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
 
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on a phone, exactly."]
@@ -51,7 +52,7 @@ def backend(onnx_bundle):
 
 def test_export_checks_every_graph_and_signature(onnx_bundle):
     path, summary = onnx_bundle
-    assert_export_checks(summary, {"embedder", "per_layer_embedder", "target", "drafter"})
+    assert_streamed_export(summary)  # every piece vs PyTorch, and the whole bundle vs the streamed reference
     files = sorted(p.name for p in path.iterdir())
     assert files == sorted(["manifest.json", "tokenizer.json", "tokenizer_config.json"] +
                            [f"{m}.onnx{x}" for m in ("embedder", "per_layer_embedder", "target", "drafter")
@@ -221,13 +222,13 @@ def test_export_refuses_to_overwrite_a_foreign_folder(synth_pair, tmp_path):
 
 def test_interrupted_export_leaves_nothing(synth_pair, tmp_path):
     def interrupt(stage: str) -> None:
-        if stage.startswith("exporting target"):  # the embedders are already written in the partial folder
+        if stage.startswith("exporting the target"):  # the embedders are already written in the partial folder
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         export_onnx(synth_pair / "target", synth_pair / "assistant", tmp_path / "b", context=CONTEXT,
                     prefill=PREFILL, on_stage=interrupt)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no partial bundle, no scratch pieces
 
 
 DEMO = Path(__file__).resolve().parent.parent / "edge_mtp" / "demo"
