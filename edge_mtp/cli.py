@@ -159,8 +159,8 @@ def default_pair() -> tuple[Path, Path]:
 @click.option("--context", default=4096, show_default=True, help="KV cache length C (max tokens on device).")
 @click.option("--prefill", default="32,128", show_default=True, help="Prefill signature lengths.")
 @click.option("--quant", default="auto", show_default=True,
-              help="auto (int4 from 1 B parameters, int8 below), fp32, fp16, int8, int4 (= int4-b32), int4-b64, "
-                   "int4-b128 or mixed, the same for both formats; the bundle records what it cost.")
+              help="auto (int4 from 1 B parameters, int8 below), fp32, fp16, int8, int4 (channelwise in LiteRT, "
+                   "blocks of 32 in ONNX), int4-b32, int4-b64, int4-b128 or mixed; the bundle records what it cost.")
 @click.option("--allow-template-mismatch", is_flag=True,
               help="Export even if LiteRT-LM cannot render the chat template as transformers does (recorded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")

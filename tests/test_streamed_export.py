@@ -36,15 +36,15 @@ def _lookup_model(tmp_path: Path, rows: np.ndarray) -> Path:
     return convert_module({"embedder": Lookup()}, samples, tmp_path / "lookup.tflite")
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-b64", "fp16"])
+@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-b32", "int4-b64", "fp16"])
 def test_our_table_quantization_is_byte_identical_to_ai_edge_quantizer(tmp_path, recipe):
     rows = (np.random.default_rng(0).standard_normal((101, 128)) * np.linspace(0.01, 3, 101)[:, None]).astype(np.float32)
     quantized = quantize_file(_lookup_model(tmp_path, rows), component_recipe(recipe), tmp_path / "q.tflite")
     model = read_tflite(quantized)
     slot = find_table(model, 101, 128)
-    want_type = {"int8": 9, "int4": 17, "int4-b64": 17, "fp16": 1}[recipe]
+    want_type = {"int8": 9, "int4": 17, "int4-b32": 17, "int4-b64": 17, "fp16": 1}[recipe]
     assert slot.format.tensor_type == want_type
-    assert slot.format.block == {"int4": 32, "int4-b64": 64}.get(recipe, 0)
+    assert slot.format.block == {"int4-b32": 32, "int4-b64": 64}.get(recipe, 0)
     check_format(model, slot, rows)  # raises unless bytes and scales are the quantizer's own
     with pytest.raises(EdgeMtpError, match="no longer matches"):
         check_format(model, slot, rows * 1.01)

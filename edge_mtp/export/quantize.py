@@ -4,9 +4,12 @@ Recipe names (shared with the ONNX exporter where they mean the same thing):
   fp32        no quantization
   fp16        fp16 weights, fp32 compute
   int8        channelwise int8 weights, dynamic int8 activations
-  int4        blockwise 4-bit weights (block 32), dynamic int8 activations; int4-b32 / int4-b64 / int4-b128 pick the block
-  mixed       4-bit (block 32) for the embedding tables and the target, 8-bit for the drafter and for any component
-              whose 4-bit error, measured on random inputs, exceeds MIXED_SENSITIVITY
+  int4        channelwise 4-bit weights (one scale per output row), dynamic int8 activations: the layout of Google's
+              own Gemma 4 recipe (ai-edge-quantizer's gemma4_mixed48) and the one XNNPACK multiplies fast at every
+              row count (measured: the note on INT4_LAYOUT); int4-b32 / int4-b64 / int4-b128 are blockwise 4-bit (one scale per
+              block of the row: less rounding error, far slower verify and prefill on LiteRT's CPU)
+  mixed       4-bit (channelwise) for the embedding tables and the target, 8-bit for the drafter and for any
+              component whose 4-bit error, measured on random inputs, exceeds MIXED_SENSITIVITY
   int8-kv     (named, refused) a per-tensor int8 KV cache: see INT8_KV_REASON
 """
 
@@ -30,6 +33,12 @@ DEFAULT_RECIPE = "fp32"
 # LiteRT); at 0.05 every component counted as sensitive and 'mixed' was int8 everywhere. 0.1 flags a component
 # only when 4 bits cost clearly more than the grid itself (the demo target in LiteRT: 0.197 -> int8).
 MIXED_SENSITIVITY = 0.1
+# Why 'int4' is channelwise on LiteRT: XNNPACK (ai-edge-litert 2.3, x86 with AVX-512 VNNI, 2 threads) multiplies
+# blockwise 4-bit weights fast only for one input row. python -m benchmarks.int4_layout, ms for 8 FC layers
+# 1536 <-> 6144 at 1 / 4 / 32 rows: block 32 1.03 / 6.42 / 18.4, block 128 0.95 / 4.17 / 19.5, channelwise
+# 1.11 / 1.21 / 2.66, int8 2.94 / 1.81 / 3.41. A verify of G+1 rows and every prefill pay that factor: it is what
+# made a verify(4) of E2B int4 (block 32) cost 2.2 decodes.
+INT4_LAYOUT = "CHANNELWISE"
 KV_RECIPES = ("int8-kv",)
 INT8_KV_REASON = (
     "Recipe 'int8-kv' (a per-tensor int8 KV cache) is not available in either format yet. The cache is one buffer "
@@ -64,9 +73,10 @@ def component_recipe(name: str) -> list[dict] | None:
         return _fp16()
     if name == "int8":
         return _weights(8, "CHANNELWISE")
-    if name in ("int4", "int4-b32", "int4-b64", "int4-b128"):
-        block = name.split("-b")[1] if "-b" in name else "32"
-        return _weights(4, f"BLOCKWISE_{block}")
+    if name == "int4":
+        return _weights(4, INT4_LAYOUT)
+    if name in ("int4-b32", "int4-b64", "int4-b128"):
+        return _weights(4, f"BLOCKWISE_{name.split('-b')[1]}")
     raise EdgeMtpError(f"Unknown quantization recipe '{name}'; choose one of {', '.join(RECIPES)}.")
 
 
