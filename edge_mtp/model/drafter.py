@@ -67,7 +67,9 @@ class Drafter(nn.Module):
         scores = torch.matmul(rows, y.reshape(-1, 1)).reshape(k, width)
         fill = torch.minimum(scores[:1], scores.amin(dim=(0, 1), keepdim=True) - 1.0)  # a row of min - 1
         chosen = (top.reshape(k, 1) == torch.arange(clusters, dtype=torch.int32)).float()  # [k, clusters]
-        rank = (chosen * (torch.arange(k, dtype=torch.float32) - k).reshape(k, 1)).sum(0) + k  # k: not chosen
+        # row by row (exact small integers): LiteRT's GPU delegate multiplies [k, clusters] by a [k, 1] constant as
+        # if the constant were its first element, which gave every chosen cluster rank 0 there
+        rank = k - sum((k - i) * chosen[i] for i in range(k))  # k: not chosen
         ordered = take(torch.cat([scores, fill]), 0, rank.to(torch.int32)).reshape(s.vocab_size)
         return take(ordered, 0, self.token_positions()).reshape(1, 1, s.vocab_size)
 
