@@ -275,6 +275,7 @@ def _init_drafter(spec: DrafterSpec, models: TargetModels, seed: int) -> Drafter
         if spec.use_ordered_embeddings:
             ordering = cluster_tokens(models.target.embed_tokens.weight, spec.num_centroids, seed=seed)
             drafter.token_ordering.copy_(ordering)
+            drafter.refresh_inverse_ordering()
     return drafter
 
 

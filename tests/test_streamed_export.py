@@ -203,3 +203,38 @@ def test_a_second_export_takes_layer_templates_from_the_cache(tiny_bundle, synth
     assert templates == ["kind0.tflite"]  # only the damaged one was converted again
     assert len(converted) == 6  # embedder, per-layer embedder, prelude, head, drafter, and that template
     assert summary.quantization["logit_relative_error"] <= 1e-3  # layers refilled from cached templates are right
+
+
+def test_the_drafter_head_at_gemma_vocabulary_size_holds_its_inverse_ordering_as_a_constant(tmp_path):
+    """At 262144 tokens the converter no longer folds an in-graph inverse of token_ordering: the graph would scatter
+    the whole vocabulary on every draft step (37 of 44 ms on E2B). The head must hold the inverse as a constant and
+    still match PyTorch, for a shuffled ordering set after the module was built."""
+    import dataclasses
+
+    import torch
+
+    from edge_mtp.contract import Contract
+    from edge_mtp.export.litert import check_module, convert_module, unit_samples
+    from edge_mtp.export.signatures import ExportUnit, SignatureModule
+    from edge_mtp.export.tflite import op_name
+    from edge_mtp.model.drafter import Drafter
+    from edge_mtp.spec import preset_pair
+
+    target, small = preset_pair("tiny")
+    spec = dataclasses.replace(small, vocab_size=262144, num_centroids=2048, centroid_top_k=4)
+    torch.manual_seed(0)
+    drafter = Drafter(spec, target).eval()
+    for p in drafter.parameters():
+        p.data.normal_(0, 0.5)
+    drafter.token_ordering.copy_(torch.randperm(spec.vocab_size).to(torch.int32))
+    drafter.refresh_inverse_ordering()
+    contract = Contract(target, spec, 32, 3, (8,))
+    sig = contract.drafter_signature()
+    module = SignatureModule(drafter, sig, ("activations", "input_pos", "mask"))
+    samples = unit_samples(ExportUnit("drafter", [(sig, module)]), contract)
+    path = convert_module({sig.name: module}, samples, tmp_path / "drafter.tflite")
+    model = read_tflite(path)
+    ops = {op_name(model, op) for g in model.subgraphs for op in g.operators}
+    assert not {o for o in ops if "SCATTER" in o}, ops
+    report = check_module(path, {sig.name: module}, samples)[sig.name]
+    assert report["logits"]["relative"] <= 1e-4, report

@@ -37,6 +37,11 @@ class Drafter(nn.Module):
         if spec.use_ordered_embeddings:
             self.centroids = nn.Linear(h, spec.num_centroids, bias=False)
             self.register_buffer("token_ordering", torch.arange(spec.vocab_size, dtype=torch.int32))
+            # token_ordering's inverse, kept ready so that a converted graph holds it as a constant (see
+            # token_positions); `_inverse_of` names the ordering it was computed from
+            self.register_buffer("inverse_ordering", torch.arange(spec.vocab_size, dtype=torch.int32, device="cpu"),
+                                 persistent=False)
+            self._inverse_of: tuple[int, int] | None = None
         for kind in (SLIDING, FULL):
             self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(spec, kind), persistent=False)
 
@@ -74,10 +79,26 @@ class Drafter(nn.Module):
         return take(ordered, 0, self.token_positions()).reshape(1, 1, s.vocab_size)
 
     def token_positions(self) -> torch.Tensor:
-        """[V] int32: where each token sits in `token_ordering` (its inverse; a constant once converted)."""
-        ordering = self.token_ordering.long()
-        return torch.zeros_like(ordering, dtype=torch.int32).scatter(
-            0, ordering, torch.arange(ordering.shape[0], dtype=torch.int32))
+        """[V] int32: where each token sits in `token_ordering` (its inverse), a constant once converted.
+
+        Computed outside the graph: traced, the inverse is a scatter over the vocabulary that the converter folds for
+        small vocabularies but not for Gemma's 262144 tokens, and LiteRT then ran it on every draft step (37 of the
+        44 ms an E2B draft step took). An export traces the inverse as it was last computed: call
+        `refresh_inverse_ordering` after changing `token_ordering` (eager calls notice the change themselves).
+        """
+        if not torch.compiler.is_exporting() and self._inverse_of != self._ordering_key():
+            self.refresh_inverse_ordering()
+        return self.inverse_ordering
+
+    def refresh_inverse_ordering(self) -> None:
+        """Recompute `token_positions` from the current `token_ordering`."""
+        ordering = self.token_ordering
+        inverse = torch.empty_like(ordering, device="cpu")
+        inverse[ordering.long()] = torch.arange(ordering.shape[0], dtype=torch.int32, device="cpu")
+        self.inverse_ordering, self._inverse_of = inverse, self._ordering_key()
+
+    def _ordering_key(self) -> tuple[int, int]:
+        return self.token_ordering.data_ptr(), self.token_ordering._version
 
     def forward(self, activations: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
                 hidden_only: bool = False, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:

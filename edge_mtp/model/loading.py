@@ -138,4 +138,6 @@ def load_drafter(path: str | Path, target: TargetSpec, dtype: torch.dtype = torc
         check_finite(entry.name, value, str(reader.files[entry.name].name))
         assign(drafter, entry.local, value.to(torch.int32) if entry.role == "ordering" else value.to(dtype))
     ensure_materialized(drafter, str(directory))
+    if spec.use_ordered_embeddings:
+        drafter.refresh_inverse_ordering()
     return drafter.eval()
