@@ -20,6 +20,7 @@ DECODE, VERIFY, DRAFT = "decode", "verify", "mtp_drafter"
 # Tensor names.
 TOKEN_IDS, EMBEDDINGS, PLE = "token_ids", "embeddings", "per_layer_embeddings"
 INPUT_POS, MASK, LOGITS = "input_pos", "mask", "logits"
+PARAM_TENSOR = "param_tensor"  # LiteRT-LM's cache-update parameters: {start, start+len, start+len, 0, 0, 0, 0}
 ACTIVATIONS, PROJECTED = "activations", "projected_activations"
 
 MASK_VISIBLE = 0.0
@@ -78,6 +79,7 @@ class Contract:
     draft_len: int = 3
     prefill_lengths: tuple[int, ...] = (32,)
     kv_dtype: str = "float32"
+    param_tensor: bool = False  # LiteRT targets: take PARAM_TENSOR and write the caches in place (model/kv_update.py)
 
     def __post_init__(self) -> None:
         if self.context < max(self.prefill_lengths) or self.context < self.draft_len + 2:
@@ -122,6 +124,8 @@ class Contract:
         if t.ple_dim:
             ins.append(TensorSpec(PLE, (1, length, t.num_layers, t.ple_dim), "float32"))
         ins += [TensorSpec(INPUT_POS, (length,), "int32"), TensorSpec(MASK, (1, 1, length, self.context), "float32")]
+        if self.param_tensor:
+            ins.append(TensorSpec(PARAM_TENSOR, (1, 1, 1, 7), "int32"))
         return tuple(ins) + self.kv_tensors()
 
     def target_signature(self, name: str, length: int) -> Signature:
@@ -152,10 +156,18 @@ class Contract:
 
 
 def contract_from_dict(data: dict[str, Any]) -> Contract:
-    """The Contract a bundle manifest records (specs, context, draft length, prefill lengths, KV dtype)."""
+    """The Contract a bundle manifest records (specs, context, draft length, prefill lengths, KV dtype, param_tensor;
+    bundles written before param_tensor existed have none)."""
     drafter = spec_from_dict(DrafterSpec, data["drafter"]) if data.get("drafter") else None
     return Contract(spec_from_dict(TargetSpec, data["target"]), drafter, int(data["context"]), int(data["draft_len"]),
-                    tuple(data["prefill_lengths"]), data.get("kv_dtype", "float32"))
+                    tuple(data["prefill_lengths"]), data.get("kv_dtype", "float32"), bool(data.get("param_tensor")))
+
+
+def param_values(start: int, length: int) -> np.ndarray:
+    """PARAM_TENSOR as LiteRT-LM fills it for `length` new rows at position `start`."""
+    out = np.zeros((1, 1, 1, 7), dtype=np.int32)
+    out.flat[:3] = start, start + length, start + length
+    return out
 
 
 def causal_mask(start: int, length: int, context: int, valid: int | None = None) -> np.ndarray:

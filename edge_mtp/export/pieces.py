@@ -36,8 +36,10 @@ class Prelude(nn.Module):
             self.register_buffer(f"inv_freq_{kind}", getattr(target, f"inv_freq_{kind}"), persistent=False)
 
     def forward(self, embeddings: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
-                per_layer_embeddings: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        context = self.target.layer_context(embeddings, per_layer_embeddings, input_pos, mask)
+                per_layer_embeddings: torch.Tensor | None = None,
+                param_tensor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        context = self.target.layer_context(embeddings, per_layer_embeddings, input_pos, mask,
+                                            in_place=param_tensor is not None)
         return {k: v for k, v in context.items() if k not in (INPUT_POS, MASK)}
 
 

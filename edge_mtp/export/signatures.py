@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, Signature, causal_mask
+from ..contract import (DRAFTER, EMBEDDER, PARAM_TENSOR, PER_LAYER_EMBEDDER, TARGET, Contract, Signature, causal_mask,
+                        param_values)
 from ..model.drafter import Drafter
 from ..model.loading import TargetModels
 
@@ -76,6 +77,8 @@ def sample_inputs(signature: Signature, contract: Contract, seed: int = 0, start
             out[spec.name] = np.arange(start, start + spec.shape[0], dtype=np.int32)
         elif spec.name == "mask":
             out[spec.name] = causal_mask(start, spec.shape[2], contract.context)
+        elif spec.name == PARAM_TENSOR:
+            out[spec.name] = param_values(start, length)
         else:
             scale = 1.0 if spec.name.startswith("kv_cache") else 2.0
             out[spec.name] = (rng.standard_normal(spec.shape) * scale).astype(spec.dtype)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..contract import INPUT_POS, MASK, k_name, v_name
+from ..contract import INPUT_POS, MASK, PARAM_TENSOR, k_name, v_name
 from ..spec import FULL, SLIDING, TargetSpec
-from .layers import DecoderLayer, KeyView, RMSNorm, graph_output, rope_cos_sin, rope_inv_freq, write_cache
+from .kv_update import attend_in_place, write_rows
+from .layers import DecoderLayer, KeyView, RMSNorm, graph_output, rope_cos_sin, rope_inv_freq
 
 
 def ple_name(layer: int) -> str:
@@ -53,15 +54,18 @@ class Target(nn.Module):
         return (ctx + per_layer_embeddings) * (2.0 ** -0.5)
 
     def layer_context(self, embeddings: torch.Tensor, per_layer_embeddings: torch.Tensor | None,
-                      input_pos: torch.Tensor, mask: torch.Tensor, contiguous: bool = True) -> dict[str, torch.Tensor]:
+                      input_pos: torch.Tensor, mask: torch.Tensor, contiguous: bool = True,
+                      in_place: bool = False) -> dict[str, torch.Tensor]:
         """Everything a layer reads besides the hidden state and the caches, by name.
 
         `rope_{cos,sin}_<kind>` [T, hd], `mask_<kind>` (the key view's mask) and, for a gathered sliding view,
-        `index_sliding`; `ple_<i>` [1,T,P] per layer; `input_pos` and `mask` as given.
+        `index_sliding`; `ple_<i>` [1,T,P] per layer; `input_pos` and `mask` as given. `in_place` (a LiteRT target
+        taking param_tensor) keeps the sliding view whole: a cache written in place is read whole or not at all.
         """
         s = self.spec
         out = {INPUT_POS: input_pos, MASK: mask}
-        views = {FULL: KeyView(mask), SLIDING: KeyView.sliding(input_pos, mask, s.sliding_window, contiguous)}
+        gather = contiguous and not in_place
+        views = {FULL: KeyView(mask), SLIDING: KeyView.sliding(input_pos, mask, s.sliding_window, gather)}
         for kind in sorted(set(s.layer_types)):
             out[f"rope_cos_{kind}"], out[f"rope_sin_{kind}"] = rope_cos_sin(input_pos, getattr(self, f"inv_freq_{kind}"))
             if kind == SLIDING:
@@ -83,6 +87,7 @@ class Target(nn.Module):
             names.append(f"index_{kind}")
         if s.ple_dim:
             names.append(ple_name(i))
+        names.append(PARAM_TENSOR)  # only where the signature has one
         if i == src:
             names.append(INPUT_POS)
         return names + [k_name(src), v_name(src)]
@@ -99,9 +104,13 @@ class Target(nn.Module):
         def attention(x: torch.Tensor) -> torch.Tensor:
             if attn.own_kv:
                 k, v = attn.key_value(x, cos, sin)
-                caches[k_name(i)], caches[v_name(i)] = write_cache(
-                    caches[k_name(i)], caches[v_name(i)], k, v, context[INPUT_POS], self.cache_write)
+                caches[k_name(i)], caches[v_name(i)] = write_rows(
+                    caches[k_name(i)], caches[v_name(i)], k, v, context[INPUT_POS], self.cache_write,
+                    context.get(PARAM_TENSOR))
             q = attn.query(x, cos, sin)
+            if PARAM_TENSOR in context:
+                return attn.o_proj(attend_in_place(q, caches[k_name(src)], caches[v_name(src)], view.mask,
+                                                   context[PARAM_TENSOR]))
             return attn.o_proj(view.attend(q, caches[k_name(src)], caches[v_name(src)]))
 
         return self.layers[i](h, attention, context.get(ple_name(i)))
@@ -115,8 +124,12 @@ class Target(nn.Module):
         return {"logits": logits, "activations": graph_output(activations)}
 
     def forward(self, embeddings: torch.Tensor, per_layer_embeddings: torch.Tensor | None, input_pos: torch.Tensor,
-                mask: torch.Tensor, contiguous: bool = True, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
-        context = self.layer_context(embeddings, per_layer_embeddings, input_pos, mask, contiguous)
+                mask: torch.Tensor, contiguous: bool = True, param_tensor: torch.Tensor | None = None,
+                **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
+        context = self.layer_context(embeddings, per_layer_embeddings, input_pos, mask, contiguous,
+                                     param_tensor is not None)
+        if param_tensor is not None:  # LiteRT's in-place cache write (model/kv_update.py)
+            context[PARAM_TENSOR] = param_tensor
         caches = dict(kv_caches)
         h = embeddings
         for i in range(self.spec.num_layers):

@@ -29,10 +29,11 @@ import numpy as np
 
 from ...bundle.litertlm import SECTION_MODEL_TYPES, read_litertlm
 from ...bundle.manifest import checked_contract
-from ...contract import DRAFT, EMBEDDINGS, PLE, TOKEN_IDS, Contract
+from ...contract import DRAFT, EMBEDDINGS, PARAM_TENSOR, PLE, TOKEN_IDS, Contract, param_values
 from ...errors import EdgeMtpError
 from ...gpu_check import check_model
 from .base import Backend
+from .inline import inline_composites
 
 ACCELERATORS = ("cpu", "gpu", "npu")
 HOST_MEMORY = 1  # LiteRtTensorBufferType kLiteRtTensorBufferTypeHostMemory
@@ -71,6 +72,8 @@ class LiteRTBackend(Backend):
             if section is None:
                 continue
             model = bundle.read(section)
+            if self.accelerator == "gpu" and name == "target" and self.contract.param_tensor:
+                model = inline_composites(model)  # the in-place cache composites need LiteRT-LM's options (inline.py)
             if self.accelerator == "gpu":  # ops the GPU delegate takes / all ops, per signature (see gpu_check)
                 self.delegation[name] = {s: [r.delegated, r.total] for s, r in check_model(model).items()}
             try:
@@ -85,7 +88,7 @@ class LiteRTBackend(Backend):
                                    f"{bundle_path} ({_first_line(e)}); {hint}.") from None
         if "drafter" not in self.models:
             self.contract = Contract(self.contract.target, None, self.contract.context, self.contract.draft_len,
-                                     self.contract.prefill_lengths)
+                                     self.contract.prefill_lengths, self.contract.kv_dtype, self.contract.param_tensor)
         self.fully_accelerated = {name: cm.is_fully_accelerated() for name, cm in self.models.items()}
         self.kv = {s.name: self._kv_buffer(s.name) for s in self.contract.kv_tensors()}
         self._zeros = {s.name: s.zeros() for s in self.contract.kv_tensors()}
@@ -176,6 +179,8 @@ class LiteRTBackend(Backend):
 
     def run_target(self, signature, embeddings, per_layer_embeddings, input_pos, mask):
         inputs = {"embeddings": embeddings, "input_pos": input_pos, "mask": mask}
+        if self.contract.param_tensor:
+            inputs[PARAM_TENSOR] = param_values(int(input_pos[0]), len(input_pos))
         if per_layer_embeddings is not None:
             inputs["per_layer_embeddings"] = per_layer_embeddings
         return self._run("target", signature, inputs)
