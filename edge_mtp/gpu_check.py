@@ -3,7 +3,8 @@
 The rules are those of the model builder that LiteRT's GPU accelerators share (ML Drift, in LiteRT's
 `ml_drift_delegate/tflite/model_builder.cc`; the same checks are compiled into LiteRT-LM 0.18.1), restricted to what a
 torch export can produce: the op must be one the builder parses, every tensor it reads or writes has rank <= 4,
-no runtime tensor is 64-bit, GATHER takes 1-D int32 indices, SLICE constant bounds, TOPK_V2 a constant k.
+no runtime tensor is 64-bit, GATHER takes 1-D int32 indices, SLICE constant bounds, TOPK_V2 a constant k. Of the
+StableHLO composites it lowers, ours are the in-place cache ops `odml.cache_update` and `odml.runtime_bmm`.
 LiteRT-LM's GPU executor asks for a fully delegated graph, so one finding makes it refuse the whole model.
 """
 
@@ -22,7 +23,7 @@ RELU_N1_TO_1 RESHAPE RESIZE_BILINEAR RESIZE_NEAREST_NEIGHBOR REVERSE_V2 RIGHT_SH
 SIN SLICE SOFTMAX SPACE_TO_DEPTH SPLIT SPLIT_V SQRT SQUARE SQUARED_DIFFERENCE STABLEHLO_BROADCAST_IN_DIM
 STABLEHLO_CBRT STABLEHLO_CLAMP STABLEHLO_REMAINDER STABLEHLO_SHIFT_LEFT STRIDED_SLICE SUB SUM TANH TILE TOPK_V2
 TRANSPOSE TRANSPOSE_CONV UNPACK
-""".split())
+""".split()) | {"STABLEHLO_COMPOSITE odml.cache_update", "STABLEHLO_COMPOSITE odml.runtime_bmm"}  # model/kv_update.py
 _WIDE = frozenset({"INT64", "UINT64", "FLOAT64", "COMPLEX64", "COMPLEX128", "STRING"})
 
 
@@ -66,12 +67,22 @@ def check_model(model: bytes) -> dict[str, SignatureReport]:
             name = op_names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "UNKNOWN")
             if name == "CUSTOM":
                 name = f"CUSTOM {code.CustomCode().decode()}"
+            elif name == "STABLEHLO_COMPOSITE":
+                name = f"STABLEHLO_COMPOSITE {_composite_name(op, schema)}"
             tensors = [graph.Tensors(t) for t in list(op.InputsAsNumpy()) + list(op.OutputsAsNumpy()) if t >= 0]
             reason = _refusal(name, op, graph, tensors, root, type_names)
             if reason:
                 findings.append(Finding(i, name, reason))
         reports[sig.SignatureKey().decode()] = SignatureReport(graph.OperatorsLength(), findings)
     return reports
+
+
+def _composite_name(op, schema) -> str:
+    """The name of a STABLEHLO_COMPOSITE op (e.g. odml.cache_update)."""
+    table = op.BuiltinOptions2()
+    options = schema.StableHLOCompositeOptions()
+    options.Init(table.Bytes, table.Pos)
+    return options.Name().decode()
 
 
 def _constant(root, buffer: int) -> bool:

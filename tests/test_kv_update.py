@@ -77,9 +77,12 @@ def _matches(got: dict, want: dict) -> None:
 def test_converted_in_place_layer_is_the_gpu_composites_and_matches_pytorch(converted):
     from edge_mtp.export.litert import run_tflite
 
+    from edge_mtp.gpu_check import check_model
+
     path, inputs, want = converted
     assert _composites(path.read_bytes()) == ["odml.cache_update", "odml.runtime_bmm", "odml.runtime_bmm"]
     _matches(run_tflite(path, "serving_default", inputs), want)
+    assert [f for r in check_model(path.read_bytes()).values() for f in r.findings] == []
 
 
 def test_inlined_composites_compute_the_same(converted, tmp_path):
