@@ -72,7 +72,9 @@ def _executor_metadata(contract: Contract) -> bytes:
             buf = llm.state_buffers.add()
             buf.prefill_input_name = buf.prefill_output_name = name
             buf.decode_input_name = buf.decode_output_name = name
-            buf.type = getattr(em.StateBuffer, f"TYPE_{'LOCAL' if sliding else 'GLOBAL'}_{kind}_CACHE")
+            # in place (param_tensor) LiteRT-LM binds LOCAL caches as prefill inputs, which its GPU delegate refuses
+            local = sliding and not contract.param_tensor
+            buf.type = getattr(em.StateBuffer, f"TYPE_{'LOCAL' if local else 'GLOBAL'}_{kind}_CACHE")
             buf.sequence_axis = axis
     llm.attention_mask_settings.attention_mask_type = em.ATTENTION_MASK_TYPE_CAUSAL
     return meta.SerializeToString()

@@ -130,17 +130,22 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
                          on_stage: Callable[[str], None] = lambda s: None,
                          on_progress: Progress = lambda what, done, total: None,
                          source_assistant: str | Path | None = None,
-                         allow_template_mismatch: bool = False) -> ExportSummary:
-    """Export a target source (a checkpoint opened for streaming, or modules in memory) to a .litertlm at `out`."""
+                         allow_template_mismatch: bool = False, in_place_cache: bool = False) -> ExportSummary:
+    """Export a target source (a checkpoint opened for streaming, or modules in memory) to a .litertlm at `out`.
+
+    `in_place_cache`: the target takes param_tensor and updates its caches in place (model/kv_update.py), which
+    LiteRT-LM's GPU executor needs for MTP."""
     start = time.time()
     out = Path(out)
     check_options(out, draft_len, context, prefill, quant)
     if isinstance(source, TargetModels):
         source = TargetSource(source)
-    contract = Contract(source.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)))
+    contract = Contract(source.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)),
+                        param_tensor=in_place_cache)
     tokenizer, meta = tokenizer_files(source.directory)
     manifest = {
         "format": "edge-mtp-litertlm", "format_version": MANIFEST_VERSION, "draft_len": contract.draft_len,
+        "param_tensor": contract.param_tensor,
         "context": contract.context, "prefill_lengths": list(contract.prefill_lengths),
         "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]", "target": spec_to_dict(source.spec),
         "drafter": spec_to_dict(drafter.spec) if drafter else None, "quantization": quant,

@@ -25,7 +25,7 @@ from ..errors import EdgeMtpError
 ALIGN = 64  # bytes; every weight starts on a cache line
 _TYPES = {"float32": 0, "float16": 1, "int32": 2, "int64": 4, "bool": 6, "int8": 9}
 # Ops whose options name other subgraphs: a piece holding one cannot be joined by renumbering tensors alone.
-_SUBGRAPH_OPS = ("WHILE", "IF", "CALL_ONCE", "STABLEHLO_COMPOSITE", "STABLEHLO_WHILE", "STABLEHLO_CASE")
+_SUBGRAPH_OPS = ("WHILE", "IF", "CALL_ONCE", "STABLEHLO_WHILE", "STABLEHLO_CASE")
 
 
 def _schema():
@@ -230,6 +230,7 @@ class GraphJoiner:
             if op_name(model, op) in _SUBGRAPH_OPS:
                 raise EdgeMtpError(f"internal: piece {prefix} holds a {op_name(model, op)} op, which cannot be joined")
         buffer_map = {0: 0}
+        self._decompositions: dict[int, int] = {}  # piece subgraph -> joined subgraph, per piece
         keys = signature_keys(model)
         for position, sig in enumerate(self.signatures):
             if sig.name not in keys:
@@ -276,12 +277,45 @@ class GraphJoiner:
             clone = self.schema.OperatorT()
             clone.__dict__.update(op.__dict__)
             clone.opcodeIndex = self._opcode(model.operatorCodes[op.opcodeIndex])
+            if op_name(model, op) == "STABLEHLO_COMPOSITE":
+                options = copy.deepcopy(op.builtinOptions2)
+                options.decompositionSubgraphIndex = self._decomposition(model, options.decompositionSubgraphIndex,
+                                                                         prefix, buffer_map, replace)
+                clone.builtinOptions2 = options
             clone.inputs = [tensor_map[i] for i in op.inputs]
             clone.outputs = [tensor_map[i] for i in op.outputs]
             clone.intermediates = [tensor_map[i] for i in op.intermediates] if op.intermediates is not None else None
             joined.operators.append(clone)
         for name, index in outputs.items():
             producers[name] = tensor_map[index]
+
+    def _decomposition(self, model, index: int, prefix: str, buffer_map: dict[int, int],
+                       replace: dict[int, BufferData]) -> int:
+        """Copy a composite's decomposition subgraph of a piece into the joined model once; its new index."""
+        if index not in self._decompositions:
+            piece = model.subgraphs[index]
+            sub = self.schema.SubGraphT()
+            sub.name = f"{prefix}/{piece.name.decode() if isinstance(piece.name, bytes) else piece.name}"
+            sub.tensors, sub.operators = [], []
+            self.model.subgraphs.append(sub)
+            self._decompositions[index] = len(self.model.subgraphs) - 1
+            for tensor in piece.tensors:
+                clone = copy.deepcopy(tensor)
+                if tensor.buffer:
+                    if tensor.buffer not in buffer_map:
+                        source = replace.get(tensor.buffer) or BufferData(np.asarray(model.buffers[tensor.buffer].data))
+                        buffer_map[tensor.buffer] = self.append_buffer(source)
+                    clone.buffer = buffer_map[tensor.buffer]
+                else:
+                    clone.buffer = 0
+                sub.tensors.append(clone)
+            for op in piece.operators:
+                clone = self.schema.OperatorT()
+                clone.__dict__.update(op.__dict__)
+                clone.opcodeIndex = self._opcode(model.operatorCodes[op.opcodeIndex])
+                sub.operators.append(clone)
+            sub.inputs, sub.outputs = list(piece.inputs), list(piece.outputs)
+        return self._decompositions[index]
 
     def finish(self, out: Path) -> Path:
         """Close the signatures (outputs by contract name), drop dead ops, and write the model to `out`."""
