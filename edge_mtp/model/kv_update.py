@@ -69,11 +69,16 @@ def cache_matmul(a: torch.Tensor, cache: torch.Tensor, param: torch.Tensor, valu
     if not tracing_for_litert():
         return torch.matmul(a, cache.transpose(2, 3))
     from litert_torch.backend.composite import StableHLOCompositeBuilder
+    from litert_torch.backend.experimental.torch_tfl._ops import tfl_batch_matmul
 
     builder = StableHLOCompositeBuilder("odml.runtime_bmm", attr={
         "is_global": True, "is_src": values, "rhs_cache_update": True})
     a, cache, param = builder.mark_inputs(a, cache, param)
-    return builder.mark_outputs(torch.matmul(a, cache.transpose(2, 3)) + (param.sum() * 0).to(a.dtype))
+    # The decomposition is one BATCH_MATMUL: a plain matmul with a single KV head converts to FULLY_CONNECTED
+    # without bias, and LiteRT-LM's CPU executor (0.18.1), which inlines composites, binds that omitted bias to
+    # another tensor ("Input tensor N lacks data" at the first prefill).
+    out = tfl_batch_matmul(a, cache, adj_y=True)
+    return builder.mark_outputs(out + (param.sum() * 0).to(a.dtype))
 
 
 def attend_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
