@@ -81,7 +81,7 @@ def component_recipe(name: str) -> list[dict] | None:
 
 
 AUTO = "auto"
-AUTO_INT4_PARAMETERS = 1_000_000_000  # E2B in int8 would be a ~5 GB phone bundle; int4 is ~2.9 GB
+AUTO_INT4_PARAMETERS = 1_000_000_000  # E2B in int8 is a 4.8 GiB phone bundle; int4 2.45 GiB
 
 
 def auto_recipe(target_dir: str | Path) -> str:
