@@ -3,6 +3,9 @@ of the whole process tree, wall time and peak memory per stage and the bundle's 
 
     python -m benchmarks.export_scale --preset e2b --quant int4 [--context 4096] [--format litert|onnx]
 
+    python -m benchmarks.export_scale --run BUNDLE [--max-tokens 32]   # load and run a bundle (ONNX or LiteRT)
+        as `edge-mtp run` does: resident memory after loading, plain and MTP tokens/s, MTP output == plain output
+
 Not a test: E2B takes tens of minutes on 2 cores. The test suite runs the same streamed path on small presets.
 """
 
@@ -30,8 +33,33 @@ def synthesised(preset: str, root: Path) -> Path:
     return out
 
 
+def run_bundle(bundle: Path, max_tokens: int) -> dict:
+    """Open a bundle as `edge-mtp run` does (default threads) and generate greedily with MTP off, then on."""
+    from edge_mtp.memory import tree_rss_bytes
+    from edge_mtp.runtime.api import load
+
+    before = tree_rss_bytes()
+    start = time.time()
+    with PeakMemory() as memory:
+        model = load(bundle, verify=False)
+        loaded = tree_rss_bytes() - before
+        load_seconds = time.time() - start
+        prompt = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. Tell me a story about it.")
+        prompt = prompt[:model.contract.context // 4]
+        plain = list(model.generate(prompt, max_tokens=max_tokens, mtp=False))
+        plain_stats = model.last_stats
+        mtp = list(model.generate(prompt, max_tokens=max_tokens, mtp=True))
+        mtp_stats = model.last_stats
+    size = sum(p.stat().st_size for p in ([bundle] if bundle.is_file() else bundle.iterdir()))
+    return {"bundle": str(bundle), "bundle_bytes": size, "load_seconds": load_seconds,
+            "resident_after_load_bytes": loaded, "resident_over_bundle": loaded / size,
+            "peak_rss_bytes": memory.peak - before, "plain_tokens_per_second": plain_stats.tokens_per_second,
+            "mtp_tokens_per_second": mtp_stats.tokens_per_second, "mtp_equals_plain": mtp == plain,
+            "tokens": len(plain), "drafted": mtp_stats.drafted, "accepted": mtp_stats.accepted}
+
+
 def main() -> None:
-    """Export one preset and print what it cost."""
+    """Export one preset and print what it cost (or, with --run, run a bundle)."""
     from edge_mtp.export.onnx import export_onnx
     from edge_mtp.export.pipeline import export_litert
 
@@ -45,7 +73,15 @@ def main() -> None:
     parser.add_argument("--cache", type=Path,
                         default=cache_root() / "synth")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--run", type=Path, default=None, help="run this bundle instead of exporting")
+    parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
+    if args.run:
+        result = run_bundle(args.run, args.max_tokens)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
 
     start = time.time()
     pair = synthesised(args.preset, args.cache)

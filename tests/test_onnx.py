@@ -33,7 +33,10 @@ PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on
 def onnx_bundle(synth_pair, tmp_path_factory):
     """The synthetic tiny pair exported once to an ONNX bundle folder: (path, export summary)."""
     out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
-    summary = export_onnx(synth_pair / "target", synth_pair / "assistant", out, context=CONTEXT, prefill=PREFILL)
+    steps = []
+    summary = export_onnx(synth_pair / "target", synth_pair / "assistant", out, context=CONTEXT, prefill=PREFILL,
+                          on_progress=lambda what, done, total: steps.append((done, total)))
+    summary.progress = steps
     return out, summary
 
 
@@ -53,6 +56,8 @@ def backend(onnx_bundle):
 def test_export_checks_every_graph_and_signature(onnx_bundle):
     path, summary = onnx_bundle
     assert_streamed_export(summary)  # every piece vs PyTorch, and the whole bundle vs the streamed reference
+    done = [d for d, _ in summary.progress]
+    assert done == list(range(len(done))) and summary.progress[-1][0] == summary.progress[-1][1] == 6 + 5  # for an ETA
     files = sorted(p.name for p in path.iterdir())
     assert files == sorted(["manifest.json", "tokenizer.json", "tokenizer_config.json"] +
                            [f"{m}.onnx{x}" for m in ("embedder", "per_layer_embedder", "target", "drafter")
