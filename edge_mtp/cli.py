@@ -163,9 +163,12 @@ def default_pair() -> tuple[Path, Path]:
                    "blocks of 32 in ONNX), int4-b32, int4-b64, int4-b128 or mixed; the bundle records what it cost.")
 @click.option("--allow-template-mismatch", is_flag=True,
               help="Export even if LiteRT-LM cannot render the chat template as transformers does (recorded).")
+@click.option("--gpu", is_flag=True,
+              help="Let LiteRT-LM's GPU executor draft too: the target updates its KV cache in place (it takes "
+                   "param_tensor); the CPU executor runs such a bundle as well (README, GPU-delegable graphs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool, fmt: str, out: Path | None,
-           draft_len: int, context: int, prefill: str, quant: str, allow_template_mismatch: bool,
+           draft_len: int, context: int, prefill: str, quant: str, allow_template_mismatch: bool, gpu: bool,
            as_json: bool) -> None:
     """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
     from rich.console import Console
@@ -176,6 +179,8 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
     if out is None:
         out = Path("model.litertlm" if fmt == "litert" else "model-onnx")
     _check_export_options(out, fmt, draft_len, context, prefill, quant)
+    if gpu and fmt != "litert":
+        raise EdgeMtpError("--gpu is for LiteRT-LM bundles: drop it, or use --format litert.")
     if target_dir is None:
         target_dir, demo_assistant = default_pair()
         assistant_dir = assistant_dir or demo_assistant
@@ -197,7 +202,8 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         with export_progress() as (stage, progress):
             summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
                                     prefill=_parse_lengths(prefill), quant=quant, on_stage=stage,
-                                    on_progress=progress, allow_template_mismatch=allow_template_mismatch)
+                                    on_progress=progress, allow_template_mismatch=allow_template_mismatch,
+                                    in_place_cache=gpu)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return

@@ -146,10 +146,14 @@ class Contract:
         return tuple(sigs)
 
     def drafter_signature(self) -> Signature:
-        """mtp_drafter: activations [1,1,2H], input_pos [1], mask [1,1,1,C], store caches -> logits, carry."""
+        """mtp_drafter: activations [1,1,2H], input_pos [1], mask [1,1,1,C] (param_tensor when the target takes one),
+        store caches -> logits, carry."""
         t = self.target
         ins = (TensorSpec(ACTIVATIONS, (1, 1, 2 * t.hidden_size), "float32"), TensorSpec(INPUT_POS, (1,), "int32"),
-               TensorSpec(MASK, (1, 1, 1, self.context), "float32")) + self.drafter_kv_tensors()
+               TensorSpec(MASK, (1, 1, 1, self.context), "float32"))
+        if self.param_tensor:  # it reads caches written in place, which takes the in-place read (model/kv_update.py)
+            ins += (TensorSpec(PARAM_TENSOR, (1, 1, 1, 7), "int32"),)
+        ins += self.drafter_kv_tensors()
         outs = (TensorSpec(LOGITS, (1, 1, t.vocab_size), "float32"),
                 TensorSpec(PROJECTED, (1, 1, t.hidden_size), "float32"))
         return Signature(DRAFT, ins, outs)

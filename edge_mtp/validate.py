@@ -302,11 +302,15 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
         engine_texts = {"LiteRT-LM (MTP)": run_litertlm(bundle, prompt_texts, max_tokens, model.contract.context).texts}
         if _gpu_present():
             on_stage("running LiteRT-LM on the GPU")
-            try:  # MTP off: LiteRT-LM 0.18.1's GPU executor cannot run our drafter yet (README, GPU-delegable graphs)
-                engine_texts["LiteRT-LM GPU (no MTP)"] = run_litertlm(
-                    bundle, prompt_texts, max_tokens, model.contract.context, mtp=False, accelerator="gpu").texts
+            # LiteRT-LM 0.18.1's GPU executor drafts only with an in-place cache (export --gpu; README, GPU-delegable
+            # graphs): other bundles run there with MTP off
+            mtp = model.contract.param_tensor
+            engine = f"LiteRT-LM GPU ({'MTP' if mtp else 'no MTP'})"
+            try:
+                engine_texts[engine] = run_litertlm(bundle, prompt_texts, max_tokens, model.contract.context,
+                                                    mtp=mtp, accelerator="gpu").texts
             except EdgeMtpError as e:
-                report.checks.append(Check("greedy", "LiteRT-LM GPU (no MTP)", False, str(e)[:300], {}))
+                report.checks.append(Check("greedy", engine, False, str(e)[:300], {}))
     on_stage("comparing greedy generations")
     v.generation(ids, max_tokens, torch_backend, engine_texts)
     on_stage("comparing chat renderings")

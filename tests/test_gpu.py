@@ -27,7 +27,7 @@ from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
 
 from conftest import BUNDLE_CONTEXT as CONTEXT
-from conftest import DEMO_CONTEXT
+from conftest import DEMO_CONTEXT, DEMO_PREFILL
 from gpu_legacy import delegate_refusals, legacy_attention_model
 
 GPU_TESTS = os.environ.get("EDGE_MTP_GPU_TESTS") == "1"
@@ -118,19 +118,59 @@ def test_litert_lm_gpu_executor_runs_our_bundles_like_the_cpu(which, tiny_bundle
     assert gpu.texts == cpu.texts and all(t for t in cpu.texts)
 
 
+@pytest.fixture(scope="module")
+def gpu_demo(tmp_path_factory):
+    """The demo pair exported for LiteRT-LM's GPU executor too (export --gpu: in-place KV cache; fp32, so the drafter
+    gathers its candidate rows)."""
+    from edge_mtp.demo import assistant_dir, target_dir
+    from edge_mtp.export.pipeline import export_litert
+
+    out = tmp_path_factory.mktemp("demo-gpu") / "demo-gpu.litertlm"
+    export_litert(target_dir(), assistant_dir(), out, context=DEMO_CONTEXT, prefill=DEMO_PREFILL, in_place_cache=True)
+    return out
+
+
+def test_litert_lm_cpu_executor_runs_an_in_place_bundle_like_the_default(gpu_demo, demo_bundle):
+    """LiteRT-LM's CPU executor inlines the in-place composites; with the demo's single KV head it once bound an
+    omitted FULLY_CONNECTED bias to another tensor and failed at the first prefill. Same text as the default
+    bundle, MTP on and off, and the same drafter success rate."""
+    for mtp in (False, True):
+        want = run_litertlm(demo_bundle, ENGINE_PROMPTS, max_tokens=16, context=DEMO_CONTEXT, mtp=mtp)
+        got = run_litertlm(gpu_demo, ENGINE_PROMPTS, max_tokens=16, context=DEMO_CONTEXT, mtp=mtp)
+        assert got.texts == want.texts and all(got.texts), mtp
+    assert got.success_rate is not None and got.success_rate == want.success_rate
+
+
+@pytest.fixture(scope="module")
+def gpu_tiny(synth_pair, tmp_path_factory):
+    """The synthetic tiny pair exported with --gpu."""
+    from edge_mtp.export.pipeline import export_litert
+
+    from conftest import BUNDLE_PREFILL
+
+    out = tmp_path_factory.mktemp("tiny-gpu") / "tiny-gpu.litertlm"
+    export_litert(synth_pair / "target", synth_pair / "assistant", out, context=CONTEXT, prefill=BUNDLE_PREFILL,
+                  in_place_cache=True)
+    return out
+
+
 @needs_gpu
-@pytest.mark.xfail(strict=True, reason=(
-    "LiteRT-LM 0.18.1's GPU executor lends the target's KV buffers to the drafter only in its in-place mode (a target "
-    "taking param_tensor, caches written by odml.cache_update and read by odml.runtime_bmm: model/kv_update.py), which "
-    "the export does not switch on yet because LiteRT-LM's CPU executor then fails on the demo bundle at the first "
-    "prefill ('Input tensor 869 lacks data'); and this fp32 bundle's drafter aborts LiteRT-LM's GPU compile: with "
-    "constant-tensor sharing ML Drift takes EMBEDDING_LOOKUP tables only in int8/int4/int2 ('EMBEDDING_LOOKUP: "
-    "Unsupported external weights type: 1'). README, GPU-delegable graphs"))
-def test_litert_lm_gpu_executor_runs_mtp_like_the_cpu(demo_bundle):
-    cpu = run_litertlm(demo_bundle, ENGINE_PROMPTS, max_tokens=16, context=DEMO_CONTEXT, mtp=True)
-    gpu = run_litertlm(demo_bundle, ENGINE_PROMPTS, max_tokens=16, context=DEMO_CONTEXT, mtp=True, accelerator="gpu")
-    assert gpu.texts == cpu.texts
-    assert abs(gpu.success_rate - cpu.success_rate) <= 0.05
+@pytest.mark.parametrize("mtp", [True, False])
+@pytest.mark.parametrize("which", ["tiny", "demo"])
+def test_litert_lm_gpu_executor_runs_mtp_like_the_cpu(which, mtp, request):
+    """--gpu bundles on Google's GPU executor: every op delegated, greedy text and drafter success rate as on its
+    CPU executor."""
+    path, context = (request.getfixturevalue("gpu_tiny"), CONTEXT) if which == "tiny" else \
+        (request.getfixturevalue("gpu_demo"), DEMO_CONTEXT)
+    cpu = run_litertlm(path, ENGINE_PROMPTS, max_tokens=16, context=context, mtp=mtp)
+    gpu = run_litertlm(path, ENGINE_PROMPTS, max_tokens=16, context=context, mtp=mtp, accelerator="gpu")
+    assert "Hint fully delegated" not in gpu.log and "not supported by GPU delegate" not in gpu.log
+    assert gpu.texts == cpu.texts and all(cpu.texts)
+    if mtp:
+        assert cpu.success_rate is not None and gpu.success_rate is not None
+        assert abs(gpu.success_rate - cpu.success_rate) <= 0.05
+    else:
+        assert gpu.success_rate is None
 
 
 @needs_gpu

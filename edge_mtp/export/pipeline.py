@@ -91,15 +91,20 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
                   prefill: tuple[int, ...] = DEFAULT_PREFILL, quant: str = DEFAULT_RECIPE,
                   on_stage: Callable[[str], None] = lambda s: None,
                   on_progress: Progress = lambda what, done, total: None,
-                  allow_template_mismatch: bool = False) -> ExportSummary:
-    """Export a target (and its assistant) to a .litertlm bundle at `out`, streaming the checkpoint piece by piece."""
+                  allow_template_mismatch: bool = False, in_place_cache: bool = False) -> ExportSummary:
+    """Export a target (and its assistant) to a .litertlm bundle at `out`, streaming the checkpoint piece by piece.
+
+    `in_place_cache`: the bundle also drafts on LiteRT-LM's GPU executor (see export_litert_models)."""
     out = Path(out)
     check_options(out, draft_len, context, prefill, quant)
     source = TargetCheckpoint(target_dir)
     drafter = load_drafter(assistant_dir, source.spec) if assistant_dir is not None else None
+    if drafter is not None:
+        drafter.gather_rows = quant == "fp32"  # its table stays float (model/drafter.py)
     return export_litert_models(source, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
                                 quant=quant, on_stage=on_stage, on_progress=on_progress,
-                                source_assistant=assistant_dir, allow_template_mismatch=allow_template_mismatch)
+                                source_assistant=assistant_dir, allow_template_mismatch=allow_template_mismatch,
+                                in_place_cache=in_place_cache)
 
 
 def check_shapes(draft_len: int, context: int, prefill: tuple[int, ...], quant: str) -> None:

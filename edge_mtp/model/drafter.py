@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..contract import k_name, v_name
 from ..spec import FULL, SLIDING, DrafterSpec, TargetSpec
+from .kv_update import attend_in_place
 from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq, take
 
 
@@ -42,6 +43,11 @@ class Drafter(nn.Module):
             self.register_buffer("inverse_ordering", torch.arange(spec.vocab_size, dtype=torch.int32, device="cpu"),
                                  persistent=False)
             self._inverse_of: tuple[int, int] | None = None
+        # How the centroid head reads its candidate rows, set by the export from the table's recipe: EMBEDDING_LOOKUP
+        # (ai-edge-quantizer quantizes those tables, GATHER ones it leaves fp32: 256 MiB of the E2B bundle), GATHER
+        # in fp32 bundles: LiteRT-LM compiles the drafter for the GPU with constant-tensor sharing, under which ML
+        # Drift takes EMBEDDING_LOOKUP tables only in int8/int4/int2 and aborts on a float one. Both copy rows.
+        self.gather_rows = False
         for kind in (SLIDING, FULL):
             self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(spec, kind), persistent=False)
 
@@ -66,9 +72,7 @@ class Drafter(nn.Module):
         _, top = torch.topk(self.centroids(y).reshape(1, clusters), k)
         top = top.reshape(k).to(torch.int32)
         candidates = take(self.token_ordering.reshape(clusters, width), 0, top).reshape(k * width)
-        # an embedding lookup, not a gather: ai-edge-quantizer quantizes EMBEDDING_LOOKUP tables (GATHER it leaves
-        # fp32: 256 MiB of the E2B bundle), and the GPU delegate takes both
-        rows = F.embedding(candidates.long(), table)
+        rows = take(table, 0, candidates) if self.gather_rows else F.embedding(candidates.long(), table)
         scores = torch.matmul(rows, y.reshape(-1, 1)).reshape(k, width)
         fill = torch.minimum(scores[:1], scores.amin(dim=(0, 1), keepdim=True) - 1.0)  # a row of min - 1
         chosen = (top.reshape(k, 1) == torch.arange(clusters, dtype=torch.int32)).float()  # [k, clusters]
@@ -101,12 +105,16 @@ class Drafter(nn.Module):
         return self.token_ordering.data_ptr(), self.token_ordering._version
 
     def forward(self, activations: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
-                hidden_only: bool = False, **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
+                hidden_only: bool = False, param_tensor: torch.Tensor | None = None,
+                **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`param_tensor` (a LiteRT bundle whose target writes its caches in place): the caches are read the in-place
+        way (model/kv_update.py), whole; on LiteRT's GPU any other read of them reads something else."""
         s = self.spec
         query_pos = input_pos + 1
         rope = {kind: rope_cos_sin(query_pos, getattr(self, f"inv_freq_{kind}")) for kind in (SLIDING, FULL)}
         one_row = activations.shape[1] == 1  # training passes many independent rows at scattered positions
-        views = {FULL: KeyView(mask), SLIDING: KeyView.sliding(input_pos, mask, self.window, contiguous=one_row)}
+        gather = one_row and param_tensor is None
+        views = {FULL: KeyView(mask), SLIDING: KeyView.sliding(input_pos, mask, self.window, contiguous=gather)}
         x = self.pre_projection(activations)
         for i, layer in enumerate(self.layers):
             kind = s.layer_types[i]
@@ -115,7 +123,10 @@ class Drafter(nn.Module):
 
             def attention(a: torch.Tensor, attn=attn, kind=kind, src=src) -> torch.Tensor:
                 q = attn.query(a, *rope[kind])
-                return attn.o_proj(views[kind].attend(q, kv_caches[k_name(src)], kv_caches[v_name(src)]))
+                k, v = kv_caches[k_name(src)], kv_caches[v_name(src)]
+                if param_tensor is not None:
+                    return attn.o_proj(attend_in_place(q, k, v, views[kind].mask, param_tensor))
+                return attn.o_proj(views[kind].attend(q, k, v))
 
             x = layer(x, attention)
         y = self.norm(x)

@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 # target (a 4.6 GB section) at 3.16 GiB, with 21 GB of disk free; the E2B int8 target's (2.2 GB) works. Larger
 # models go without the cache rather than risk that abort.
 WEIGHT_CACHE_MAX_BYTES = 3 << 30
+# XNNPACK's QS8 and QU8 (its defaults) plus DYNAMIC_FULLY_CONNECTED: without that flag a fully-connected layer whose
+# weights are computed in the graph falls back to LiteRT's builtin kernels, and attention is two of those (the cache
+# is the weight operand of q k^T, the probabilities that of p v). One E2B full-attention layer at context 4096
+# (benchmarks/attention_flags.py): 9.6 ms for 1 token and 36.7 ms for 4 without it, 2.6 and 2.4 ms with it.
+XNNPACK_FLAGS = 0x1 | 0x2 | 0x8
 _availability: dict[str, str | None] = {}  # accelerator -> why it cannot be used (None: usable), probed once
 
 
@@ -72,7 +77,7 @@ class LiteRTBackend(Backend):
             if section is None:
                 continue
             model = bundle.read(section)
-            if self.accelerator == "gpu" and name == "target" and self.contract.param_tensor:
+            if self.accelerator == "gpu" and self.contract.param_tensor:
                 model = inline_composites(model)  # the in-place cache composites need LiteRT-LM's options (inline.py)
             if self.accelerator == "gpu":  # ops the GPU delegate takes / all ops, per signature (see gpu_check)
                 self.delegation[name] = {s: [r.delegated, r.total] for s, r in check_model(model).items()}
@@ -100,7 +105,8 @@ class LiteRTBackend(Backend):
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
         from ai_edge_litert.options import CpuOptions, GpuOptions, Options
 
-        cpu = CpuOptions(num_threads=threads, xnnpack_weight_cache_path=str(weight_cache or ""))
+        cpu = CpuOptions(num_threads=threads, xnnpack_flags=XNNPACK_FLAGS,
+                         xnnpack_weight_cache_path=str(weight_cache or ""))
         if accelerator == "cpu":
             return Options(hardware_accelerators=HardwareAccelerator.CPU, cpu_options=cpu)
         kind = {"gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}[accelerator]
@@ -186,7 +192,10 @@ class LiteRTBackend(Backend):
         return self._run("target", signature, inputs)
 
     def run_drafter(self, activations, input_pos, mask):
-        return self._run("drafter", DRAFT, {"activations": activations, "input_pos": input_pos, "mask": mask})
+        inputs = {"activations": activations, "input_pos": input_pos, "mask": mask}
+        if self.contract.param_tensor:  # LiteRT-LM's {N-1, N, N}
+            inputs[PARAM_TENSOR] = param_values(int(input_pos[0]), 1)
+        return self._run("drafter", DRAFT, inputs)
 
 
 def _first_line(error: Exception) -> str:
