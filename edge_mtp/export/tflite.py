@@ -256,15 +256,8 @@ class GraphJoiner:
         copied = [i for i in range(len(piece.tensors)) if i not in tensor_map]
         for index in copied:
             tensor = piece.tensors[index]
-            clone = copy.deepcopy(tensor)
+            clone = self._clone_tensor(model, tensor, buffer_map, replace)
             clone.name = f"{prefix}/{tensor_name(tensor)}"
-            if tensor.buffer:
-                if tensor.buffer not in buffer_map:
-                    source = replace.get(tensor.buffer) or BufferData(np.asarray(model.buffers[tensor.buffer].data))
-                    buffer_map[tensor.buffer] = self.append_buffer(source)
-                clone.buffer = buffer_map[tensor.buffer]
-            else:
-                clone.buffer = 0
             joined.tensors.append(clone)
             tensor_map[index] = len(joined.tensors) - 1
         for index in copied:
@@ -274,9 +267,7 @@ class GraphJoiner:
                 details.scales = tensor_map[details.scales]
                 details.zeroPoints = tensor_map.get(details.zeroPoints, -1)
         for op in piece.operators:
-            clone = self.schema.OperatorT()
-            clone.__dict__.update(op.__dict__)
-            clone.opcodeIndex = self._opcode(model.operatorCodes[op.opcodeIndex])
+            clone = self._clone_op(model, op)
             if op_name(model, op) == "STABLEHLO_COMPOSITE":
                 options = copy.deepcopy(op.builtinOptions2)
                 options.decompositionSubgraphIndex = self._decomposition(model, options.decompositionSubgraphIndex,
@@ -289,6 +280,24 @@ class GraphJoiner:
         for name, index in outputs.items():
             producers[name] = tensor_map[index]
 
+    def _clone_tensor(self, model, tensor, buffer_map: dict[int, int], replace: dict[int, BufferData]):
+        """A piece's tensor for the joined model, its buffer appended once per piece (or replaced by `replace`)."""
+        clone = copy.deepcopy(tensor)
+        clone.buffer = 0
+        if tensor.buffer:
+            if tensor.buffer not in buffer_map:
+                source = replace.get(tensor.buffer) or BufferData(np.asarray(model.buffers[tensor.buffer].data))
+                buffer_map[tensor.buffer] = self.append_buffer(source)
+            clone.buffer = buffer_map[tensor.buffer]
+        return clone
+
+    def _clone_op(self, model, op):
+        """A piece's operator with its opcode registered in the joined model (tensor indices still the piece's)."""
+        clone = self.schema.OperatorT()
+        clone.__dict__.update(op.__dict__)
+        clone.opcodeIndex = self._opcode(model.operatorCodes[op.opcodeIndex])
+        return clone
+
     def _decomposition(self, model, index: int, prefix: str, buffer_map: dict[int, int],
                        replace: dict[int, BufferData]) -> int:
         """Copy a composite's decomposition subgraph of a piece into the joined model once; its new index."""
@@ -296,24 +305,10 @@ class GraphJoiner:
             piece = model.subgraphs[index]
             sub = self.schema.SubGraphT()
             sub.name = f"{prefix}/{piece.name.decode() if isinstance(piece.name, bytes) else piece.name}"
-            sub.tensors, sub.operators = [], []
             self.model.subgraphs.append(sub)
             self._decompositions[index] = len(self.model.subgraphs) - 1
-            for tensor in piece.tensors:
-                clone = copy.deepcopy(tensor)
-                if tensor.buffer:
-                    if tensor.buffer not in buffer_map:
-                        source = replace.get(tensor.buffer) or BufferData(np.asarray(model.buffers[tensor.buffer].data))
-                        buffer_map[tensor.buffer] = self.append_buffer(source)
-                    clone.buffer = buffer_map[tensor.buffer]
-                else:
-                    clone.buffer = 0
-                sub.tensors.append(clone)
-            for op in piece.operators:
-                clone = self.schema.OperatorT()
-                clone.__dict__.update(op.__dict__)
-                clone.opcodeIndex = self._opcode(model.operatorCodes[op.opcodeIndex])
-                sub.operators.append(clone)
+            sub.tensors = [self._clone_tensor(model, tensor, buffer_map, replace) for tensor in piece.tensors]
+            sub.operators = [self._clone_op(model, op) for op in piece.operators]
             sub.inputs, sub.outputs = list(piece.inputs), list(piece.outputs)
         return self._decompositions[index]
 
