@@ -99,8 +99,6 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
     check_options(out, draft_len, context, prefill, quant)
     source = TargetCheckpoint(target_dir)
     drafter = load_drafter(assistant_dir, source.spec) if assistant_dir is not None else None
-    if drafter is not None:
-        drafter.gather_rows = quant == "fp32"  # its table stays float (model/drafter.py)
     return export_litert_models(source, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
                                 quant=quant, on_stage=on_stage, on_progress=on_progress,
                                 source_assistant=assistant_dir, allow_template_mismatch=allow_template_mismatch,
@@ -160,6 +158,9 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
     }
     target = source.models.target
     previous_write, target.cache_write = target.cache_write, "dus"
+    previous_gather = drafter.gather_rows if drafter is not None else None
+    if drafter is not None:
+        drafter.gather_rows = quant == "fp32"  # its table stays float (model/drafter.py)
     memory, stages = PeakMemory(), []
 
     def stage(text: str) -> None:
@@ -198,6 +199,8 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
                            "--prefill/--context.") from None
     finally:
         target.cache_write = previous_write
+        if drafter is not None:
+            drafter.gather_rows = previous_gather
     (out.parent / f"{out.stem}.allowlist.json").write_text(
         json.dumps({"models": [gallery_entry(out, out.stem, contract)]}, indent=2))
     bundle = read_litertlm(out)
