@@ -292,6 +292,11 @@ def _loop_options(command):
     return command
 
 
+def gpu_delegation(model) -> dict | None:
+    """On LiteRT's GPU accelerator: [ops on the GPU, all ops] per model and signature; None elsewhere."""
+    return getattr(model.backend, "delegation", None) or None
+
+
 @main.command()
 @_loop_options
 @click.option("--prompt", default="Once upon a time", show_default=True)
@@ -325,8 +330,8 @@ def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str,
             click.echo(text[len(shown):], nl=False)
             shown = text
     stats = model.last_stats.to_dict()
-    if getattr(model.backend, "delegation", None):  # --accelerator gpu: [ops on the GPU, all ops] per signature
-        stats["gpu_delegated_ops"] = model.backend.delegation
+    if gpu_delegation(model):
+        stats["gpu_delegated_ops"] = gpu_delegation(model)
     if as_json:
         click.echo(json.dumps({"tokens": tokens, "text": model.tokenizer.decode(tokens), "stats": stats}))
         return
@@ -484,9 +489,14 @@ def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: P
     result = run_bench(model.backend, [model.tokenizer.encode(t) for t in texts], max_tokens, simulate_acceptance)
     if plot_path:
         plot(result, str(plot_path))
+    delegation = gpu_delegation(model)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps({**result.to_dict(), **({"gpu_delegated_ops": delegation} if delegation else {})},
+                              indent=2))
         return
+    if delegation:
+        click.echo("GPU: " + "; ".join(f"{name} {sig} {on}/{total} ops" for name, sigs in delegation.items()
+                                       for sig, (on, total) in sigs.items()))
     base = result.baseline
     click.echo(f"plain decoding: {base.tokens_per_second:.1f} tok/s, {base.ms_per_decode:.2f} ms per decode step")
     if result.mtp:

@@ -217,3 +217,20 @@ def test_gpu_without_a_vulkan_device_falls_back_to_cpu(tiny_bundle):
     assert accelerator == "cpu" and reason.startswith("no Vulkan")
     warning = [ln for ln in proc.stderr.splitlines() if ln.startswith("edge-mtp: the gpu accelerator is unavailable")]
     assert warning == [f"edge-mtp: the gpu accelerator is unavailable ({reason}); running on the CPU."]
+
+
+@needs_gpu
+def test_run_and_bench_report_every_op_delegated_on_the_gpu(tiny_bundle):
+    """`run --json` and `bench --json` on the GPU report [ops on the GPU, all ops] per model and signature."""
+    from click.testing import CliRunner
+
+    from edge_mtp.cli import main
+
+    path = str(tiny_bundle[0])
+    for args in (["run", path, "--prompt", "Hello", "--max-tokens", "4"], ["bench", path, "--max-tokens", "4"]):
+        result = CliRunner().invoke(main, [*args, "--accelerator", "gpu", "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output.strip().splitlines()[-1] if args[0] == "run" else result.output)
+        delegation = report["stats"]["gpu_delegated_ops"] if args[0] == "run" else report["gpu_delegated_ops"]
+        assert {"target", "drafter"} <= set(delegation), delegation
+        assert all(on == total > 0 for sigs in delegation.values() for on, total in sigs.values()), delegation
