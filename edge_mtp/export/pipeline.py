@@ -158,8 +158,8 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
     }
     target = source.models.target
     previous_write, target.cache_write = target.cache_write, "dus"
-    previous_gather = drafter.gather_rows if drafter is not None else None
-    if drafter is not None:
+    previous_gather = getattr(drafter, "gather_rows", None)  # None: no drafter, or a wrapper of one (tests)
+    if previous_gather is not None:
         drafter.gather_rows = quant == "fp32"  # its table stays float (model/drafter.py)
     memory, stages = PeakMemory(), []
 
@@ -199,7 +199,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
                            "--prefill/--context.") from None
     finally:
         target.cache_write = previous_write
-        if drafter is not None:
+        if previous_gather is not None:
             drafter.gather_rows = previous_gather
     (out.parent / f"{out.stem}.allowlist.json").write_text(
         json.dumps({"models": [gallery_entry(out, out.stem, contract)]}, indent=2))
