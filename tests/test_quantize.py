@@ -101,9 +101,13 @@ def test_onnx_sizes_shrink(onnx_bundles, recipe):
     report = read_manifest(bundle)["quantization_report"]
     for model, row in report["components"].items():
         assert row["bytes"] == graph_bytes(bundle / f"{model}.onnx")
-        assert row["fp32_bytes"] == graph_bytes(fp32 / f"{model}.onnx")
+        if recipe in ONNX_BY_QUANTIZING:  # measured against the fp32 bundle's own graphs
+            assert row["fp32_bytes"] == graph_bytes(fp32 / f"{model}.onnx")
+        else:  # the export's fp32 pieces, before they were joined (a few hundred bytes of graph apart)
+            assert abs(row["fp32_bytes"] - graph_bytes(fp32 / f"{model}.onnx")) <= 0.01 * row["fp32_bytes"]
         assert row["bytes"] < row["fp32_bytes"]
-    assert report["components"]["target"]["fp32_matmul_weight_bytes"] == want
+    if recipe in ONNX_BY_QUANTIZING:
+        assert report["components"]["target"]["fp32_matmul_weight_bytes"] == want
     total = {r: sum(graph_bytes(onnx_bundles[r] / f"{m}.onnx") for m in report["components"])
              for r in ("fp32", "fp16", "int8", "int4")}
     assert total["int4"] < total["int8"] < total["fp16"] < total["fp32"]
@@ -116,6 +120,11 @@ def test_onnx_report_is_measured(onnx_bundles, recipe):
     assert report["logit_relative_error"] > 0 and 0 < report["top1_agreement"] <= 1
     prompts, max_tokens = report["prompt_token_ids"], report["max_tokens"]
     assert len(prompts) == report["prompts"] >= 3
+    if recipe not in ONNX_BY_QUANTIZING:  # an export: measured against the streamed PyTorch reference, as in LiteRT
+        assert report["reference"] == "streamed PyTorch fp32"
+        assert report["logit_relative_error"] > 1e-3 and report["top1_agreement"] >= 0.8
+        assert 0.6 <= report["drafter_top1_agreement"] <= 1
+        return
     quantized = _loop_acceptance(OnnxBackend(onnx_bundles[recipe], threads=1), prompts, max_tokens)
     fp32 = _loop_acceptance(OnnxBackend(onnx_bundles["fp32"], threads=1), prompts, max_tokens)
     assert report["drafter_acceptance_quantized"] == pytest.approx(quantized, abs=1e-12)
