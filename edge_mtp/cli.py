@@ -171,7 +171,6 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
            draft_len: int, context: int, prefill: str, quant: str, allow_template_mismatch: bool, gpu: bool,
            as_json: bool) -> None:
     """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
-    from rich.console import Console
 
     from .export.pipeline import export_litert
     from .export.quantize import AUTO, auto_recipe
@@ -190,16 +189,13 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         raise EdgeMtpError("--assistant is required with --target (or pass --no-assistant to export without MTP).")
     if quant == AUTO:
         quant = auto_recipe(target_dir)
-    if fmt == "onnx":
-        from .export.onnx import export_onnx
+    with export_progress() as (stage, progress):
+        if fmt == "onnx":
+            from .export.onnx import export_onnx
 
-        console = Console(stderr=True)
-        with console.status("exporting") as status:
-            stage = lambda s: (status.update(s), console.log(s))  # noqa: E731
             summary = export_onnx(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
-                                  prefill=_parse_lengths(prefill), quant=quant, on_stage=stage)
-    else:
-        with export_progress() as (stage, progress):
+                                  prefill=_parse_lengths(prefill), quant=quant, on_stage=stage, on_progress=progress)
+        else:
             summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
                                     prefill=_parse_lengths(prefill), quant=quant, on_stage=stage,
                                     on_progress=progress, allow_template_mismatch=allow_template_mismatch,
