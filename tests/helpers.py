@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from edge_mtp.export.pipeline import TOLERANCE
+from edge_mtp.export.driver import TOLERANCE
 
 
 def assert_export_checks(summary, pieces: set[str]) -> None:

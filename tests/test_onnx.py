@@ -15,7 +15,7 @@ from edge_mtp.contract import DECODE, DRAFT, Contract, causal_mask, drafter_mask
 from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export.onnx import export_onnx
 from edge_mtp.bundle.onnx import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
-from edge_mtp.export.pipeline import TOLERANCE
+from edge_mtp.export.driver import TOLERANCE
 from edge_mtp.export.signatures import compare_outputs, export_units, run_reference, sample_inputs
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.bundle import open_bundle

@@ -11,17 +11,18 @@ per-layer embedder, LM head) are converted with a few rows, quantized here in ro
 
 from __future__ import annotations
 
+import errno
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..checkpoint import assign
-from ..contract import EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
+from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
 from ..errors import EdgeMtpError
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint
@@ -58,8 +59,51 @@ class Template:
     slots: dict[str, WeightSlot] | None
 
 
+class PieceOrder:
+    """The order of a bundle's pieces and the progress count over them, shared by the LiteRT and ONNX exporters.
+
+    A subclass has `contract`, `drafter`, `on_progress`, a `_done` counter and builds each model with `embedder`,
+    `target_model` and `drafter_model`, each calling `_step` once per finished piece.
+    """
+
+    def total_steps(self) -> int:
+        """Pieces to make: embedder(s), prelude, layers, head, drafter."""
+        s = self.contract.target
+        return s.num_layers + 3 + bool(s.ple_dim) + (self.drafter is not None)
+
+    def _step(self, what: str) -> None:
+        self._done += 1
+        self.on_progress(what, self._done, self.total_steps())
+
+    def run(self) -> dict[str, Path]:
+        """Every model of the bundle, quantized, in bundle order."""
+        self.on_progress("starting", 0, self.total_steps())
+        paths = {EMBEDDER: self.embedder(EMBEDDER)}
+        if self.contract.target.ple_dim:
+            paths[PER_LAYER_EMBEDDER] = self.embedder(PER_LAYER_EMBEDDER)
+        paths[TARGET] = self.target_model()
+        if self.drafter is not None:
+            paths[DRAFTER] = self.drafter_model()
+        return paths
+
+
+@contextmanager
+def export_resource_errors(out: Path) -> Iterator[None]:
+    """A full disk or exhausted memory during an export, as one sentence saying what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise EdgeMtpError(f"The disk holding {out.parent} is full; free space (a real-size export needs "
+                               "about three times the bundle's size while it works) and export again.") from None
+        raise
+    except MemoryError:
+        raise EdgeMtpError("The export ran out of memory; close other programs or export with a smaller "
+                           "--prefill/--context.") from None
+
+
 @dataclass
-class StreamedExport:
+class StreamedExport(PieceOrder):
     """Builds the bundle's .tflite models from a checkpoint opened for streaming (see module doc)."""
 
     checkpoint: TargetCheckpoint
@@ -77,25 +121,6 @@ class StreamedExport:
     def target(self):
         return self.checkpoint.models.target
 
-    def total_steps(self) -> int:
-        """Pieces to make: prelude, layers, head, embedder(s), drafter."""
-        s = self.contract.target
-        return s.num_layers + 3 + bool(s.ple_dim) + (self.drafter is not None)
-
-    def _step(self, what: str) -> None:
-        self._done += 1
-        self.on_progress(what, self._done, self.total_steps())
-
-    def run(self) -> dict[str, Path]:
-        """Every model of the bundle, quantized, in bundle order."""
-        self.on_progress("starting", 0, self.total_steps())
-        paths = {EMBEDDER: self.embedder(EMBEDDER)}
-        if self.contract.target.ple_dim:
-            paths[PER_LAYER_EMBEDDER] = self.embedder(PER_LAYER_EMBEDDER)
-        paths[TARGET] = self.target_model()
-        if self.drafter is not None:
-            paths["drafter"] = self.drafter_model()
-        return paths
 
     # ---------------------------------------------------------------------------------------------------------
     # One piece: convert (or refill a template), check, quantize

@@ -18,7 +18,6 @@ reference (checks/bundle_check.py, as the LiteRT path), whose numbers are the ma
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
 import shutil
@@ -39,7 +38,7 @@ from ..memory import PeakMemory
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_drafter
 from ..quiet import converter_output_quiet
-from .driver import PieceReport, Progress, enforce_tolerance, swapped
+from .driver import PieceOrder, PieceReport, Progress, enforce_tolerance, export_resource_errors, swapped
 from ..bundle.onnx import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
                           contract_from_manifest, is_onnx_bundle, model_file, onnx_output_name,
                           read_manifest, tokenizer_info)
@@ -212,7 +211,7 @@ def run_onnx(session, contract: Contract, signature: Signature, inputs: dict[str
     return dict(zip(names, values))
 
 
-class StreamedOnnxExport:
+class StreamedOnnxExport(PieceOrder):
     """Builds the bundle's ONNX graphs from a target source, piece by piece (see module doc)."""
 
     def __init__(self, source: TargetSource, drafter: Drafter | None, contract: Contract, out: Path, scratch: Path,
@@ -224,26 +223,6 @@ class StreamedOnnxExport:
         self.reports: dict[str, PieceReport] = {}
         self.models: dict[str, list[str]] = {}  # bundle model -> its pieces
         self._done = 0
-
-    def total_steps(self) -> int:
-        """Pieces to make: embedder(s), prelude, layers, head, drafter."""
-        s = self.contract.target
-        return s.num_layers + 3 + bool(s.ple_dim) + (self.drafter is not None)
-
-    def _step(self, what: str) -> None:
-        self._done += 1
-        self.on_progress(what, self._done, self.total_steps())
-
-    def run(self) -> dict[str, Path]:
-        """Every graph of the bundle, quantized, in bundle order."""
-        self.on_progress("starting", 0, self.total_steps())
-        paths = {EMBEDDER: self.embedder(EMBEDDER)}
-        if self.contract.target.ple_dim:
-            paths[PER_LAYER_EMBEDDER] = self.embedder(PER_LAYER_EMBEDDER)
-        paths[TARGET] = self.target_model()
-        if self.drafter is not None:
-            paths[DRAFTER] = self.drafter_model()
-        return paths
 
     # -- one piece: export, check, quantize ---------------------------------------------------------------------------
 
@@ -571,7 +550,7 @@ def export_onnx_models(source: TargetSource | TargetModels, drafter: Drafter | N
         on_stage(text)
 
     try:
-        with memory, atomic_directory(out) as work, \
+        with memory, export_resource_errors(out), atomic_directory(out) as work, \
                 tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as scratch:
             job = StreamedOnnxExport(source, drafter, contract, work, Path(scratch), quant, check, stage, on_progress)
             paths = job.run()
@@ -606,14 +585,6 @@ def export_onnx_models(source: TargetSource | TargetModels, drafter: Drafter | N
             manifest["quantization_report"] = report
             (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
             read_manifest(work)  # refuse to publish a bundle we cannot read back
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise EdgeMtpError(f"The disk holding {out.parent} is full; free space (a real-size export needs "
-                               "about three times the bundle's size while it works) and export again.") from None
-        raise
-    except MemoryError:
-        raise EdgeMtpError("The export ran out of memory; close other programs or export with a smaller "
-                           "--prefill/--context.") from None
     finally:
         target.cache_write = previous_write
     published = read_manifest(out, verify=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import tempfile
 import time
@@ -21,7 +20,7 @@ from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_d
 from ..spec import spec_to_dict
 from ..bundle.tokenizer import Tokenizer
 from ..checks.bundle_check import enforce, litert_bundle_report
-from .driver import TOLERANCE, Progress, StreamedExport
+from .driver import Progress, StreamedExport, export_resource_errors
 from ..bundle.litertlm import BundleMetadata, read_litertlm, source_files, write_litertlm
 from .quantize import DEFAULT_RECIPE, check_recipe
 
@@ -168,7 +167,8 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
         on_stage(text)
 
     try:
-        with memory, tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as tmp:
+        with memory, export_resource_errors(out), \
+                tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as tmp:
             work = Path(tmp)
             job = StreamedExport(source, drafter, contract, work, quant, stage, on_progress)
             paths = job.run()
@@ -189,14 +189,6 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
             with atomic_file(out) as partial:
                 write_litertlm(partial, paths, contract, tokenizer, meta, manifest, work)
                 read_litertlm(partial)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise EdgeMtpError(f"The disk holding {out.parent} is full; free space (a real-size export needs "
-                               "about three times the bundle's size while it works) and export again.") from None
-        raise
-    except MemoryError:
-        raise EdgeMtpError("The export ran out of memory; close other programs or export with a smaller "
-                           "--prefill/--context.") from None
     finally:
         target.cache_write = previous_write
         if previous_gather is not None:
