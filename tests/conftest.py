@@ -76,3 +76,15 @@ def demo_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo.litertlm"
     export_litert(target_dir(), assistant_dir(), out, context=DEMO_CONTEXT, prefill=DEMO_PREFILL)
     return out
+
+
+@pytest.fixture(scope="session")
+def gpu_demo(tmp_path_factory):
+    """The demo pair exported for LiteRT-LM's GPU executor too (export --gpu: in-place KV cache; fp32, so the drafter
+    gathers its candidate rows)."""
+    from edge_mtp.demo import assistant_dir, target_dir
+    from edge_mtp.export.pipeline import export_litert
+
+    out = tmp_path_factory.mktemp("demo-gpu") / "demo-gpu.litertlm"
+    export_litert(target_dir(), assistant_dir(), out, context=DEMO_CONTEXT, prefill=DEMO_PREFILL, in_place_cache=True)
+    return out

@@ -27,7 +27,7 @@ from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
 
 from conftest import BUNDLE_CONTEXT as CONTEXT
-from conftest import DEMO_CONTEXT, DEMO_PREFILL
+from conftest import DEMO_CONTEXT
 from gpu_legacy import delegate_refusals, legacy_attention_model
 
 GPU_TESTS = os.environ.get("EDGE_MTP_GPU_TESTS") == "1"
@@ -116,18 +116,6 @@ def test_litert_lm_gpu_executor_runs_our_bundles_like_the_cpu(which, tiny_bundle
     gpu = run_litertlm(path, ENGINE_PROMPTS, max_tokens=16, context=context, mtp=False, accelerator="gpu")
     assert "Hint fully delegated" not in gpu.log and "not supported by GPU delegate" not in gpu.log
     assert gpu.texts == cpu.texts and all(t for t in cpu.texts)
-
-
-@pytest.fixture(scope="module")
-def gpu_demo(tmp_path_factory):
-    """The demo pair exported for LiteRT-LM's GPU executor too (export --gpu: in-place KV cache; fp32, so the drafter
-    gathers its candidate rows)."""
-    from edge_mtp.demo import assistant_dir, target_dir
-    from edge_mtp.export.pipeline import export_litert
-
-    out = tmp_path_factory.mktemp("demo-gpu") / "demo-gpu.litertlm"
-    export_litert(target_dir(), assistant_dir(), out, context=DEMO_CONTEXT, prefill=DEMO_PREFILL, in_place_cache=True)
-    return out
 
 
 def test_litert_lm_cpu_executor_runs_an_in_place_bundle_like_the_default(gpu_demo, demo_bundle):

@@ -96,31 +96,25 @@ def test_inlined_composites_compute_the_same(converted, tmp_path):
     _matches(run_tflite(inlined, "serving_default", inputs), want)
 
 
-def test_an_in_place_bundle_exports_and_decodes_like_the_default_one(synth_pair, tiny_bundle, tmp_path):
-    """The opt-in in-place target (param_tensor, composites) joins through the streamed driver, passes the bundle
-    check against the streamed PyTorch reference, and our CPU loop makes the same tokens and accept decisions."""
+def test_an_in_place_bundle_exports_and_decodes_like_the_default_one(gpu_demo, demo_bundle, tmp_path):
+    """The in-place demo (export --gpu: param_tensor, composites) joined through the streamed driver and passed the
+    bundle check against the streamed PyTorch reference; our CPU loop makes the default bundle's tokens and accept
+    decisions on it."""
     from edge_mtp.bundle.litertlm import read_litertlm
-    from edge_mtp.export.pipeline import export_litert_models
     from edge_mtp.export.tflite import op_name, read_tflite
-    from edge_mtp.model.loading import TargetCheckpoint, load_drafter
     from edge_mtp.runtime.backends.litert import LiteRTBackend
     from edge_mtp.runtime.speculative import generate_tokens
 
-    from conftest import BUNDLE_CONTEXT, BUNDLE_PREFILL
-
-    source = TargetCheckpoint(synth_pair / "target")
-    drafter = load_drafter(synth_pair / "assistant", source.spec)
-    out = tmp_path / "in-place.litertlm"
-    export_litert_models(source, drafter, out, context=BUNDLE_CONTEXT, prefill=BUNDLE_PREFILL, in_place_cache=True)
-    bundle = read_litertlm(out)
+    bundle = read_litertlm(gpu_demo)
     assert bundle.manifest["param_tensor"] is True
     target = tmp_path / "target.tflite"
     target.write_bytes(bundle.read(bundle.model_section("tf_lite_prefill_decode")))
     model = read_tflite(target)
     assert "STABLEHLO_COMPOSITE" in {op_name(model, op) for g in model.subgraphs for op in g.operators}
-    default, in_place = LiteRTBackend(tiny_bundle[0]), LiteRTBackend(out)
+    default, in_place = LiteRTBackend(demo_bundle), LiteRTBackend(gpu_demo)
     for prompt in ([2, 17, 99, 4, 31], [2, 200, 5, 5, 77, 13, 160, 42, 9, 11]):
         for mtp in (False, True):
             want, want_stats = generate_tokens(default, prompt, max_tokens=16, mtp=mtp)
             got, got_stats = generate_tokens(in_place, prompt, max_tokens=16, mtp=mtp)
             assert got == want and got_stats.accepted == want_stats.accepted, (prompt, mtp)
+        assert mtp and want_stats.accepted > 0  # the trained demo drafter really drafts
