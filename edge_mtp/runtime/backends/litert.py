@@ -20,6 +20,7 @@ E2B int8 bundle: 10.5 GiB, 7.7 GiB with it). See WEIGHT_CACHE_MAX_BYTES for the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -29,7 +30,7 @@ import numpy as np
 
 from ...bundle.litertlm import SECTION_MODEL_TYPES, read_litertlm
 from ...bundle.manifest import checked_contract
-from ...contract import DRAFT, EMBEDDINGS, PARAM_TENSOR, PLE, TOKEN_IDS, Contract, param_values
+from ...contract import DRAFT, EMBEDDINGS, PARAM_TENSOR, PLE, TOKEN_IDS, param_values
 from ...errors import EdgeMtpError
 from ...gpu_check import check_model
 from .base import Backend
@@ -92,8 +93,7 @@ class LiteRTBackend(Backend):
                 raise EdgeMtpError(f"LiteRT on the {self.accelerator} could not load the {name} model of "
                                    f"{bundle_path} ({_first_line(e)}); {hint}.") from None
         if "drafter" not in self.models:
-            self.contract = Contract(self.contract.target, None, self.contract.context, self.contract.draft_len,
-                                     self.contract.prefill_lengths, self.contract.kv_dtype, self.contract.param_tensor)
+            self.contract = dataclasses.replace(self.contract, drafter=None)
         self.fully_accelerated = {name: cm.is_fully_accelerated() for name, cm in self.models.items()}
         self.kv = {s.name: self._kv_buffer(s.name) for s in self.contract.kv_tensors()}
         self._zeros = {s.name: s.zeros() for s in self.contract.kv_tensors()}
