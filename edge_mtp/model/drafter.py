@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..contract import k_name, v_name
 from ..spec import FULL, SLIDING, DrafterSpec, TargetSpec
-from .kv_update import attend_in_place
+from .kv_update import read_cache
 from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq, take
 
 
@@ -123,10 +123,8 @@ class Drafter(nn.Module):
 
             def attention(a: torch.Tensor, attn=attn, kind=kind, src=src) -> torch.Tensor:
                 q = attn.query(a, *rope[kind])
-                k, v = kv_caches[k_name(src)], kv_caches[v_name(src)]
-                if param_tensor is not None:
-                    return attn.o_proj(attend_in_place(q, k, v, views[kind].mask, param_tensor))
-                return attn.o_proj(views[kind].attend(q, k, v))
+                return attn.o_proj(read_cache(views[kind], q, kv_caches[k_name(src)], kv_caches[v_name(src)],
+                                              param_tensor))
 
             x = layer(x, attention)
         y = self.norm(x)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..contract import MASK_HIDDEN
-from .layers import tracing_for_litert, write_cache
+from .layers import KeyView, tracing_for_litert, write_cache
 
 
 def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -97,3 +97,11 @@ def attend_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = cache_matmul(probs, v_cache, param, values=True)  # [1, Hkv, G*T, hd]
     return out.reshape(1, h, t, hd).transpose(1, 2).reshape(1, t, h * hd)
+
+
+def read_cache(view: KeyView, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               param: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q over a key view of the caches: the in-place way when they are written in place (`param`)."""
+    if param is None:
+        return view.attend(q, k_cache, v_cache)
+    return attend_in_place(q, k_cache, v_cache, view.mask, param)

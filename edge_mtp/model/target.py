@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..contract import INPUT_POS, MASK, PARAM_TENSOR, k_name, v_name
 from ..spec import FULL, SLIDING, TargetSpec
-from .kv_update import attend_in_place, write_rows
+from .kv_update import read_cache, write_rows
 from .layers import DecoderLayer, KeyView, RMSNorm, graph_output, rope_cos_sin, rope_inv_freq
 
 
@@ -108,10 +108,7 @@ class Target(nn.Module):
                     caches[k_name(i)], caches[v_name(i)], k, v, context[INPUT_POS], self.cache_write,
                     context.get(PARAM_TENSOR))
             q = attn.query(x, cos, sin)
-            if PARAM_TENSOR in context:
-                return attn.o_proj(attend_in_place(q, caches[k_name(src)], caches[v_name(src)], view.mask,
-                                                   context[PARAM_TENSOR]))
-            return attn.o_proj(view.attend(q, caches[k_name(src)], caches[v_name(src)]))
+            return attn.o_proj(read_cache(view, q, caches[k_name(src)], caches[v_name(src)], context.get(PARAM_TENSOR)))
 
         return self.layers[i](h, attention, context.get(ple_name(i)))
 
