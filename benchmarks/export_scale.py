@@ -1,5 +1,5 @@
 """Real-size export: synthesise a preset once (random weights, exact HF layout) and export it, printing peak memory
-of the whole process tree, wall time and peak memory per stage and the bundle's sections.
+of the whole process tree, wall time, peak memory and peak extra disk use per stage and the bundle's sections.
 
     python -m benchmarks.export_scale --preset e2b --quant int4 [--context 4096] [--format litert|onnx]
 
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from edge_mtp.cache import cache_root
-from edge_mtp.memory import PeakMemory
+from edge_mtp.memory import PeakMemory, PeakSampler, disk_used_bytes
 from edge_mtp.spec import preset_pair
 from edge_mtp.synth import write_drafter, write_target
 
@@ -88,43 +88,46 @@ def main() -> None:
     synth_seconds = time.time() - start
     out = args.out or Path(f"{args.preset}-{args.quant}" + (".litertlm" if args.format == "litert" else "-onnx"))
     export = export_litert if args.format == "litert" else export_onnx
-    stages: list[tuple[str, float, float]] = []  # (stage, seconds, peak RSS GiB during it)
+    stages: list[tuple[str, float, float, float]] = []  # (stage, seconds, peak RSS GiB, peak extra disk GiB)
     current = ["loading checkpoints", time.time()]
     memory = PeakMemory()
-    overall = 0
+    disk_before = disk_used_bytes(out.resolve().parent)
+    disk = PeakSampler(lambda: disk_used_bytes(out.resolve().parent) - disk_before, interval=1.0)
+    overall = overall_disk = 0
 
     def stage(text: str) -> None:
-        nonlocal overall
+        nonlocal overall, overall_disk
         now = time.time()
-        peak = memory.restart()
-        overall = max(overall, peak)
-        stages.append((current[0], now - current[1], peak / 2**30))
+        peak, disk_peak = memory.restart(), disk.restart()
+        overall, overall_disk = max(overall, peak), max(overall_disk, disk_peak)
+        stages.append((current[0], now - current[1], peak / 2**30, disk_peak / 2**30))
         current[:] = [text, now]
         print(f"[{now - start:7.1f} s] {text}", flush=True)
 
     def progress(what: str, done: int, total: int) -> None:
         print(f"[{time.time() - start:7.1f} s]   {done}/{total} {what}", flush=True)
 
-    with memory:
+    with memory, disk:
         summary = export(pair / "target", pair / "assistant", out, context=args.context,
                                 prefill=tuple(int(x) for x in args.prefill.split(",")), quant=args.quant,
                                 on_stage=stage, on_progress=progress)
         stage("done")
-    overall = max(overall, memory.peak)
+    overall, overall_disk = max(overall, memory.peak), max(overall_disk, disk.peak)
     report = summary.quantization or {}
     result = {
         "preset": args.preset, "format": args.format, "quant": args.quant, "context": args.context, "synth_seconds": synth_seconds,
-        "export_seconds": summary.wall_seconds, "peak_rss_gib": overall / 2**30, "bundle_bytes": summary.bytes,
+        "export_seconds": summary.wall_seconds, "peak_rss_gib": overall / 2**30,
+        "peak_extra_disk_gib": overall_disk / 2**30, "bundle_bytes": summary.bytes,
         "sections": summary.sections, "stage_seconds": stages,
         "logit_relative_error": report.get("logit_relative_error"), "top1_agreement": report.get("top1_agreement"),
         "drafter_top1_agreement": report.get("drafter_top1_agreement"),
     }
     print(f"\n{args.preset} {args.quant}: export {summary.wall_seconds / 60:.1f} min, peak RSS (process tree) "
-          f"{overall / 2**30:.2f} GiB, bundle {summary.bytes / 2**30:.2f} GiB")
+          f"{overall / 2**30:.2f} GiB, peak extra disk {overall_disk / 2**30:.2f} GiB, bundle {summary.bytes / 2**30:.2f} GiB")
     for section in summary.sections:
         print(f"  {section['type']:<18} {section['model_type'] or '':<28} {section['bytes'] / 2**20:>10.1f} MiB")
-    for text, seconds, peak in stages:
-        print(f"  {seconds:8.1f} s  {peak:6.2f} GiB peak  {text}")
+    for text, seconds, peak, disk_peak in stages:
+        print(f"  {seconds:8.1f} s  {peak:6.2f} GiB peak RSS  {disk_peak:6.2f} GiB peak extra disk  {text}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -1,10 +1,13 @@
-"""Peak resident memory of this process and its children, sampled while work runs (what an OOM killer sees)."""
+"""Peak resident memory of this process and its children, sampled while work runs (what an OOM killer sees), and
+peak disk use of the same work."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
+from typing import Callable
 
 
 def tree_rss_bytes(pid: int | None = None) -> int:
@@ -26,21 +29,21 @@ def tree_rss_bytes(pid: int | None = None) -> int:
     return total
 
 
-class PeakMemory:
-    """`with PeakMemory() as m: ...` then `m.peak_mib`: the largest process-tree RSS seen, sampled every `interval`."""
+class PeakSampler:
+    """`with PeakSampler(read) as m: ...` then `m.peak`: the largest value of `read()` seen, sampled every `interval`."""
 
-    def __init__(self, interval: float = 0.2, pid: int | None = None):
-        self.interval, self.pid, self.peak = interval, pid, 0
+    def __init__(self, read: Callable[[], int], interval: float = 0.2):
+        self.read, self.interval, self.peak = read, interval, 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            self.peak = max(self.peak, self.read())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
-        self.peak = tree_rss_bytes(self.pid)
+    def __enter__(self):
+        self.peak = self.read()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -49,14 +52,26 @@ class PeakMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.peak = max(self.peak, tree_rss_bytes(self.pid))
+        self.peak = max(self.peak, self.read())
 
     def restart(self) -> int:
-        """The peak so far (bytes); sampling goes on from the current resident size (peaks of successive stages)."""
-        now = tree_rss_bytes(self.pid)
+        """The peak so far; sampling goes on from the current value (peaks of successive stages)."""
+        now = self.read()
         peak, self.peak = max(self.peak, now), now
         return peak
+
+
+class PeakMemory(PeakSampler):
+    """`with PeakMemory() as m: ...` then `m.peak_mib`: the largest process-tree RSS seen (bytes in `m.peak`)."""
+
+    def __init__(self, interval: float = 0.2, pid: int | None = None):
+        super().__init__(lambda: tree_rss_bytes(pid), interval)
 
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+
+def disk_used_bytes(path: str | Path) -> int:
+    """Bytes in use on the file system holding `path` (a disk-use sampler for PeakSampler)."""
+    return shutil.disk_usage(path).used

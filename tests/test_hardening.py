@@ -100,6 +100,27 @@ def test_a_load_failure_on_the_cpu_names_the_cause_not_the_cpu(tiny_bundle, monk
     assert "--accelerator" not in message  # the user is on the CPU already
 
 
+def test_xnnpack_weight_caches_are_made_only_where_the_disk_has_room(tiny_bundle, monkeypatch, caplog):
+    """XNNPACK aborts the process when its weight-cache file cannot be written: on a full disk each model must load
+    without one (a warning says why) and still give the same tokens."""
+    import shutil
+    from pathlib import Path
+
+    from edge_mtp.runtime.backends import litert
+
+    prompt = [2, 5, 9, 4]
+    roomy = litert.LiteRTBackend(tiny_bundle[0])
+    assert sorted(p.name for p in Path(roomy._weight_cache.name).iterdir()) == \
+        sorted(f"{name}.cache" for name in roomy.models)
+    expected = list(edge_mtp.load(tiny_bundle[0]).generate(prompt, max_tokens=6, mtp=False))
+    real = shutil.disk_usage
+    monkeypatch.setattr(litert.shutil, "disk_usage", lambda path: real(path)._replace(free=1 << 20))
+    full = litert.LiteRTBackend(tiny_bundle[0])
+    assert not any(Path(full._weight_cache.name).iterdir())
+    assert "too little free disk" in caplog.text
+    assert list(edge_mtp.load(tiny_bundle[0]).generate(prompt, max_tokens=6, mtp=False)) == expected
+
+
 def test_chat_template_from_a_bundle_is_rendered_sandboxed(tiny_bundle):
     tokenizer = edge_mtp.load(tiny_bundle[0]).tokenizer
     safe = Tokenizer(tokenizer._tok.to_str(), 2, [1], "{{ messages[0]['content'] | upper }}")

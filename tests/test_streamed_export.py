@@ -205,6 +205,22 @@ def test_a_second_export_takes_layer_templates_from_the_cache(tiny_bundle, synth
     assert summary.quantization["logit_relative_error"] <= 1e-3  # layers refilled from cached templates are right
 
 
+def test_storing_a_layer_template_removes_those_of_other_code_versions(tmp_path):
+    """A template made by other code can never be fetched again; the cache must not keep it (E4B's fill the disk)."""
+    from edge_mtp.cache import cache_root
+    from edge_mtp.export import template_cache
+
+    stale = cache_root() / "templates" / "000000000000-0123.tflite"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"old graph")
+    made = tmp_path / "made.tflite"
+    made.write_bytes(b"new graph")
+    template_cache.store("fresh", made)
+    assert not stale.exists()
+    assert template_cache.fetch("fresh", tmp_path / "back.tflite")
+    assert (tmp_path / "back.tflite").read_bytes() == b"new graph"
+
+
 def test_the_drafter_head_at_gemma_vocabulary_size_holds_its_inverse_ordering_as_a_constant(tmp_path):
     """At 262144 tokens the converter no longer folds an in-graph inverse of token_ordering: the graph would scatter
     the whole vocabulary on every draft step (37 of 44 ms on E2B). The head must hold the inverse as a constant and

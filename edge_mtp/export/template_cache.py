@@ -5,7 +5,8 @@ geometry, the contract, our model code and the converter, never on the checkpoin
 31-88 s per E2B layer kind (1-11 s on the small presets), so a second export of the same geometry (another recipe, a
 fine-tuned checkpoint) takes them from here. A stale or damaged file cannot slip through: every layer made from a
 template is still checked against its PyTorch piece, and a template whose weights cannot be located is converted
-afresh.
+afresh. Templates of other code versions can never be used again, so storing one removes them (they are 7-60 MB
+each, and a cache that only grows filled the disk of a real-size export).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def template_key(spec, contract, first_layer: int, cache_write: str, samples: di
 
 
 def _path(key: str) -> Path:
-    return cache_root() / "templates" / f"{key}.tflite"
+    return cache_root() / "templates" / f"{_code_digest()[:12]}-{key}.tflite"
 
 
 def fetch(key: str, to: Path) -> bool:
@@ -66,5 +67,8 @@ def store(key: str, template: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template, partial)
         os.replace(partial, path)
+        for old in path.parent.glob("*.tflite"):
+            if not old.name.startswith(_code_digest()[:12]):
+                old.unlink(missing_ok=True)
     except OSError:
         partial.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ runtime. So a cache gets the type every user accepts when there is one, else hos
 Each model packs its weights for XNNPACK into a weight-cache file of its own (in a private temporary folder): without
 it every signature packs a private copy, so a target with prefill, decode and verify signatures holds its weights
 three to four times over (measured on the wide preset: 268 MiB resident for a 70 MiB int8 target, 97 MiB with it;
-E2B int8 bundle: 10.5 GiB, 7.7 GiB with it). See WEIGHT_CACHE_MAX_BYTES for the one limit found.
+E2B int8 bundle: 10.5 GiB, 7.7 GiB with it). See weight_cache_path for the one limit found.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,10 +40,10 @@ from .inline import inline_composites
 ACCELERATORS = ("cpu", "gpu", "npu")
 HOST_MEMORY = 1  # LiteRtTensorBufferType kLiteRtTensorBufferTypeHostMemory
 log = logging.getLogger(__name__)
-# XNNPACK aborted the process (after "cannot append buffer to cache file") while writing the cache of the E4B int8
-# target (a 4.6 GB section) at 3.16 GiB, with 21 GB of disk free; the E2B int8 target's (2.2 GB) works. Larger
-# models go without the cache rather than risk that abort.
-WEIGHT_CACHE_MAX_BYTES = 3 << 30
+# XNNPACK aborts the process ("cannot append buffer to cache file") when its weight-cache file cannot be written,
+# which is what a full disk does (it did so for the E4B int8 target while an export's temporary files and stale
+# templates filled the disk). A cache is only made where the disk holds twice the model plus this margin.
+WEIGHT_CACHE_DISK_MARGIN = 1 << 30
 # XNNPACK's QS8 and QU8 (its defaults) plus DYNAMIC_FULLY_CONNECTED: without that flag a fully-connected layer whose
 # weights are computed in the graph falls back to LiteRT's builtin kernels, and attention is two of those (the cache
 # is the weight operand of q k^T, the probabilities that of p v). One E2B full-attention layer at context 4096
@@ -83,8 +84,7 @@ class LiteRTBackend(Backend):
             if self.accelerator == "gpu":  # ops the GPU delegate takes / all ops, per signature (see gpu_check)
                 self.delegation[name] = {s: [r.delegated, r.total] for s, r in check_model(model).items()}
             try:
-                cache = Path(self._weight_cache.name) / f"{name}.cache" if len(model) <= WEIGHT_CACHE_MAX_BYTES else None
-                options = self._options(self.accelerator, threads, cache)
+                options = self._options(self.accelerator, threads, self._weight_cache_path(name, len(model)))
                 self.models[name] = CompiledModel.from_buffer(model, options=options, environment=self.environment)
             except Exception as e:  # the accelerator could not take this model
                 hint = ("use --accelerator cpu" if self.accelerator != "cpu" else
@@ -99,6 +99,15 @@ class LiteRTBackend(Backend):
         self._zeros = {s.name: s.zeros() for s in self.contract.kv_tensors()}
         self._io: dict[tuple[str, str], tuple[dict, dict]] = {}
         self.reset()
+
+    def _weight_cache_path(self, name: str, size: int) -> Path | None:
+        """Where XNNPACK packs this model's weights once, or None (a copy per signature) when the disk is too full."""
+        folder = Path(self._weight_cache.name)
+        if shutil.disk_usage(folder).free >= 2 * size + WEIGHT_CACHE_DISK_MARGIN:
+            return folder / f"{name}.cache"
+        log.warning("edge-mtp: too little free disk in %s for the %s model's XNNPACK weight cache (%.1f GiB); its "
+                    "weights are packed in memory once per signature instead.", folder, name, 2 * size / 2**30)
+        return None
 
     @staticmethod
     def _options(accelerator: str, threads: int, weight_cache: Path | None):
