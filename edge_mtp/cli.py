@@ -569,7 +569,8 @@ def quantize(bundle: Path, out: Path, quant: str) -> None:
     _check_output(out, folder=True)
     from .export.onnx import quantize_onnx_bundle
 
-    q = quantize_onnx_bundle(bundle, out, quant)["quantization_report"]
+    with export_progress() as (stage, progress):
+        q = quantize_onnx_bundle(bundle, out, quant, on_stage=stage, on_progress=progress)["quantization_report"]
     click.echo(json.dumps({k: v for k, v in q.items() if k != "prompt_token_ids"}, indent=2))
 
 

@@ -237,14 +237,25 @@ def test_interrupted_export_leaves_nothing(synth_pair, tmp_path):
 
 
 DEMO = Path(__file__).resolve().parent.parent / "edge_mtp" / "demo"
+DEMO_CONTEXT = 128
+_demo_fp32: list[Path] = []
+
+
+def demo_fp32_bundle(tmp_path_factory) -> Path:
+    """The demo pair as an fp32 ONNX bundle (context 128), exported once per session: these tests, the quantization
+    tests (test_quantize) and the requantization tests (test_onnx_stream) all read the same folder."""
+    if not _demo_fp32:
+        out = tmp_path_factory.mktemp("onnx-demo") / "demo"
+        export_onnx(DEMO / "target", DEMO / "assistant", out, context=DEMO_CONTEXT, prefill=PREFILL, check=False)
+        _demo_fp32.append(out)
+    return _demo_fp32[0]
 
 
 @pytest.mark.skipif(not (DEMO / "target" / "model.safetensors").is_file(), reason="the demo pair is not shipped here")
 def test_demo_pair_accepts_drafts_identically(tmp_path_factory):
     """On the trained demo pair (the drafter agrees with the target most of the time), ONNX and PyTorch accept the
     very same drafts, and MTP output equals plain output."""
-    out = tmp_path_factory.mktemp("onnx-demo") / "demo"
-    export_onnx(DEMO / "target", DEMO / "assistant", out, context=128, prefill=PREFILL, check=False)
+    out = demo_fp32_bundle(tmp_path_factory)
     backend = OnnxBackend(out, threads=1)
     opened = open_bundle(out)
     contract, tokenizer = opened.contract, opened.tokenizer

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import DEMO_CONTEXT, DEMO_PREFILL
+from test_onnx import DEMO_CONTEXT as CONTEXT, PREFILL, demo_fp32_bundle
 from edge_mtp import demo
 from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export.onnx import export_onnx, quantize_onnx_bundle
@@ -20,10 +21,10 @@ from edge_mtp.bundle import open_bundle
 from edge_mtp.runtime.backends.onnx import OnnxBackend
 from edge_mtp.runtime.speculative import SpeculativeDecoder, generate_tokens
 
-CONTEXT, PREFILL = 128, (16,)
 PROMPTS = ["The quick brown fox", "def main():", "import os"]
 ONNX_BY_QUANTIZING = ("fp16", "int8", "int4-b32", "int4-b64", "int4-b128", "mixed")  # from the fp32 bundle, no re-export
-ONNX_RECIPES = ("int4",) + ONNX_BY_QUANTIZING  # int4 goes through export_onnx(quant=...) itself
+ONNX_RECIPES = ("int4",) + ONNX_BY_QUANTIZING  # int4 goes through export_onnx(quant=...) itself; int4-b32 is the
+# same recipe by quantizing, so the two bundles must be the same graphs with the same weight bytes
 # the target's matmul weight bytes, at most this fraction of fp32
 WEIGHT_RATIO = {"fp16": 0.51, "int8": 0.27, "int4": 0.35, "int4-b32": 0.35, "int4-b64": 0.35, "int4-b128": 0.35, "mixed": 0.35}
 
@@ -33,10 +34,10 @@ pytestmark = pytest.mark.skipif(not (demo.target_dir() / "model.safetensors").is
 
 @pytest.fixture(scope="module")
 def onnx_bundles(tmp_path_factory) -> dict:
-    """The demo pair as an fp32 ONNX bundle, one int4 export, and the other recipes quantized from the fp32 one."""
+    """The demo pair as an fp32 ONNX bundle (shared with test_onnx), one int4 export, and the other recipes quantized
+    from the fp32 one."""
     root = tmp_path_factory.mktemp("quant-onnx")
-    out = {"fp32": root / "fp32", "int4": root / "int4"}
-    export_onnx(demo.target_dir(), demo.assistant_dir(), out["fp32"], context=CONTEXT, prefill=PREFILL, check=False)
+    out = {"fp32": demo_fp32_bundle(tmp_path_factory), "int4": root / "int4"}
     export_onnx(demo.target_dir(), demo.assistant_dir(), out["int4"], context=CONTEXT, prefill=PREFILL, check=False,
                 quant="int4")
     for recipe in ONNX_BY_QUANTIZING:
@@ -132,6 +133,30 @@ def test_onnx_report_is_measured(onnx_bundles, recipe):
     assert 0 < quantized <= 1
     if recipe.startswith("int4"):
         assert report["logit_relative_error"] > 1e-3  # 4 bits really changed the logits
+
+
+def _graph(path) -> tuple[dict, list]:
+    """A graph's initializers (name -> dims, type, stored bytes) and nodes (name, op, inputs, outputs, attributes)."""
+    import onnx
+
+    from edge_mtp.export.onnx_data import stored_bytes
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name: (list(i.dims), i.data_type, stored_bytes(i, path.parent)) for i in graph.initializer}
+    nodes = sorted((n.name, n.op_type, list(n.input), list(n.output), [str(a) for a in n.attribute])
+                   for n in graph.node)
+    return weights, nodes
+
+
+def test_quantizing_fp32_gives_what_exporting_at_the_recipe_gives(onnx_bundles):
+    """`quantize` rewrites a finished bundle one weight group at a time; the result must be the export's own format,
+    weight for weight: every graph has the same nodes and the same initializers, byte for byte (tables included)."""
+    for model in read_manifest(onnx_bundles["int4"])["models"]:
+        exported = _graph(onnx_bundles["int4"] / f"{model}.onnx")
+        quantized = _graph(onnx_bundles["int4-b32"] / f"{model}.onnx")
+        assert quantized[0].keys() == exported[0].keys(), model
+        assert [n for n in exported[0] if quantized[0][n] != exported[0][n]] == [], model
+        assert quantized[1] == exported[1], model
 
 
 def test_onnx_error_grows_as_bits_shrink(onnx_bundles):

@@ -13,7 +13,8 @@ with torch.onnx on a dynamic token axis, compared with its PyTorch piece at ever
 (export/onnx_stitch.py). Vocabulary tables are exported on a few rows and quantized in row chunks straight into the
 data file (export/onnx_tables.py). The finished bundle is then checked end to end against the streamed PyTorch
 reference (checks/bundle_check.py, as the LiteRT path), whose numbers are the manifest's `quantization_report`.
-`quantize_onnx_bundle` quantizes a finished fp32 bundle graph by graph and measures it against its source.
+`quantize_onnx_bundle` quantizes a finished fp32 bundle one weight group at a time (export/onnx_requantize.py)
+and measures it against its source.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from .pipeline import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, Expo
                        check_shapes, tokenizer_files)
 from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_rename
 from .onnx_quantize import check_onnx_recipe, graph_bytes, quantize_graph, remove_graph, weight_bytes
+from .onnx_requantize import requantize_graph
 from .onnx_stitch import PIECE_OUTPUT_SUFFIX, GraphStitcher
-from .onnx_tables import locate_table, write_table
+from .onnx_tables import HEAD, locate_table, write_table
 from .quantize import mixed_choice, relative_error
 from .signatures import SignatureModule, compare_outputs, sample_inputs
 from .tables import small_vocab
@@ -317,7 +319,7 @@ class StreamedOnnxExport(PieceOrder):
         fp32 = self.scratch / f"{name}.onnx"
         table = locate_table(fp32, path, small, rows.numpy(), self.reports[name].recipe)
         self.on_stage(f"quantizing the {name.replace('_', ' ')} table ({vocab} x {width})")
-        placed, edit = write_table(table, stitcher, lambda a, b: src.rows(entry, a, b).numpy(), vocab)
+        placed, edit = write_table(table, stitcher.data, lambda a, b: src.rows(entry, a, b).numpy(), vocab)
         stitcher.add(path, name, placed=placed, edit=edit)
         report = self.reports[name]  # the small piece's bytes, grown by the rest of the table
         report.bytes += sum(p.nbytes for p in placed.values()) * (vocab - small) // vocab
@@ -329,9 +331,9 @@ class StreamedOnnxExport(PieceOrder):
         """The LM head, exported on a few rows of the tied embedding and widened to the whole vocabulary."""
         self.source.load(TARGET, "norm")
         target = self.source.models.target
-        self._table("head", Head(target), target, "embed_tokens.weight", TARGET, inputs.head(), TARGET, stitcher)
+        self._table(HEAD, Head(target), target, "embed_tokens.weight", TARGET, inputs.head(), TARGET, stitcher)
         self.source.release(TARGET, "norm")
-        self._step("head")
+        self._step(HEAD)
 
     # -- embedders and drafter ----------------------------------------------------------------------------------------
 
@@ -406,11 +408,12 @@ def _sensitivity_signature(contract: Contract, model: str) -> Signature:
 
 
 class _Quantization:
-    """Applies a recipe graph by graph (each quantized right after it is written, nothing else held) and records
-    what each component got; `report` then measures the quantized bundle against its fp32 twin."""
+    """Applies a recipe to a finished fp32 bundle graph by graph, one weight group at a time (onnx_requantize), and
+    records what each component got; `report` then measures the quantized bundle against its fp32 twin."""
 
-    def __init__(self, recipe: str, contract: Contract, scratch: Path):
-        self.recipe, self.contract, self.scratch = recipe, contract, scratch
+    def __init__(self, recipe: str, contract: Contract, scratch: Path,
+                 on_progress: Progress = lambda what, done, total: None):
+        self.recipe, self.contract, self.scratch, self.on_progress = recipe, contract, scratch, on_progress
         self.components: dict[str, dict] = {}
 
     def apply(self, model: str, fp32: Path, path: Path) -> None:
@@ -420,8 +423,7 @@ class _Quantization:
             chosen, error = mixed_choice(model, lambda: self._int4_error(model, fp32))
         else:
             chosen = self.recipe
-        quantize_graph(fp32, chosen, path)
-        gc.collect()
+        self._requantize(model, fp32, chosen, path)
         record = {"recipe": chosen, "bytes": graph_bytes(path), "fp32_bytes": graph_bytes(fp32),
                   "matmul_weight_bytes": weight_bytes(path)["matmul"],
                   "fp32_matmul_weight_bytes": weight_bytes(fp32)["matmul"]}
@@ -429,16 +431,23 @@ class _Quantization:
             record["int4_error"] = error
         self.components[model] = record
 
+    def _requantize(self, model: str, fp32: Path, recipe: str, path: Path) -> Path:
+        def progress(done: int, total: int) -> None:
+            self.on_progress(f"{model} weight groups", done, total)
+        return requantize_graph(fp32, recipe, path, self.contract.target.vocab_size, self.scratch, progress)
+
     def _int4_error(self, model: str, fp32: Path) -> float:
-        """Relative error of the component's main output under int4, on random inputs (the LiteRT rule)."""
+        """Relative error of the component's main output under int4, on random inputs (the LiteRT rule); the fp32
+        graph and its int4 trial run one after the other, so memory holds one session at a time."""
         trial_dir = self.scratch / "trial"
         trial_dir.mkdir(exist_ok=True)
-        trial = quantize_graph(fp32, "int4", trial_dir / fp32.name)
         try:
             signature = _sensitivity_signature(self.contract, model)
             inputs = sample_inputs(signature, self.contract, seed=7)
             key = next(o.name for o in signature.outputs if not o.name.startswith("kv_cache"))
             want = run_onnx(ort_session(fp32), self.contract, signature, inputs)
+            gc.collect()
+            trial = self._requantize(model, fp32, "int4", trial_dir / fp32.name)
             got = run_onnx(ort_session(trial), self.contract, signature, inputs)
             return relative_error(got, want, key)
         finally:
@@ -464,9 +473,10 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def quantize_onnx_bundle(src_dir: str | Path, out_dir: str | Path, quant: str,
-                         on_stage: Callable[[str], None] = lambda s: None) -> dict:
-    """Quantize a finished fp32 ONNX bundle folder into a new bundle folder (no re-export), graph by graph, and
-    measure it against the source; returns the new manifest (with its quantization_report)."""
+                         on_stage: Callable[[str], None] = lambda s: None,
+                         on_progress: Progress = lambda what, done, total: None) -> dict:
+    """Quantize a finished fp32 ONNX bundle folder into a new bundle folder (no re-export), one weight group at a
+    time, and measure it against the source; returns the new manifest (with its quantization_report)."""
     src, out = Path(src_dir), Path(out_dir)
     check_onnx_recipe(quant)
     source = read_manifest(src)
@@ -477,8 +487,9 @@ def quantize_onnx_bundle(src_dir: str | Path, out_dir: str | Path, quant: str,
     _prepare_out(out)
     contract = contract_from_manifest(source, str(src / MANIFEST))
     records = json.loads(json.dumps(source["models"]))
-    with atomic_directory(out) as work:
-        quantization = _Quantization(quant, contract, work)
+    with export_resource_errors(out), atomic_directory(out) as work, \
+            tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as scratch:
+        quantization = _Quantization(quant, contract, Path(scratch), on_progress)
         for model, record in records.items():
             if quant != "fp32":
                 on_stage(f"quantizing {model} ({quant})")

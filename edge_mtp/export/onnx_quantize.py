@@ -26,6 +26,7 @@ from .quantize import check_recipe
 
 INT4_BLOCKS = {"int4": 32, "int4-b32": 32, "int4-b64": 64, "int4-b128": 128}
 FP16_MIN_ELEMENTS = 256  # smaller float initializers (norm scales, rope tables) stay fp32
+INLINE_BYTES = 1024  # onnx.save_model keeps a tensor inline below this (its size_threshold, on sys.getsizeof)
 MATMUL_OPS = ("MatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "Gemm")
 GATHER_OPS = ("Gather", "GatherBlockQuantized")
 
@@ -98,17 +99,30 @@ def quantize_graph(src: Path, recipe: str, dst: Path) -> Path:
     return dst
 
 
-def _save(model, dst: Path) -> None:
+def save_graph(model, dst: Path) -> None:
+    """Save a graph with its larger tensors in `dst`.data (the layout every recipe writes)."""
     import onnx
 
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_file(dst).name, size_threshold=1024)
+                    location=data_file(dst).name, size_threshold=INLINE_BYTES)
+
+
+def fp16_name(name: str) -> str:
+    """The fp16 initializer that stands for fp32 initializer `name` under the fp16 recipe."""
+    return f"{name}__fp16"
+
+
+def fp16_cast(name: str):
+    """The Cast node that gives fp32 `name` back from its fp16 initializer."""
+    from onnx import TensorProto, helper
+
+    return helper.make_node("Cast", [fp16_name(name)], [name], to=TensorProto.FLOAT, name=f"{name}__cast")
 
 
 def _fp16_weights(src: Path, dst: Path) -> None:
     """Store every large fp32 initializer as fp16 followed by a Cast back to fp32."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     model = onnx.load(str(src))
     graph = model.graph
@@ -116,10 +130,8 @@ def _fp16_weights(src: Path, dst: Path) -> None:
     for init in graph.initializer:
         if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= FP16_MIN_ELEMENTS:
             array = numpy_helper.to_array(init)
-            half = numpy_helper.from_array(array.astype(np.float16), f"{init.name}__fp16")
-            keep.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
-                                          name=f"{init.name}__cast"))
+            keep.append(numpy_helper.from_array(array.astype(np.float16), fp16_name(init.name)))
+            casts.append(fp16_cast(init.name))
         else:
             keep.append(init)
     del graph.initializer[:]
@@ -127,7 +139,7 @@ def _fp16_weights(src: Path, dst: Path) -> None:
     nodes = casts + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    _save(model, dst)
+    save_graph(model, dst)
 
 
 def _int8(src: Path, dst: Path) -> None:
@@ -164,8 +176,10 @@ def weight_bytes(path: Path) -> dict[str, int]:
     points included), and of all its constants."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=True).graph
-    sizes = {i.name: len(onnx.numpy_helper.to_array(i).tobytes()) for i in graph.initializer}
+    from .onnx_data import stored_nbytes
+
+    graph = onnx.load(str(path), load_external_data=False).graph  # sizes only: a real-size graph never loads
+    sizes = {i.name: stored_nbytes(i) for i in graph.initializer}
     consumers: dict[str, set[str]] = {}
     for node in graph.node:
         for name in node.input:

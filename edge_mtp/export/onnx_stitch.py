@@ -9,33 +9,20 @@ the joined data file. Memory holds one piece's graph structure, never a weight o
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import EdgeMtpError
+from .onnx_data import DataFile, Placed
 
 PIECE_OUTPUT_SUFFIX = "_out"  # a piece output named like one of its inputs (h, k_cache) carries this suffix
-_ALIGN_LARGE, _ALIGN, _LARGE = 1 << 16, 64, 1 << 20  # large weights page-aligned, so onnxruntime can map them
-
-
-@dataclass
-class Placed:
-    """An initializer whose bytes the caller wrote into the joined data file itself (a widened vocabulary table)."""
-
-    dims: list[int]
-    offset: int
-    nbytes: int
 
 
 class GraphStitcher:
     """Builds one ONNX graph from pieces added in execution order (see module doc)."""
 
     def __init__(self, data_path: Path):
-        self.data_path = Path(data_path)
-        self.fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.size = 0
+        self.data = DataFile(data_path)
         self.nodes: list = []
         self.initializers: list = []
         self.opsets: dict[str, int] = {}
@@ -45,13 +32,6 @@ class GraphStitcher:
     def alias(self, name: str, tensor: str) -> None:
         """Pieces reading interface `name` before any piece wrote it read `tensor` (e.g. h <- embeddings)."""
         self.current[name] = tensor
-
-    def reserve(self, nbytes: int) -> int:
-        """Room for `nbytes` in the data file; returns its offset (the caller writes there with os.pwrite)."""
-        align = _ALIGN_LARGE if nbytes >= _LARGE else _ALIGN
-        offset = -(-self.size // align) * align
-        self.size = offset + nbytes
-        return offset
 
     def add(self, piece: Path, prefix: str, rename: dict[str, str] | None = None,
             placed: dict[str, Placed] | None = None, edit: Callable | None = None) -> None:
@@ -90,17 +70,11 @@ class GraphStitcher:
             old = init.name
             init.name = name(old)
             if old in placed:
-                self._point(init, placed[old].offset, placed[old].nbytes)
+                self.data.point(init, placed[old].offset, placed[old].nbytes)
                 del init.dims[:]
                 init.dims.extend(placed[old].dims)
-                init.ClearField("raw_data")
             elif init.data_location == onnx.TensorProto.EXTERNAL:
-                info = {e.key: e.value for e in init.external_data}
-                length = int(info["length"])
-                offset = self.reserve(length)
-                with open(piece.parent / info["location"], "rb") as src:
-                    _copy(src.fileno(), int(info.get("offset", 0)), self.fd, offset, length)
-                self._point(init, offset, length)
+                self.data.copy_in(init, piece.parent)
             self.initializers.append(init)
         for k, node in enumerate(graph.node):
             node.name = f"{prefix}/{node.name or f'#{k}'}"  # node names must be unique in the joined graph
@@ -112,21 +86,12 @@ class GraphStitcher:
         for o, real in produced.items():
             self.current[real] = names[o]
 
-    def _point(self, init, offset: int, length: int) -> None:
-        import onnx
-
-        init.data_location = onnx.TensorProto.EXTERNAL
-        del init.external_data[:]
-        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(length))):
-            entry = init.external_data.add()
-            entry.key, entry.value = key, value
-
     def finish(self, path: Path, inputs: list, outputs: list, interface: dict[str, str]) -> Path:
         """Write the joined graph to `path` (next to the data file): `inputs`/`outputs` are ValueInfoProtos and
         `interface` maps each graph output name to the interface name whose latest tensor it is."""
         import onnx
 
-        os.close(self.fd)
+        self.data.close()
         final = {self.current[iface]: out for out, iface in interface.items()}
         for node in self.nodes:
             renamed = [final.get(n, n) for n in node.output]
@@ -142,11 +107,3 @@ class GraphStitcher:
         onnx.save_model(model, str(path))
         return path
 
-
-def _copy(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> None:
-    """Copy bytes between files in the kernel (no user-space buffer)."""
-    while length:
-        n = os.copy_file_range(src, dst, length, src_offset, dst_offset)
-        if n <= 0:
-            raise EdgeMtpError("internal: a piece's weight file is shorter than its graph says; please report it.")
-        src_offset, dst_offset, length = src_offset + n, dst_offset + n, length - n

@@ -18,11 +18,14 @@ from typing import Callable
 
 import numpy as np
 
+from ..contract import EMBEDDER, PER_LAYER_EMBEDDER
 from ..errors import EdgeMtpError
-from .onnx_stitch import GraphStitcher, Placed
+from .onnx_data import DataFile, Placed, stored_bytes
 from .tables import ROW_CHUNK_BYTES
 
 Encoder = Callable[[np.ndarray], dict[str, np.ndarray]]  # rows [n, W] fp32 -> stored arrays by initializer name
+HEAD = "head"  # the LM head's piece; the embedders' pieces are named after their models
+TABLE_PIECES = (EMBEDDER, PER_LAYER_EMBEDDER, HEAD)  # the pieces whose tables export/onnx.py writes through here
 
 
 @dataclass
@@ -34,18 +37,6 @@ class OnnxTable:
     stored: dict[str, tuple[list[int], int]]
     encode: Encoder
     per_tensor: dict = field(default_factory=dict)  # int8 Gather: the quantizer's arguments, range set by write_table
-
-
-def _raw(init, folder: Path) -> bytes:
-    """An initializer's stored bytes, inline or external."""
-    import onnx
-
-    if init.data_location != onnx.TensorProto.EXTERNAL:
-        return init.raw_data if init.HasField("raw_data") else onnx.numpy_helper.to_array(init).tobytes()
-    info = {e.key: e.value for e in init.external_data}
-    with open(folder / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        return f.read(int(info["length"]))
 
 
 def _initializers(path: Path) -> dict:
@@ -61,13 +52,13 @@ def locate_table(fp32: Path, quantized: Path, small: int, rows: np.ndarray, reci
     if len(tables) != 1:
         raise EdgeMtpError(f"internal: expected one [{small}, ...] table in {fp32.name}, found {len(tables)}")
     table = tables[0]
-    value = np.frombuffer(_raw(table, fp32.parent), np.float32).reshape(list(table.dims))
+    value = np.frombuffer(stored_bytes(table, fp32.parent), np.float32).reshape(list(table.dims))
     axis = list(table.dims).index(small)
     if not np.array_equal(value, rows if axis == 0 else rows.T):
         raise EdgeMtpError(f"internal: the exporter changed the vocabulary table of {fp32.name} beyond a transpose; "
                            "it cannot be widened. Please report it with the checkpoint's config.json.")
     found = {n: i for n, i in _initializers(quantized).items() if n.startswith(table.name) and small in i.dims}
-    theirs = {n: _raw(i, quantized.parent) for n, i in found.items()}
+    theirs = {n: stored_bytes(i, quantized.parent) for n, i in found.items()}
     for encode, per_tensor in _candidates(recipe, table.name, axis, found, quantized):
         ours = encode(rows)
         if set(ours) == set(theirs) and all(ours[n].tobytes() == theirs[n] for n in ours):
@@ -79,7 +70,7 @@ def locate_table(fp32: Path, quantized: Path, small: int, rows: np.ndarray, reci
 
 def _candidates(recipe: str, name: str, axis: int, found: dict, quantized: Path):
     """(encoder, per-tensor arguments) pairs that may reproduce the quantizer's format for `recipe`."""
-    from .onnx_quantize import INT4_BLOCKS
+    from .onnx_quantize import INT4_BLOCKS, fp16_name
 
     def oriented(r: np.ndarray) -> np.ndarray:
         return r if axis == 0 else np.ascontiguousarray(r.T)
@@ -87,7 +78,7 @@ def _candidates(recipe: str, name: str, axis: int, found: dict, quantized: Path)
     if recipe == "fp32":
         yield (lambda r: {name: oriented(r)}), {}
     elif recipe == "fp16":
-        yield (lambda r: {f"{name}__fp16": oriented(r).astype(np.float16)}), {}
+        yield (lambda r: {fp16_name(name): oriented(r).astype(np.float16)}), {}
     elif recipe in INT4_BLOCKS:
         yield _int4(name, axis, INT4_BLOCKS[recipe]), {}
     elif recipe == "int8":
@@ -121,16 +112,26 @@ def _int4(name: str, axis: int, block: int) -> Encoder:
                                                                  DefaultWeightOnlyQuantizer)
 
     if axis == 0:
-        def encode(r: np.ndarray) -> dict[str, np.ndarray]:
-            # DefaultWeightOnlyQuantizer.quantize_ndarray(r, 1, block, True) vectorized over blocks (its Python loop
-            # over the 280 blocks of a PLE row takes minutes on E2B); locate_table proves the bytes equal
-            blocks = r.reshape(len(r), -1, block)
+        def blockwise(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             high, low = blocks.max(axis=2, keepdims=True), blocks.min(axis=2, keepdims=True)
             scale = np.where(np.abs(high) > np.abs(low), high, low) / -8.0
             with np.errstate(divide="ignore", invalid="ignore"):
-                q = np.where(scale == 0, 0, blocks / scale).round().clip(-8, 7).astype(np.int8).reshape(len(r), -1)
+                q = np.where(scale == 0, 0, blocks / scale).round().clip(-8, 7).astype(np.int8)
+            return q.reshape(len(blocks), -1), scale.reshape(len(blocks), -1)
+
+        def encode(r: np.ndarray) -> dict[str, np.ndarray]:
+            # DefaultWeightOnlyQuantizer.quantize_ndarray(r, 1, block, True) vectorized over blocks (its Python loop
+            # over the 280 blocks of a PLE row takes minutes on E2B), a shorter last block scaled on its own as
+            # there; locate_table proves the bytes equal
+            if r.shape[1] % 2:
+                raise EdgeMtpError(f"A table of odd width {r.shape[1]} cannot be stored in 4 bits row by row; use "
+                                   "int8 for it.")
+            full = r.shape[1] // block * block
+            parts = [blockwise(r[:, a:b].reshape(len(r), -1, b - a if b - a < block else block))
+                     for a, b in ((0, full), (full, r.shape[1])) if b > a]
+            q, scale = (np.concatenate([p[i] for p in parts], axis=1) for i in (0, 1))
             packed = ((q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)).astype(np.uint8)
-            return {f"{name}_Q4": packed, f"{name}_scales": scale.reshape(len(r), -1)}
+            return {f"{name}_Q4": packed, f"{name}_scales": scale}
         return encode
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True,
                                                                         accuracy_level=4))
@@ -141,9 +142,9 @@ def _int4(name: str, axis: int, block: int) -> Encoder:
     return encode
 
 
-def write_table(table: OnnxTable, stitcher: GraphStitcher, read_rows: Callable[[int, int], np.ndarray], full: int,
+def write_table(table: OnnxTable, data: DataFile, read_rows: Callable[[int, int], np.ndarray], full: int,
                 on_rows: Callable[[int], None] = lambda n: None) -> tuple[dict[str, Placed], Callable]:
-    """Encode the whole table (`full` rows, read `read_rows(a, b)` a chunk at a time) into the stitcher's data file;
+    """Encode the whole table (`full` rows, read `read_rows(a, b)` a chunk at a time) into the data file;
     returns the placed initializers and the edit that widens the small graph to them."""
     import onnx
 
@@ -166,13 +167,13 @@ def write_table(table: OnnxTable, stitcher: GraphStitcher, read_rows: Callable[[
                 other = int(np.prod([d for k, d in enumerate(array.shape) if k != axis]))
                 sizes[name] = (array.nbytes // (array.shape[axis] * other), other)
                 placed[name].nbytes = array.nbytes // array.shape[axis] * full
-                placed[name].offset = stitcher.reserve(placed[name].nbytes)
+                placed[name].offset = data.reserve(placed[name].nbytes)
             item, other = sizes[name]
             if axis == 0:
-                os.pwrite(stitcher.fd, array.tobytes(), placed[name].offset + a * item * other)
+                os.pwrite(data.fd, array.tobytes(), placed[name].offset + a * item * other)
             else:  # [K, V]: one strided write per row
                 for k in range(array.shape[0]):
-                    os.pwrite(stitcher.fd, array[k].tobytes(), placed[name].offset + (k * full + a) * item)
+                    os.pwrite(data.fd, array[k].tobytes(), placed[name].offset + (k * full + a) * item)
         on_rows(b - a)
     scalars = {}
     if table.per_tensor:

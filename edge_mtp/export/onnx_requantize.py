@@ -1,0 +1,336 @@
+"""Quantize a finished fp32 ONNX graph (a bundle's target, embedder, ...) one weight group at a time.
+
+`edge-mtp quantize` cannot load a real-size graph (E2B's per-layer-embedding table alone is 9.4 GB in fp32). The graph
+is read without its weights and rewritten node group by node group with the export's own recipe code: the matmuls and
+lookups that read the same activation (so int8 quantizes that activation once, as it does in an exported piece) are
+cut out into a small graph with just their weights, quantized by `onnx_quantize.quantize_graph` (onnxruntime's
+quantizers, exactly as an export quantizes its pieces), and spliced back; vocabulary tables go through the export's
+chunked table path (`onnx_tables`: the small graph gets the table's first rows, the whole table is encoded in row
+chunks). Every other weight is copied byte for byte (in the kernel). Memory holds one group's weights (a layer's largest
+is E2B's 2 x 75 MB gate and up projections) or one table chunk, never the model; the output's names, operators and
+weight bytes are those a direct export with the same recipe gives (tests/test_quantize.py compares them).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import EdgeMtpError
+from .onnx_data import DataFile, stored_array, stored_nbytes, stored_rows
+from .onnx_quantize import (FP16_MIN_ELEMENTS, INLINE_BYTES, data_file, fp16_cast, fp16_name, quantize_graph,
+                            remove_graph, save_graph)
+from .onnx_tables import TABLE_PIECES, locate_table, write_table
+from .tables import ROW_CHUNK_BYTES, small_vocab
+
+_WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}  # the ops a recipe quantizes, and which input is the weight
+_ACTIVATION_INPUT = {"MatMul": 0, "Gather": 1}
+
+
+def requantize_graph(src: Path, recipe: str, dst: Path, vocab: int, scratch: Path,
+                     on_weight: Callable[[int, int], None] = lambda done, total: None) -> Path:
+    """Write `dst` (+ .data): the fp32 graph `src` under a uniform recipe (fp16, int8, int4[-bN]), holding one
+    weight group at a time; `vocab` marks the tables done in row chunks, `on_weight(done, total)` reports progress."""
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    if recipe == "fp32":
+        return quantize_graph(src, recipe, dst)
+    model = onnx.load(str(src), load_external_data=False)
+    remove_graph(dst)
+    data = DataFile(data_file(dst))
+    try:
+        if recipe == "fp16":
+            _fp16(model, src.parent, data, on_weight)
+        else:
+            _Rewrite(model, src.parent, data, recipe, vocab, scratch).run(on_weight)
+    finally:
+        data.close()
+    onnx.save_model(model, str(dst))
+    return dst
+
+
+# -- fp16: one initializer at a time --------------------------------------------------------------------------------
+
+def _fp16(model, folder: Path, data: DataFile, on_weight: Callable[[int, int], None]) -> None:
+    """Every large fp32 initializer stored as fp16 behind a Cast (onnx_quantize's fp16 recipe), cast row chunk by
+    row chunk; the others copied."""
+    import onnx
+
+    graph = model.graph
+    casts, keep = [], []
+    for k, init in enumerate(graph.initializer):
+        if init.data_type == onnx.TensorProto.FLOAT and int(np.prod(init.dims)) >= FP16_MIN_ELEMENTS:
+            half = onnx.TensorProto(name=fp16_name(init.name), data_type=onnx.TensorProto.FLOAT16, dims=init.dims)
+            _store(half, _half_chunks(init, folder), 2 * int(np.prod(init.dims)), data)
+            keep.append(half)
+            casts.append(fp16_cast(init.name))
+        else:
+            keep.append(_copied(init, folder, data))
+        on_weight(k + 1, len(graph.initializer))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _half_chunks(init, folder: Path):
+    """fp16 bytes of an fp32 initializer, in row chunks of its stored layout."""
+    import onnx
+
+    if init.data_location != onnx.TensorProto.EXTERNAL or len(init.dims) != 2:
+        yield stored_array(init, folder).astype(np.float16).tobytes()
+        return
+    rows, cols = init.dims
+    step = max(1, ROW_CHUNK_BYTES // (4 * cols))
+    for a in range(0, rows, step):
+        yield stored_rows(init, folder, 0, a, min(rows, a + step)).astype(np.float16).tobytes()
+
+
+def _store(init, chunks, nbytes: int, data: DataFile) -> None:
+    """Give `init` the `nbytes` bytes of `chunks`: inline when onnx.save_model would keep them inline (as in an
+    exported graph), else streamed into `data`."""
+    if nbytes < 4 * INLINE_BYTES:
+        raw = b"".join(chunks)
+        if sys.getsizeof(raw) < INLINE_BYTES:
+            init.raw_data = raw
+            return
+        chunks = [raw]
+    data.write(init, chunks, nbytes)
+
+
+def _copied(init, folder: Path, data: DataFile):
+    """`init` with its external bytes copied into `data` (inline ones stay inline)."""
+    import onnx
+
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        data.copy_in(init, folder)
+    return init
+
+
+# -- int8 / int4: node groups through the export's quantizers -------------------------------------------------------
+
+class _Rewrite:
+    """The int8/int4 rewrite of one graph (see module doc)."""
+
+    def __init__(self, model, folder: Path, data: DataFile, recipe: str, vocab: int, scratch: Path):
+        self.model, self.folder, self.data, self.recipe, self.vocab = model, folder, data, recipe, vocab
+        self.scratch = Path(scratch)
+        self.nodes = list(model.graph.node)
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.consumers: dict[str, set[int]] = {}
+        for k, node in enumerate(self.nodes):
+            for name in node.input:
+                self.consumers.setdefault(name, set()).add(k)
+        self.known = set(self.inits) | set(self.consumers) | {o for n in self.nodes for o in n.output}
+
+    def run(self, on_weight: Callable[[int, int], None]) -> None:
+        """Quantize every group where its first node was, copy the untouched weights, splice the rest in."""
+        graph = self.model.graph
+        groups = self._groups()
+        at = {group[0]: group for group in groups}
+        replaced = {k for group in groups for k in group}
+        nodes, spliced, done = [], [], 0
+        for k, node in enumerate(self.nodes):
+            if k in at:
+                new_nodes, new_inits = self._quantize(at[k])
+                nodes.extend(new_nodes)
+                spliced.extend(new_inits)
+                done += 1
+                on_weight(done, len(groups))
+            elif k not in replaced:
+                nodes.append(node)
+        used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+        kept = [_copied(init, self.folder, self.data) for init in graph.initializer if init.name in used]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(kept + spliced)
+
+    def _weight(self, node):
+        """The fp32 initializer a MatMul or Gather reads as its weight, or None."""
+        import onnx
+
+        if node.op_type not in _WEIGHT_INPUT or len(node.input) <= _WEIGHT_INPUT[node.op_type]:
+            return None
+        init = self.inits.get(node.input[_WEIGHT_INPUT[node.op_type]])
+        return init if init is not None and init.data_type == onnx.TensorProto.FLOAT else None
+
+    def _is_table(self, node) -> bool:
+        """Whether the node reads a vocabulary table the way the export's table path writes one (a lookup of its
+        rows, or a matmul by its transpose: the tied LM head) in a table piece, or one too large to hold whole (the
+        other widths of a small model may equal its vocabulary)."""
+        init = self._weight(node)
+        axis = 1 if node.op_type == "MatMul" else 0
+        if init is None or len(init.dims) != 2 or init.dims[axis] != self.vocab:
+            return False
+        return _piece(node) in TABLE_PIECES or stored_nbytes(init) > ROW_CHUNK_BYTES
+
+    def _groups(self) -> list[list[int]]:
+        """Node indices quantized together: those of one export piece reading one activation, and a lookup with the
+        nodes reading its output (int8 passes a quantized lookup straight on); a table alone. In node order."""
+        nodes = self.nodes
+        candidates = [k for k, n in enumerate(nodes) if self._weight(n) is not None]
+        tables = {k for k in candidates if self._is_table(nodes[k])}
+        parent = {k: k for k in candidates}
+
+        def root(k: int) -> int:
+            while parent[k] != k:
+                parent[k] = k = parent[parent[k]]
+            return k
+
+        by_activation: dict[tuple[str, str], int] = {}
+        by_weight: dict[str, int] = {}  # a weight two nodes read is quantized once, for both
+        lookups = {nodes[k].output[0]: k for k in candidates if nodes[k].op_type == "Gather" and k not in tables}
+        for k in candidates:
+            weight = by_weight.setdefault(self._weight(nodes[k]).name, k)
+            if k in tables or weight in tables:
+                if weight != k:
+                    raise EdgeMtpError(f"internal: vocabulary table '{self._weight(nodes[k]).name}' is read by more "
+                                       "than one node, which the chunked table path cannot rewrite; please report it.")
+                continue
+            activation = nodes[k].input[_ACTIVATION_INPUT[nodes[k].op_type]]
+            key = (activation, _piece(nodes[k]))
+            for other in (by_activation.setdefault(key, k), lookups.get(activation), weight):
+                if other is not None:
+                    parent[root(k)] = root(other)
+        groups: dict[int, list[int]] = {}
+        for k in candidates:
+            groups.setdefault(root(k), []).append(k)
+        return sorted((sorted(g) for g in groups.values()), key=lambda g: g[0])
+
+    def _quantize(self, group: list[int]) -> tuple[list, list]:
+        """Nodes and initializers (bytes already in the data file) replacing the group's nodes under the recipe."""
+        import onnx
+
+        fp32, quantized = self.scratch / "group.onnx", self.scratch / "group.q.onnx"
+        small_model, table = self._small_graph(group)
+        save_graph(small_model, fp32)
+        del small_model
+        with _quantizer_logs_off():  # onnxruntime logs each node, and warns per graph: here per group
+            quantize_graph(fp32, self.recipe, quantized)
+        placed, edit = {}, None
+        if table is not None:
+            init, axis, small = table
+            located = locate_table(fp32, quantized, small, stored_rows(init, self.folder, axis, 0, small), self.recipe)
+            placed, edit = write_table(located, self.data, lambda a, b: stored_rows(init, self.folder, axis, a, b),
+                                       init.dims[axis])
+        result = onnx.load(str(quantized), load_external_data=False)
+        if edit is not None:
+            edit(result)
+        self._name_in_piece(result.graph, _piece(self.nodes[group[0]]))
+        for op in result.opset_import:
+            self._opset(op.domain, op.version)
+        self.model.ir_version = max(self.model.ir_version, result.ir_version)
+        inits = []
+        for init in result.graph.initializer:
+            if init.name in placed:
+                self.data.point(init, placed[init.name].offset, placed[init.name].nbytes)
+                del init.dims[:]
+                init.dims.extend(placed[init.name].dims)
+            else:
+                _copied(init, quantized.parent, self.data)
+            inits.append(init)
+        remove_graph(fp32)
+        remove_graph(quantized)
+        return list(result.graph.node), inits
+
+    def _name_in_piece(self, graph, piece: str) -> None:
+        """Put the quantizer's new names under the group's piece prefix, as the export's join does when it quantizes
+        the piece first (only names made from a graph input, e.g. `embeddings_quantized`, lack it)."""
+        if not piece:
+            return
+
+        def named(name: str) -> str:
+            return name if not name or name in self.known or name.startswith(piece + "/") else f"{piece}/{name}"
+
+        for init in graph.initializer:
+            init.name = named(init.name)
+        for node in graph.node:
+            node.name = named(node.name)
+            for field in (node.input, node.output):
+                renamed = [named(n) for n in field]
+                del field[:]
+                field.extend(renamed)
+
+    def _opset(self, domain: str, version: int) -> None:
+        for op in self.model.opset_import:
+            if op.domain == domain:
+                op.version = max(op.version, version)
+                return
+        self.model.opset_import.add(domain=domain, version=version)
+
+    def _small_graph(self, group: list[int]):
+        """A graph of just the group's nodes and weights (a table cut to its first rows); returns it and the
+        table's (initializer, vocabulary axis, rows kept), or None."""
+        import onnx
+        from onnx import helper, numpy_helper
+
+        graph, members = self.model.graph, set(group)
+        group_nodes = [self.nodes[k] for k in group]
+        produced = {o for n in group_nodes for o in n.output}
+        types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info)}
+        inputs, initializers, table, seen = [], [], None, set()
+        for node in group_nodes:
+            for name in node.input:
+                if not name or name in produced or name in seen:
+                    continue
+                seen.add(name)
+                init = self.inits.get(name)
+                if init is None:
+                    index = node.op_type == "Gather" and name == node.input[1]
+                    elem = types.get(name, onnx.TensorProto.INT64 if index else onnx.TensorProto.FLOAT)
+                    inputs.append(helper.make_tensor_value_info(name, elem, None))
+                elif init is self._weight(node) and self._is_table(node):
+                    axis = list(init.dims).index(self.vocab)
+                    avoid = {d for d in init.dims if d != self.vocab} | _attribute_ints(node)
+                    small = small_vocab(avoid, self.vocab)
+                    rows = stored_rows(init, self.folder, axis, 0, small)
+                    value = rows if axis == 0 else np.ascontiguousarray(rows.T)
+                    initializers.append(numpy_helper.from_array(value, name))
+                    table = (init, axis, small)
+                else:
+                    initializers.append(numpy_helper.from_array(stored_array(init, self.folder), name))
+        outside = {o.name for o in graph.output}
+        outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for n in group_nodes
+                   for o in n.output if o in outside or self.consumers.get(o, set()) - members]
+        small_graph = helper.make_graph([_copy_node(n) for n in group_nodes], "group", inputs, outputs,
+                                        initializer=initializers)
+        small_model = helper.make_model(small_graph, opset_imports=list(self.model.opset_import))
+        small_model.ir_version = self.model.ir_version
+        return small_model, table
+
+
+@contextmanager
+def _quantizer_logs_off():
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _piece(node) -> str:
+    """The export piece a node of a joined graph came from (its name's prefix; '' in a graph exported whole)."""
+    return node.name.split("/")[0] if "/" in node.name else ""
+
+
+def _attribute_ints(node) -> set[int]:
+    import onnx
+
+    return {a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+
+
+def _copy_node(node):
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
