@@ -47,7 +47,7 @@ def test_bundle_layout_follows_the_contract(tiny_bundle):
     path, _ = tiny_bundle
     bundle = read_litertlm(path)
     types = [s.model_type for s in bundle.sections if s.data_type == "tflite_model"]
-    assert types == ["tf_lite_embedder", "tf_lite_per_layer_embedder", "tf_lite_prefill_decode", "tf_lite_mtp_drafter"]
+    assert types == ["tf_lite_embedder", "tf_lite_prefill_decode", "tf_lite_per_layer_embedder", "tf_lite_mtp_drafter"]
     assert bundle.manifest["draft_len"] == 3 and bundle.manifest["context"] == CONTEXT
     info = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
     sections = {s["model_type"]: s for s in info["sections"] if s["model_type"]}
@@ -73,6 +73,38 @@ def test_litert_lm_runs_the_bundle_with_mtp_identically(tiny_bundle, synth_pair)
     assert on.texts == off.texts == ours
     # The success rate itself is compared on the demo pair (tests/test_litert_demo.py), whose trained drafter is
     # accepted over half the time: this random pair's rate can be 0 on both sides, which would prove nothing.
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(synth_pair, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("int4") / "tiny-int4.litertlm"
+    export_litert(synth_pair / "target", synth_pair / "assistant", out, context=CONTEXT, prefill=PREFILL, quant="int4")
+    return out
+
+
+def test_a_quantized_bundle_stores_the_tied_table_once(tiny_int4):
+    """The embedder's table is the LM head's (same codes; the head's scales carry the softcap factor): the embedder
+    section runs on into the target section and its table buffer is the target's own, and Google's runtime reads
+    it there as ours does, MTP on and off (the export's check already held both to the streamed reference)."""
+    import edge_mtp
+    from ai_edge_litert import schema_py_generated as schema
+
+    bundle = read_litertlm(tiny_int4, verify=True)
+    embedder, target = bundle.model_section("tf_lite_embedder"), bundle.model_section("tf_lite_prefill_decode")
+    assert embedder.begin < target.begin < embedder.end <= target.end
+
+    def buffers(section):
+        root = schema.Model.GetRootAs(bundle.read(section), 0)
+        return [(root.Buffers(i).Offset(), root.Buffers(i).Size()) for i in range(root.BuffersLength())]
+
+    offset, size = max(buffers(embedder), key=lambda b: b[1])
+    assert (offset - (target.begin - embedder.begin), size) in buffers(target)
+    assert embedder.end == embedder.begin + offset + size
+    on = run_litertlm(tiny_int4, PROMPTS[:2], max_tokens=20, context=CONTEXT, mtp=True)
+    off = run_litertlm(tiny_int4, PROMPTS[:2], max_tokens=20, context=CONTEXT, mtp=False)
+    model = edge_mtp.load(tiny_int4)
+    ours = [model.tokenizer.decode(list(model.generate(p, max_tokens=20))) for p in PROMPTS[:2]]
+    assert on.texts == off.texts == ours
 
 
 def test_truncated_bundle_is_reported(tiny_bundle, tmp_path):

@@ -96,11 +96,16 @@ def write_litertlm(out: Path, models: dict[str, Path], contract: Contract, token
     text = Path(tokenizer_json).read_bytes()
     tokenizer.write_bytes(len(text).to_bytes(8, "little") + zlib.compress(text))
     order = [("llm_metadata", None, llm), ("hf_tokenizer", None, tokenizer)]
+    models = {name: Path(models[name]) for name in sorted(models, key=lambda n: (n != EMBEDDER, n != TARGET))}
+    shared = _share_tied_table(models, workdir)  # the embedder, then the target: it may read the target's bytes
     types = {name: getattr(lb.TfLiteModelType, MODEL_TYPES[name]) for name in models}
-    order += [("tflite_model", types[name].value, Path(path)) for name, path in models.items()]
+    order += [("tflite_model", types[name].value, path) for name, path in models.items()]
     order.append(("executor_metadata", None, executor))
     sections = [{"type": kind, "model_type": model_type, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
                 for kind, model_type, path in order]
+    if shared is not None:
+        embedder = 2  # after the metadata and the tokenizer
+        sections[embedder].update(bytes=shared.span, sha256=shared.sha256())
     builder = lb.LitertLmFileBuilder()
     builder.add_system_metadata(lb.Metadata(key="Authors", value="edge-mtp", dtype=lb.DType.STRING))
     builder.add_system_metadata(lb.Metadata(key=MANIFEST_KEY, dtype=lb.DType.STRING, value=json.dumps(
@@ -112,6 +117,83 @@ def write_litertlm(out: Path, models: dict[str, Path], contract: Contract, token
     builder.add_executor_metadata(str(executor))
     with open(out, "wb") as f, _stable_header(sections, manifest):
         builder.build(f, validate_metadata=True)
+    if shared is not None:
+        _extend_section(out, embedder, shared)
+
+
+@dataclass
+class _SharedTable:
+    """The embedder's table stored once: its section runs on into the target's, up to the end of the tied LM head's
+    table, which the embedder model reads there (export.tflite.detach_buffer)."""
+
+    embedder: Path  # the embedder model without its table
+    target: Path
+    offset: int  # of the table in the target model
+    size: int
+
+    @property
+    def gap(self) -> int:
+        """Bytes from the embedder section's start to the target section's."""
+        return _block_aligned(self.embedder.stat().st_size)
+
+    @property
+    def span(self) -> int:
+        return self.gap + self.offset + self.size
+
+    def sha256(self) -> str:
+        """The embedder section's sha256, as read_litertlm(verify=True) will hash it."""
+        digest = hashlib.sha256(self.embedder.read_bytes())
+        digest.update(b"\0" * (self.gap - self.embedder.stat().st_size))
+        with open(self.target, "rb") as f:
+            left = self.offset + self.size
+            while left:
+                block = f.read(min(left, 16 << 20))
+                digest.update(block)
+                left -= len(block)
+        return digest.hexdigest()
+
+
+def _share_tied_table(models: dict[str, Path], workdir: Path) -> _SharedTable | None:
+    """Point the embedder at the LM head's copy of the tied table when the two are byte-identical (quantized
+    exports, export.driver), replacing models[EMBEDDER] by the embedder without its table; None otherwise."""
+    from ..export.tflite import detach_buffer, shared_buffer
+
+    if EMBEDDER not in models or TARGET not in models:
+        return None
+    found = shared_buffer(models[EMBEDDER], models[TARGET])
+    if found is None:
+        return None
+    buffer, offset, size = found
+    detached = workdir / "embedder.shared.tflite"
+    shared = _SharedTable(detached, models[TARGET], offset, size)
+    detach_buffer(models[EMBEDDER], buffer, detached, place=lambda n: _block_aligned(n) + offset)
+    models[EMBEDDER] = detached
+    return shared
+
+
+def _block_aligned(n: int) -> int:
+    """`n` rounded up to the container's section alignment (where the builder starts the next section)."""
+    from litert_lm_builder import litertlm_core
+
+    return n + (-n % litertlm_core.BLOCK_SIZE)
+
+
+def _extend_section(path: Path, index: int, shared: _SharedTable) -> None:
+    """Set a written section's end offset in the header to cover the shared table (LiteRT-LM maps each section's
+    range on its own, so ranges may overlap)."""
+    from litert_lm_builder import litertlm_header_schema_py_generated as schema
+
+    with open(path, "r+b") as f:
+        header_end = struct.unpack("<Q", f.read(32)[24:32])[0]
+        header = bytearray(f.read(header_end - 32))
+        sections = schema.LiteRTLMMetaData.GetRootAs(header, 0).SectionMetadata()
+        section, following = sections.Objects(index), sections.Objects(index + 1)
+        if following.BeginOffset() != section.BeginOffset() + shared.gap:
+            raise EdgeMtpError("internal: the target section does not follow the embedder's where expected")
+        field = section._tab.Offset(8)  # end_offset (SectionObject field 2), always present: the builder packs it
+        struct.pack_into("<Q", header, section._tab.Pos + field, section.BeginOffset() + shared.span)
+        f.seek(32)
+        f.write(header)
 
 
 def source_files(directory: Path) -> dict[str, str]:

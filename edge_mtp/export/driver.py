@@ -115,6 +115,7 @@ class StreamedExport(PieceOrder):
     on_progress: Progress = lambda what, done, total: None
     reports: dict[str, PieceReport] = field(default_factory=dict)
     templates: dict[tuple, Template] = field(default_factory=dict)
+    embedding: QuantizedTable | None = None  # the embedder's table, kept for the tied LM head
     _done: int = 0
 
     @property
@@ -242,12 +243,18 @@ class StreamedExport(PieceOrder):
         model = read_tflite(path)
         slot = find_table(model, small, spec.hidden_size)
         check_format(model, slot, rows.numpy() * factor)
-        self.on_stage("quantizing the LM head table")
-        table = QuantizedTable(slot.format, lambda a, b: ck.rows(entry, a, b).numpy() * factor, spec.vocab_size,
-                               spec.hidden_size, self.work / "head.table")
-        joiner.add(path, "head", replace=widen(model, slot, small, spec.vocab_size, table), model=model)
+        tied = self.embedding
+        if tied is not None and tied.format == slot.format and (tied.scales is not None or factor == 1):
+            table = tied.scaled(factor)  # the embedder's very bytes: the bundle stores them once (bundle.litertlm)
+        else:
+            self.on_stage("quantizing the LM head table")
+            table = QuantizedTable(slot.format, lambda a, b: ck.rows(entry, a, b).numpy() * factor, spec.vocab_size,
+                                   spec.hidden_size, self.work / "head.table")
+        replace = widen(model, slot, small, spec.vocab_size, table)
+        replace[slot.buffer] = joiner.append_buffer(replace[slot.buffer], lead=True)
+        joiner.add(path, "head", replace=replace, model=model)
         self.reports["head"].bytes, self.reports["head"].fp32_bytes = table.bytes, 4 * spec.vocab_size * spec.hidden_size
-        _remove(path, self.work / "head.tflite", table.path)
+        _remove(path, self.work / "head.tflite", table.path, *([tied.path] if tied is not None else []))
         self._step("head")
 
     def _dimensions(self) -> set[int]:
@@ -286,7 +293,11 @@ class StreamedExport(PieceOrder):
         out = joiner.finish(self.work / f"{name}.tflite")
         self._check_table(name, out, wrapped, table)
         self.reports[name].bytes, self.reports[name].fp32_bytes = out.stat().st_size, 4 * vocab * width
-        _remove(path, self.work / f"{name}.small.tflite", table.path)
+        _remove(path, self.work / f"{name}.small.tflite")
+        if name == EMBEDDER:
+            self.embedding = table
+        else:
+            _remove(table.path)
         self._step(name.replace("_", " "))
         return out
 

@@ -10,6 +10,7 @@ the format on the small model before any real row is written: our bytes must equ
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,13 @@ class QuantizedTable:
                 on_rows(stop - start)
         self.scales = np.concatenate(scales) if scales else None
         self.bytes = os.path.getsize(path)
+
+    def scaled(self, factor: np.float32) -> "QuantizedTable":
+        """The same stored bytes read as the table times `factor` (its scales multiplied), e.g. the tied LM head."""
+        twin = copy.copy(self)
+        twin.scales = (self.scales.astype(np.float32) * factor).astype(self.scales.dtype) if self.scales is not None \
+            else self.scales
+        return twin
 
     def stored(self) -> BufferData:
         """The stored bytes, streamed from the file."""

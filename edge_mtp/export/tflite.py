@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -167,8 +167,10 @@ class GraphJoiner:
         self.model.description = "edge-mtp streamed export"
         self.model.operatorCodes, self.model.buffers, self.model.subgraphs = [], [schema.BufferT()], []
         self.spans: dict[int, tuple[int, int]] = {}  # buffer -> (offset in the data file, size)
+        self.lead_spans: dict[int, tuple[int, int]] = {}  # the same, in the leading buffers' file
         self.data_file = data_file
         self._data = open(data_file, "wb")
+        self._lead = None
         self._opcodes: dict[tuple, int] = {}
         self.producers: list[dict[str, int]] = []
         for sig in self.signatures:
@@ -191,21 +193,25 @@ class GraphJoiner:
             if source in producers:
                 producers[name] = producers[source]
 
-    def append_buffer(self, data: BufferData) -> int:
-        """Stream a buffer's bytes into the data file; returns its index in the joined model."""
-        offset = self._data.tell()
+    def append_buffer(self, data: BufferData, lead: bool = False) -> int:
+        """Stream a buffer's bytes into the data file; returns its index in the joined model. A `lead` buffer comes
+        before all others in the written model (the LM head's table, which the bundle's embedder shares)."""
+        if lead and self._lead is None:
+            self._lead = open(self.data_file.with_suffix(".lead"), "wb")
+        stream, spans = (self._lead, self.lead_spans) if lead else (self._data, self.spans)
+        offset = stream.tell()
         pad = -offset % ALIGN
-        self._data.write(b"\0" * pad)
+        stream.write(b"\0" * pad)
         offset += pad
         size = 0
         for chunk in data.chunks():
-            self._data.write(chunk)
+            stream.write(chunk)
             size += chunk.nbytes
         if data.size is not None and size != data.size:
             raise EdgeMtpError(f"internal: a streamed buffer gave {size} bytes instead of {data.size}")
         self.model.buffers.append(self.schema.BufferT())
         index = len(self.model.buffers) - 1
-        self.spans[index] = (offset, size)
+        spans[index] = (offset, size)
         return index
 
     def _opcode(self, code) -> int:
@@ -217,11 +223,12 @@ class GraphJoiner:
         return self._opcodes[key]
 
     def add(self, piece_path: Path, prefix: str, rename: dict[str, str] | None = None,
-            replace: dict[int, BufferData] | None = None, model=None) -> None:
+            replace: dict[int, BufferData | int] | None = None, model=None) -> None:
         """Append a piece to every joined signature it has.
 
         Each piece input reads the latest tensor of its (renamed) name; each piece output becomes the latest of its
-        name. Buffers the piece's signatures share stay shared; `replace` streams other bytes for some buffers;
+        name. Buffers the piece's signatures share stay shared; `replace` streams other bytes for some buffers (or
+        names a buffer of the joined model, from append_buffer);
         `model` is the piece already read (and perhaps changed, see tables.widen).
         """
         model = model if model is not None else read_tflite(piece_path)
@@ -280,14 +287,16 @@ class GraphJoiner:
         for name, index in outputs.items():
             producers[name] = tensor_map[index]
 
-    def _clone_tensor(self, model, tensor, buffer_map: dict[int, int], replace: dict[int, BufferData]):
+    def _clone_tensor(self, model, tensor, buffer_map: dict[int, int], replace: dict[int, BufferData | int]):
         """A piece's tensor for the joined model, its buffer appended once per piece (or replaced by `replace`)."""
         clone = copy.deepcopy(tensor)
         clone.buffer = 0
         if tensor.buffer:
             if tensor.buffer not in buffer_map:
-                source = replace.get(tensor.buffer) or BufferData(np.asarray(model.buffers[tensor.buffer].data))
-                buffer_map[tensor.buffer] = self.append_buffer(source)
+                source = replace.get(tensor.buffer)
+                if not isinstance(source, int):  # an int: a buffer the joined model holds already
+                    source = self.append_buffer(source or BufferData(np.asarray(model.buffers[tensor.buffer].data)))
+                buffer_map[tensor.buffer] = source
             clone.buffer = buffer_map[tensor.buffer]
         return clone
 
@@ -316,6 +325,12 @@ class GraphJoiner:
         """Close the signatures (outputs by contract name), drop dead ops, and write the model to `out`."""
         schema = self.schema
         self._data.close()
+        files, spans = [self.data_file], dict(self.spans)
+        if self._lead is not None:
+            lead = self._lead.tell() + (-self._lead.tell() % ALIGN)
+            self._lead.close()
+            files = [Path(self._lead.name), self.data_file]
+            spans = {**self.lead_spans, **{i: (lead + offset, size) for i, (offset, size) in self.spans.items()}}
         self.model.signatureDefs = []
         for position, sig in enumerate(self.signatures):
             subgraph, producers = self.model.subgraphs[position], self.producers[position]
@@ -329,21 +344,85 @@ class GraphJoiner:
             definition.inputs = [_tensor_map(schema, s.name, i) for s, i in zip(sig.inputs, subgraph.inputs)]
             definition.outputs = [_tensor_map(schema, s.name, i) for s, i in zip(sig.outputs, subgraph.outputs)]
             self.model.signatureDefs.append(definition)
-        for index in self.spans:
-            self.model.buffers[index].offset, self.model.buffers[index].size = 1, 1  # keep the fields in the packing
-        head = len(pack(self.model))
-        base = head + (-head % ALIGN)
-        for index, (offset, size) in self.spans.items():
-            self.model.buffers[index].offset, self.model.buffers[index].size = base + offset, max(size, 1)
-        flat = pack(self.model)
-        if len(flat) != head:
-            raise EdgeMtpError("internal: the flatbuffer changed size when its buffer offsets were set")
-        with open(out, "wb") as f, open(self.data_file, "rb") as data:
-            f.write(flat)
-            f.write(b"\0" * (base - head))
-            shutil.copyfileobj(data, f, 16 << 20)
-        os.unlink(self.data_file)
+        write_model(self.model, spans, files, out)
+        for path in files:
+            os.unlink(path)
         return out
+
+
+def write_model(model, spans: dict[int, tuple[int, int]], data_files: Sequence[Path], out: Path,
+                external: dict[int, tuple[Callable[[int], int], int]] | None = None) -> int:
+    """Write a ModelT whose buffers' bytes lie in `data_files` (one after the other, each but the last padded to
+    ALIGN) at `spans` (buffer -> offset, size): the flatbuffer, padding, then the data. An `external` buffer
+    (-> (place, size)) holds no bytes here: it points at offset place(this file's size), past its end, where the
+    container holds them (see bundle.litertlm's shared tables). Returns the file's size."""
+    external = external or {}
+    for index in [*spans, *external]:
+        model.buffers[index].offset, model.buffers[index].size = 1, 1  # keep the fields in the packing
+    head = len(pack(model))
+    base = head + (-head % ALIGN)
+    sizes = [os.path.getsize(path) for path in data_files]
+    size = base + sum(n + (-n % ALIGN) for n in sizes[:-1]) + sizes[-1]
+    for index, (offset, length) in spans.items():
+        model.buffers[index].offset, model.buffers[index].size = base + offset, max(length, 1)
+    for index, (place, length) in external.items():
+        model.buffers[index].offset, model.buffers[index].size = place(size), length
+    flat = pack(model)
+    if len(flat) != head:
+        raise EdgeMtpError("internal: the flatbuffer changed size when its buffer offsets were set")
+    with open(out, "wb") as f:
+        f.write(flat)
+        f.write(b"\0" * (base - head))
+        for path in data_files:
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            with open(path, "rb") as data:
+                shutil.copyfileobj(data, f, 16 << 20)
+    return size
+
+
+def detach_buffer(path: Path, buffer: int, out: Path, place: Callable[[int], int]) -> int:
+    """Copy the model at `path` to `out` without one buffer's bytes, which it then reads at place(out's size)
+    beyond its own end; returns out's size."""
+    model = read_tflite(path)
+    length = len(model.buffers[buffer].data)
+    spans, data_file = {}, out.with_suffix(".data")
+    with open(data_file, "wb") as f:
+        for index, b in enumerate(model.buffers):
+            if index == buffer or b.data is None or not len(b.data):
+                continue
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            spans[index] = (f.tell(), len(b.data))
+            f.write(memoryview(np.asarray(b.data)).cast("B"))
+            b.data = None
+    model.buffers[buffer].data = None
+    try:
+        return write_model(model, spans, [data_file], out, {buffer: (place, length)})
+    finally:
+        os.unlink(data_file)
+
+
+def shared_buffer(a: Path, b: Path) -> tuple[int, int, int] | None:
+    """(buffer index in model a, byte offset in model b's file, size) when a's largest buffer is, byte for byte, a
+    buffer of model b; else None."""
+    import mmap
+
+    model = read_tflite(a)
+    sizes = [len(buf.data) if buf.data is not None else 0 for buf in model.buffers]
+    index = int(np.argmax(sizes))
+    if not sizes[index]:
+        return None
+    mine = np.asarray(model.buffers[index].data).view(np.uint8).reshape(-1)
+    with open(b, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
+        root = _schema().Model.GetRootAs(raw, 0)
+        for i in range(root.BuffersLength()):
+            buf = root.Buffers(i)
+            if buf.Size() == sizes[index] and buf.Offset() > 1:
+                theirs = np.frombuffer(raw, np.uint8, buf.Size(), buf.Offset())
+                same = np.array_equal(theirs, mine)
+                del theirs  # the mmap cannot close while a view of it lives
+                if same:
+                    return index, buf.Offset(), buf.Size()
+    return None
 
 
 def _tensor_map(schema, name: str, index: int):
