@@ -93,6 +93,7 @@ def test_a_load_failure_on_the_cpu_names_the_cause_not_the_cpu(tiny_bundle, monk
         raise RuntimeError("ERROR: [flatbuffer_tools.cc:88]\n└ Invalid flatbuffer")
 
     monkeypatch.setattr(CompiledModel, "from_buffer", classmethod(refuse))
+    monkeypatch.setattr(CompiledModel, "from_file", classmethod(refuse))
     with pytest.raises(EdgeMtpError) as error:
         LiteRTBackend(tiny_bundle[0], accelerator="cpu")
     message = str(error.value)
@@ -101,7 +102,8 @@ def test_a_load_failure_on_the_cpu_names_the_cause_not_the_cpu(tiny_bundle, monk
 
 
 def test_xnnpack_weight_caches_are_made_only_where_the_disk_has_room(tiny_bundle, monkeypatch, caplog):
-    """XNNPACK aborts the process when its weight-cache file cannot be written: on a full disk each model must load
+    """Each model is compiled from a file of its own (LiteRT maps it) with its XNNPACK weight cache beside it.
+    XNNPACK aborts the process when that cache cannot be written: on a full disk each model must load from memory
     without one (a warning says why) and still give the same tokens."""
     import shutil
     from pathlib import Path
@@ -110,13 +112,13 @@ def test_xnnpack_weight_caches_are_made_only_where_the_disk_has_room(tiny_bundle
 
     prompt = [2, 5, 9, 4]
     roomy = litert.LiteRTBackend(tiny_bundle[0])
-    assert sorted(p.name for p in Path(roomy._weight_cache.name).iterdir()) == \
-        sorted(f"{name}.cache" for name in roomy.models)
+    assert sorted(p.name for p in Path(roomy._workdir.name).iterdir()) == \
+        sorted(f"{name}.{kind}" for name in roomy.models for kind in ("cache", "tflite"))
     expected = list(edge_mtp.load(tiny_bundle[0]).generate(prompt, max_tokens=6, mtp=False))
     real = shutil.disk_usage
     monkeypatch.setattr(litert.shutil, "disk_usage", lambda path: real(path)._replace(free=1 << 20))
     full = litert.LiteRTBackend(tiny_bundle[0])
-    assert not any(Path(full._weight_cache.name).iterdir())
+    assert not any(Path(full._workdir.name).iterdir())
     assert "too little free disk" in caplog.text
     assert list(edge_mtp.load(tiny_bundle[0]).generate(prompt, max_tokens=6, mtp=False)) == expected
 

@@ -276,6 +276,19 @@ class LitertlmFile:
             f.seek(section.begin)
             return f.read(section.end - section.begin)
 
+    def extract(self, section: Section, out: Path) -> None:
+        """Copy a section's bytes into a file of their own, streamed."""
+        with open(self.path, "rb") as f, open(out, "wb") as o:
+            f.seek(section.begin)
+            left = section.end - section.begin
+            while left:
+                block = f.read(min(left, 16 << 20))
+                if not block:
+                    raise EdgeMtpError(f"{self.path} is truncated inside its {section.model_type} section; re-copy "
+                                       "or re-export it.")
+                o.write(block)
+                left -= len(block)
+
     def tokenizer_json(self) -> str:
         """The Hugging Face tokenizer.json text stored (zlib-compressed, length-prefixed) in the bundle."""
         section = self.section("hf_tokenizer")

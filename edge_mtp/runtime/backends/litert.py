@@ -12,10 +12,12 @@ and host memory where a CPU partition does. A WebGPU buffer bound where host mem
 written back (the cache keeps stale rows), while host memory bound to a WebGPU slot is copied in and out by the
 runtime. So a cache gets the type every user accepts when there is one, else host memory.
 
-Each model packs its weights for XNNPACK into a weight-cache file of its own (in a private temporary folder): without
+Each model is compiled from a file of its own (the section's bytes, in a private temporary folder), which LiteRT
+maps: a table is resident only where it is read (the E2B per-layer embedder, 1.1 GB: 0.01 GiB). Each model packs its
+weights for XNNPACK into a weight-cache file beside it: without
 it every signature packs a private copy, so a target with prefill, decode and verify signatures holds its weights
 three to four times over (measured on the wide preset: 268 MiB resident for a 70 MiB int8 target, 97 MiB with it;
-E2B int8 bundle: 10.5 GiB, 7.7 GiB with it). See weight_cache_path for the one limit found.
+E2B int8 bundle: 10.5 GiB, 7.7 GiB with it). See _compile for the one limit found (disk space).
 """
 
 from __future__ import annotations
@@ -58,8 +60,6 @@ class LiteRTBackend(Backend):
     name = "litert"
 
     def __init__(self, bundle_path: Path, accelerator: str = "cpu", threads: int = 2):
-        from ai_edge_litert.compiled_model import CompiledModel
-
         if accelerator not in ACCELERATORS:
             raise EdgeMtpError(f"Unknown accelerator '{accelerator}'; choose one of {', '.join(ACCELERATORS)}.")
         bundle = read_litertlm(bundle_path)
@@ -72,20 +72,19 @@ class LiteRTBackend(Backend):
             if reason is not None:  # CPU fallback with one clear line
                 self.accelerator, self.fallback_reason = "cpu", reason
                 log.warning("edge-mtp: the %s accelerator is unavailable (%s); running on the CPU.", accelerator, reason)
-        self._weight_cache = tempfile.TemporaryDirectory(prefix="edge-mtp-xnnpack-")
+        self._workdir = tempfile.TemporaryDirectory(prefix="edge-mtp-litert-")
         self.models, self.delegation = {}, {}
         for name, model_type in SECTION_MODEL_TYPES.items():
             section = bundle.model_section(model_type)
             if section is None:
                 continue
-            model = bundle.read(section)
+            model = bundle.read(section) if self.accelerator == "gpu" else None
             if self.accelerator == "gpu" and self.contract.param_tensor:
                 model = inline_composites(model)  # the in-place cache composites need LiteRT-LM's options (inline.py)
             if self.accelerator == "gpu":  # ops the GPU delegate takes / all ops, per signature (see gpu_check)
                 self.delegation[name] = {s: [r.delegated, r.total] for s, r in check_model(model).items()}
             try:
-                options = self._options(self.accelerator, threads, self._weight_cache_path(name, len(model)))
-                self.models[name] = CompiledModel.from_buffer(model, options=options, environment=self.environment)
+                self.models[name] = self._compile(bundle, section, name, model, threads)
             except Exception as e:  # the accelerator could not take this model
                 hint = ("use --accelerator cpu" if self.accelerator != "cpu" else
                         "`edge-mtp inspect` checks its sections; an intact bundle that fails here was written by an "
@@ -100,14 +99,26 @@ class LiteRTBackend(Backend):
         self._io: dict[tuple[str, str], tuple[dict, dict]] = {}
         self.reset()
 
-    def _weight_cache_path(self, name: str, size: int) -> Path | None:
-        """Where XNNPACK packs this model's weights once, or None (a copy per signature) when the disk is too full."""
-        folder = Path(self._weight_cache.name)
-        if shutil.disk_usage(folder).free >= 2 * size + WEIGHT_CACHE_DISK_MARGIN:
-            return folder / f"{name}.cache"
-        log.warning("edge-mtp: too little free disk in %s for the %s model's XNNPACK weight cache (%.1f GiB); its "
-                    "weights are packed in memory once per signature instead.", folder, name, 2 * size / 2**30)
-        return None
+    def _compile(self, bundle, section, name: str, model: bytes | None, threads: int):
+        """One model, compiled from a file of its own that LiteRT maps (so a table is resident only where read) with
+        an XNNPACK weight cache beside it; from memory and without a cache when the disk cannot hold the two."""
+        from ai_edge_litert.compiled_model import CompiledModel
+
+        folder, size = Path(self._workdir.name), section.end - section.begin
+        if shutil.disk_usage(folder).free < 3 * size + WEIGHT_CACHE_DISK_MARGIN:
+            log.warning("edge-mtp: too little free disk in %s for the %s model's file and XNNPACK weight cache "
+                        "(%.1f GiB); it is held in memory and its weights packed once per signature instead.",
+                        folder, name, 3 * size / 2**30)
+            options = self._options(self.accelerator, threads, None)
+            model = model if model is not None else bundle.read(section)
+            return CompiledModel.from_buffer(model, options=options, environment=self.environment)
+        path = folder / f"{name}.tflite"
+        if model is None:
+            bundle.extract(section, path)
+        else:
+            path.write_bytes(model)
+        options = self._options(self.accelerator, threads, folder / f"{name}.cache")
+        return CompiledModel.from_file(str(path), options=options, environment=self.environment)
 
     @staticmethod
     def _options(accelerator: str, threads: int, weight_cache: Path | None):
