@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,7 @@ class _Group(click.Group):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        signal.signal(signal.SIGTERM, _terminated)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as e:
@@ -74,6 +76,12 @@ class _Group(click.Group):
                 message = str(e)
             gc.collect()  # native objects the failed command held say goodbye now, while their output is captured
         _fail(message)
+
+
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM (kill, a job scheduler) stops a command as Ctrl-C does: temporary files and partial outputs are
+    removed on the way out."""
+    raise KeyboardInterrupt
 
 
 @click.group(cls=_Group)

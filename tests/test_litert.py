@@ -150,6 +150,29 @@ def test_interrupted_export_leaves_nothing(synth_pair, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_terminated_export_leaves_nothing(synth_pair, tmp_path):
+    """SIGTERM (kill, a job scheduler) mid-export stops the command like Ctrl-C: one line, no partial bundle, no
+    temporary folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "m.litertlm"
+    proc = subprocess.Popen([sys.executable, "-m", "edge_mtp.cli", "export", "--target", str(synth_pair / "target"),
+                             "--assistant", str(synth_pair / "assistant"), "--out", str(out), "--context", "64",
+                             "--prefill", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".edge-mtp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".edge-mtp-*")), "the export never started its work folder"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert stderr.strip().splitlines()[-1] == "error: aborted."
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unsupported_config_is_refused_before_any_work(synth_pair, tmp_path):
     import shutil
     target = tmp_path / "moe"
