@@ -1,5 +1,6 @@
 """Real-size export: synthesise a preset once (random weights, exact HF layout) and export it, printing peak memory
-of the whole process tree, wall time, peak memory and peak extra disk use per stage and the bundle's sections.
+of the whole process tree, wall time, peak memory and peak extra disk use per stage (of the file system, so other
+jobs writing to it count too) and the bundle's sections.
 
     python -m benchmarks.export_scale --preset e2b --quant int4 [--context 4096] [--format litert|onnx]
 
