@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Sequence
 
@@ -42,30 +43,45 @@ def _teacher_forced_logits(backend: Backend, tokens: Sequence[int]) -> np.ndarra
     return np.concatenate([decoder.step(DECODE, [t], i)["logits"][0] for i, t in enumerate(tokens)])
 
 
+def _acceptance(backend: Backend, prompts: Sequence[Sequence[int]], max_tokens: int) -> float | None:
+    """The loop's accepted / drafted over greedy generate_tokens(prompt, max_tokens) on every prompt."""
+    accepted = drafted = 0
+    for prompt in prompts:
+        _, stats = generate_tokens(backend, prompt, max_tokens=max_tokens)
+        accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    return accepted / drafted if drafted else None
+
+
 def quantization_report(fp32: str | Path | Backend, quantized: str | Path | Backend,
                         prompts: Sequence[Sequence[int]], max_tokens: int = REPORT_MAX_TOKENS) -> dict:
     """Logit error and top-1 agreement along the fp32 greedy continuation, and drafter acceptance, fp32 vs quantized.
 
     `fp32` and `quantized` are Backends (or bundle paths, opened with open_backend). Acceptance is the loop's
     accepted / drafted (LiteRT-LM's "MTP Drafter - Success rate") over greedy generate_tokens(prompt, max_tokens)
-    with no stop tokens, the same generation anyone can rerun on the bundle to check the number.
+    with no stop tokens, the same generation anyone can rerun on the bundle to check the number. The fp32 bundle runs
+    first and is released before the quantized one is opened (only its logits are kept), so memory holds one bundle
+    at a time: a real-size fp32 bundle alone is most of a laptop's memory.
     """
-    ref, quant = open_backend(fp32), open_backend(quantized)
-    errors, agree, rows = [], 0, 0
-    accepted = {"fp32": [0, 0], "quantized": [0, 0]}
+    ref = open_backend(fp32)
+    runs = []
     for prompt in prompts:
         tokens, _ = generate_tokens(ref, prompt, max_tokens=max_tokens, mtp=False)
         sequence = list(prompt) + tokens[:-1]
-        want, got = _teacher_forced_logits(ref, sequence), _teacher_forced_logits(quant, sequence)
+        runs.append((sequence, _teacher_forced_logits(ref, sequence)))
+    ref_drafts = ref.has_drafter
+    ref_rate = _acceptance(ref, prompts, max_tokens) if ref_drafts else None
+    del ref
+    gc.collect()
+    quant = open_backend(quantized)
+    errors, agree, rows = [], 0, 0
+    for sequence, want in runs:
+        got = _teacher_forced_logits(quant, sequence)
         errors.append(float(np.abs(got - want).max() / (np.abs(want).max() or 1.0)))
         agree += int((got.argmax(-1) == want.argmax(-1)).sum())
         rows += len(sequence)
-        if ref.has_drafter and quant.has_drafter:
-            for name, backend in (("fp32", ref), ("quantized", quant)):
-                _, stats = generate_tokens(backend, prompt, max_tokens=max_tokens)
-                accepted[name][0] += stats.accepted
-                accepted[name][1] += stats.drafted
-    rate = {k: (a / d if d else None) for k, (a, d) in accepted.items()}
+    both = ref_drafts and quant.has_drafter
+    rate = {"fp32": ref_rate if both else None,
+            "quantized": _acceptance(quant, prompts, max_tokens) if both else None}
     return {"logit_relative_error": max(errors), "top1_agreement": agree / rows,
             "drafter_acceptance_fp32": rate["fp32"], "drafter_acceptance_quantized": rate["quantized"],
             "prompts": len(prompts), "max_tokens": max_tokens, "prompt_token_ids": [list(map(int, p)) for p in prompts]}
