@@ -110,6 +110,12 @@ class DataFile:
             entry = init.external_data.add()
             entry.key, entry.value = key, value
 
+    def place(self, init, placed: Placed) -> None:
+        """Make `init` the tensor the caller already wrote at `placed` (its bytes and full dims)."""
+        self.point(init, placed.offset, placed.nbytes)
+        del init.dims[:]
+        init.dims.extend(placed.dims)
+
     def copy_in(self, init, folder: Path) -> None:
         """Append an external initializer's bytes (read from `folder`) in the kernel and point it here."""
         path, src_offset, length = _location(init, folder)

@@ -231,9 +231,7 @@ class _Rewrite:
         inits = []
         for init in result.graph.initializer:
             if init.name in placed:
-                self.data.point(init, placed[init.name].offset, placed[init.name].nbytes)
-                del init.dims[:]
-                init.dims.extend(placed[init.name].dims)
+                self.data.place(init, placed[init.name])
             else:
                 _copied(init, quantized.parent, self.data)
             inits.append(init)

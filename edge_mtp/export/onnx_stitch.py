@@ -70,9 +70,7 @@ class GraphStitcher:
             old = init.name
             init.name = name(old)
             if old in placed:
-                self.data.point(init, placed[old].offset, placed[old].nbytes)
-                del init.dims[:]
-                init.dims.extend(placed[old].dims)
+                self.data.place(init, placed[old])
             elif init.data_location == onnx.TensorProto.EXTERNAL:
                 self.data.copy_in(init, piece.parent)
             self.initializers.append(init)
