@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, k_name, v_name
 from ..errors import EdgeMtpError
-from .manifest import check_format_version, sha256_file
+from .manifest import check_format_version, file_blocks, sha256_file
 
 MAGIC = b"LITERTLM"
 MODEL_TYPES = {TARGET: "PREFILL_DECODE", EMBEDDER: "EMBEDDER", PER_LAYER_EMBEDDER: "PER_LAYER_EMBEDDER",
@@ -104,7 +104,7 @@ def write_litertlm(out: Path, models: dict[str, Path], contract: Contract, token
     sections = [{"type": kind, "model_type": model_type, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
                 for kind, model_type, path in order]
     if shared is not None:
-        embedder = 2  # after the metadata and the tokenizer
+        embedder = next(i for i, (_, _, path) in enumerate(order) if path == models[EMBEDDER])
         sections[embedder].update(bytes=shared.span, sha256=shared.sha256())
     builder = lb.LitertLmFileBuilder()
     builder.add_system_metadata(lb.Metadata(key="Authors", value="edge-mtp", dtype=lb.DType.STRING))
@@ -144,12 +144,8 @@ class _SharedTable:
         """The embedder section's sha256, as read_litertlm(verify=True) will hash it."""
         digest = hashlib.sha256(self.embedder.read_bytes())
         digest.update(b"\0" * (self.gap - self.embedder.stat().st_size))
-        with open(self.target, "rb") as f:
-            left = self.offset + self.size
-            while left:
-                block = f.read(min(left, 16 << 20))
-                digest.update(block)
-                left -= len(block)
+        for block in file_blocks(self.target, 0, self.offset + self.size):
+            digest.update(block)
         return digest.hexdigest()
 
 
@@ -281,16 +277,12 @@ class LitertlmFile:
 
     def extract(self, section: Section, out: Path) -> None:
         """Copy a section's bytes into a file of their own, streamed."""
-        with open(self.path, "rb") as f, open(out, "wb") as o:
-            f.seek(section.begin)
-            left = section.end - section.begin
-            while left:
-                block = f.read(min(left, 16 << 20))
-                if not block:
-                    raise EdgeMtpError(f"{self.path} is truncated inside its {section.model_type} section; re-copy "
-                                       "or re-export it.")
+        with open(out, "wb") as o:
+            for block in file_blocks(self.path, section.begin, section.end):
                 o.write(block)
-                left -= len(block)
+            if o.tell() != section.end - section.begin:
+                raise EdgeMtpError(f"{self.path} is truncated inside its {section.model_type} section; re-copy "
+                                   "or re-export it.")
 
     def tokenizer_json(self) -> str:
         """The Hugging Face tokenizer.json text stored (zlib-compressed, length-prefixed) in the bundle."""

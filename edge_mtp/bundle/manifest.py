@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..contract import Contract, contract_from_dict
 from ..errors import EdgeMtpError
@@ -18,15 +18,21 @@ MAX_CONTEXT = 1 << 20  # tokens; far beyond Gemma 4's 128k, below what would all
 MAX_DRAFT_LEN = 64
 
 
-def sha256_file(path: Path, begin: int = 0, end: int | None = None, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of bytes [begin, end) of a file (default: all of it), read in 4 MiB chunks."""
-    digest = hashlib.sha256()
+def file_blocks(path: Path, begin: int = 0, end: int | None = None, chunk: int = 1 << 22) -> Iterator[bytes]:
+    """Bytes [begin, end) of a file (default: all of it) in chunks of up to 4 MiB; stops early at the file's end."""
     with open(path, "rb") as f:
         f.seek(begin)
         left = end - begin if end is not None else None
         while (left is None or left > 0) and (block := f.read(chunk if left is None else min(chunk, left))):
-            digest.update(block)
+            yield block
             left = left - len(block) if left is not None else None
+
+
+def sha256_file(path: Path, begin: int = 0, end: int | None = None) -> str:
+    """Hex sha256 of bytes [begin, end) of a file (default: all of it)."""
+    digest = hashlib.sha256()
+    for block in file_blocks(path, begin, end):
+        digest.update(block)
     return digest.hexdigest()
 
 

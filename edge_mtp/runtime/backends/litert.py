@@ -44,7 +44,8 @@ HOST_MEMORY = 1  # LiteRtTensorBufferType kLiteRtTensorBufferTypeHostMemory
 log = logging.getLogger(__name__)
 # XNNPACK aborts the process ("cannot append buffer to cache file") when its weight-cache file cannot be written,
 # which is what a full disk does (it did so for the E4B int8 target while an export's temporary files and stale
-# templates filled the disk). A cache is only made where the disk holds twice the model plus this margin.
+# templates filled the disk). A model gets its file and cache only where the disk holds three times the model plus
+# this margin (see _compile).
 WEIGHT_CACHE_DISK_MARGIN = 1 << 30
 # XNNPACK's QS8 and QU8 (its defaults) plus DYNAMIC_FULLY_CONNECTED: without that flag a fully-connected layer whose
 # weights are computed in the graph falls back to LiteRT's builtin kernels, and attention is two of those (the cache
