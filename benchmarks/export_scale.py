@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+from edge_mtp.atomic import interrupt_on_sigterm
 from edge_mtp.cache import cache_root
 from edge_mtp.memory import PeakMemory, PeakSampler, disk_used_bytes
 from edge_mtp.spec import preset_pair
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=None, help="run this bundle instead of exporting")
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
+    interrupt_on_sigterm()  # a stopped run leaves no temporary folder beside --out
     if args.run:
         result = run_bundle(args.run, args.max_tokens)
         print(json.dumps(result, indent=2))

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from .errors import EdgeMtpError
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, a job scheduler) stops the process as Ctrl-C does, so temporary files and partial outputs are
+    removed on the way out."""
+    def interrupt(signum: int, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def writable_parent(path: Path) -> Path:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from .atomic import interrupt_on_sigterm
 from .cache import cache_root
 from .errors import EdgeMtpError
 from .quiet import native_output_captured, verbose_requested
@@ -56,7 +56,7 @@ class _Group(click.Group):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
-        signal.signal(signal.SIGTERM, _terminated)
+        interrupt_on_sigterm()
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as e:
@@ -76,12 +76,6 @@ class _Group(click.Group):
                 message = str(e)
             gc.collect()  # native objects the failed command held say goodbye now, while their output is captured
         _fail(message)
-
-
-def _terminated(signum: int, frame) -> None:
-    """SIGTERM (kill, a job scheduler) stops a command as Ctrl-C does: temporary files and partial outputs are
-    removed on the way out."""
-    raise KeyboardInterrupt
 
 
 @click.group(cls=_Group)

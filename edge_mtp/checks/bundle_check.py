@@ -121,7 +121,8 @@ def _drafter_rows(backend: Backend, drafter: Drafter | None, contract: Contract,
 
 
 def bundle_report(open_backend: Callable[[], Backend], source: TargetSource, drafter: Drafter | None,
-                  contract: Contract, prompts: Sequence[Sequence[int]], max_tokens: int = REPORT_MAX_TOKENS) -> dict:
+                  contract: Contract, prompts: Sequence[Sequence[int]], max_tokens: int = REPORT_MAX_TOKENS,
+                  on_stage: Callable[[str], None] = lambda s: None) -> dict:
     """Logit error, top-1 agreement and first-draft hit rates of a bundle against the streamed reference.
 
     The bundle is closed while the reference runs, so the two never hold their weights at the same time.
@@ -129,6 +130,7 @@ def bundle_report(open_backend: Callable[[], Backend], source: TargetSource, dra
     from ..runtime.speculative import generate_tokens
     from .quality import _teacher_forced_logits
 
+    on_stage("checking: the bundle's greedy continuations")
     backend = open_backend()
     sequences = []
     for prompt in prompts:
@@ -136,7 +138,9 @@ def bundle_report(open_backend: Callable[[], Backend], source: TargetSource, dra
         sequences.append(list(prompt) + generated[:-1])
     del backend
     gc.collect()
+    on_stage("checking: the streamed PyTorch reference")
     references = streamed_reference(source, contract, sequences)
+    on_stage("checking: the bundle teacher-forced, and its drafter")
     backend = open_backend()
     errors, agree, rows = [], 0, 0
     bundle_hits = reference_hits = same_drafts = draft_rows = 0
@@ -161,13 +165,13 @@ def bundle_report(open_backend: Callable[[], Backend], source: TargetSource, dra
 
 
 def litert_bundle_report(bundle: Path, source: TargetSource, drafter: Drafter | None, contract: Contract,
-                         tokenizer: Tokenizer) -> dict:
+                         tokenizer: Tokenizer, on_stage: Callable[[str], None] = lambda s: None) -> dict:
     """bundle_report of a .litertlm file, run in LiteRT on the default report prompts."""
     from ..runtime.backends.litert import LiteRTBackend
     from .quality import report_prompts
 
     prompts = report_prompts(tokenizer, contract.context)
-    return bundle_report(lambda: LiteRTBackend(bundle), source, drafter, contract, prompts)
+    return bundle_report(lambda: LiteRTBackend(bundle), source, drafter, contract, prompts, on_stage=on_stage)
 
 
 def enforce(report: dict, where: str, exact: bool) -> None:

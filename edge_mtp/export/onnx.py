@@ -586,11 +586,9 @@ def export_onnx_models(source: TargetSource | TargetModels, drafter: Drafter | N
                 "bos": meta.start_token, "stop_tokens": list(meta.stop_tokens)}
             manifest = build_manifest(contract, records, tokenizer_record, work, quantization=quant)
             (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            stage("checking the bundle against a streamed PyTorch reference")
             prompts = report_prompts(Tokenizer(tokenizer.read_text(), meta.start_token, meta.stop_tokens),
                                      contract.context)
-            report = bundle_report(lambda: open_backend(work), source, drafter, contract,
-                                   prompts)
+            report = bundle_report(lambda: open_backend(work), source, drafter, contract, prompts, on_stage=stage)
             enforce(report, str(out), exact=quant == "fp32")
             report["components"] = job.components()
             manifest["quantization_report"] = report

@@ -172,11 +172,11 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
             work = Path(tmp)
             job = StreamedExport(source, drafter, contract, work, quant, stage, on_progress)
             paths = job.run()
-            stage("checking the bundle against a streamed PyTorch reference")
+            stage("writing the candidate bundle")
             candidate = work / "candidate.litertlm"
             write_litertlm(candidate, paths, contract, tokenizer, meta, manifest, work)
             report = litert_bundle_report(candidate, source, drafter, contract,
-                                          Tokenizer(tokenizer.read_text(), meta.start_token, meta.stop_tokens))
+                                          Tokenizer(tokenizer.read_text(), meta.start_token, meta.stop_tokens), stage)
             enforce(report, str(out), exact=quant == "fp32")
             report["components"] = {name: {k: v for k, v in asdict(r).items() if k != "seconds"}  # reproducible
                                     for name, r in job.reports.items()}

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import EdgeMtpError
 from ..quiet import converter_output_quiet
+from .tflite import mapped_file
 
 RECIPES = ("fp32", "fp16", "int8", "int4", "int4-b32", "int4-b64", "int4-b128", "mixed")
 DEFAULT_RECIPE = "fp32"
@@ -143,7 +144,7 @@ def quantize_file(path: Path, recipe: list[dict] | None, out: Path) -> Path:
     for _ in range(64):
         try:
             with converter_output_quiet():  # its "Applying Transformations" bar ignores enable_progress_bar
-                result = quantizer.Quantizer(str(path), recipe).quantize(enable_progress_bar=False,
+                result = quantizer.Quantizer(mapped_file(path), recipe).quantize(enable_progress_bar=False,
                                                                          enable_progress_report=False)
             break
         except Exception as e:
