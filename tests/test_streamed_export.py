@@ -185,6 +185,15 @@ def test_an_export_keeps_no_descriptor_of_the_files_it_deleted(tiny_bundle):
     assert [t for t in targets if ".edge-mtp-" in t] == []
 
 
+def test_the_bundle_check_reports_its_phases_as_stages(tiny_bundle):
+    """Long checks at real size show where they are (and export_scale measures each phase's peak memory)."""
+    stages = tiny_bundle[1].stages
+    check = [s for s in stages if s.startswith("checking:")]
+    assert check == ["checking: the bundle's greedy continuations", "checking: the streamed PyTorch reference",
+                     "checking: the bundle teacher-forced, and its drafter"]
+    assert stages.index("writing the candidate bundle") < stages.index(check[0]) < stages.index("writing bundle")
+
+
 def test_a_second_export_takes_layer_templates_from_the_cache(tiny_bundle, synth_pair, tmp_path, monkeypatch):
     """Layer templates depend on geometry and contract, not weights or recipe: re-exporting the tiny pair (with
     another recipe) converts no layer kind again, except one whose cached file is damaged."""
