@@ -1,4 +1,5 @@
-"""Atomic writes: build next to the destination, rename into place only when complete."""
+"""Atomic writes: build next to the destination, rename into place only when complete (and let SIGTERM unwind
+like Ctrl-C, so nothing half-written stays)."""
 
 from __future__ import annotations
 
