@@ -1,11 +1,16 @@
-"""`edge-mtp validate`: prove a bundle against the original checkpoints run by transformers.
+"""`edge-mtp validate`: prove a bundle against the original checkpoints, whatever its quantization recipe.
 
-Three kinds of evidence, each with a documented, overridable threshold:
-1. every model and signature of the bundle vs transformers on a prompt set (errors, cosine, top-1 agreement);
-2. greedy generation token for token: transformers (plain and assisted), our runtime on the bundle (MTP on and
-   off), our PyTorch modules, and LiteRT-LM for .litertlm bundles; a divergence at a near-tie is reported as a tie;
-3. the exported drafter's acceptance vs the PyTorch drafter's on the same prompts (wiring bugs and broken
-   quantization show up here while the output stays correct).
+Four kinds of evidence, each row saying which reference it used and why it passed:
+1. weights (.litertlm): every weight, norm, table and RoPE frequency of the checkpoints, rounded as the bundle's
+   recipe rounds them, found byte for byte in the piece that computes with it (checks/weights.py). This is exact at
+   every recipe, so it is what tells a faithful quantized bundle from one of another checkpoint;
+2. graphs: every model and signature vs transformers on a prompt set, within float rounding for an fp32 bundle and
+   within COST_MARGIN times the error its recipe cost at export (recorded in the manifest) for a quantized one; the
+   drafter is judged by what it decides (drafted token, clusters scored), not by its masked logits;
+3. greedy generation token for token: transformers (plain and assisted), our runtime on the bundle (MTP on and
+   off), our PyTorch modules, and LiteRT-LM for .litertlm bundles; a divergence from transformers where the top-2
+   gap lies within the bundle's own measured logit noise is a quantization tie, anything else a real difference;
+4. the exported drafter's acceptance vs the PyTorch drafter's on the same prompts.
 """
 
 from __future__ import annotations
@@ -26,10 +31,21 @@ from .runtime.speculative import SpeculativeDecoder
 
 from .prompts import DEFAULT_PROMPTS
 
+TRANSFORMERS = "transformers fp32"
+ROUNDED_CHECKPOINT = "the checkpoint rounded by the bundle's recipe"
+OWN_PLAIN = "the bundle's own plain decoding"
+# A quantized bundle's graphs may differ from transformers by up to this many times what its recipe cost at export
+# (the export's own measurement against the fp32 reference, on its report prompts); the weights are proven exactly.
+COST_MARGIN = 3.0
+# ... and agree on at least the recorded top-1 agreement less this (other prompts, other positions)
+TOP1_SLACK = 0.2
+NOISE_MARGIN = 2.0  # a divergence is a quantization tie when its top-2 gap is within this times the logit noise
+
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Pass/fail limits (CLI flags of the same names override them)."""
+    """Pass/fail limits for an fp32 bundle (CLI flags of the same names override them; quantized bundles get
+    limits from their recorded recipe cost, see Limits)."""
 
     max_relative_error: float = 1e-3  # max |bundle - transformers| / max |transformers|, per output
     min_top1_agreement: float = 0.99  # fraction of rows whose argmax agrees
@@ -38,15 +54,26 @@ class Thresholds:
     tie_tolerance: float = 1e-3  # a divergence where the top-2 logit gap is below this (relative) is a tie
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The limits one graph row is held to, and why."""
+
+    max_relative_error: float
+    min_top1_agreement: float
+    why: str
+
+
 @dataclass
 class Check:
-    """One line of the report."""
+    """One line of the report: what was compared with which reference, the verdict, and the criterion applied."""
 
     kind: str
     subject: str
     passed: bool
     detail: str
     metrics: dict = field(default_factory=dict)
+    reference: str = TRANSFORMERS
+    criterion: str = ""
 
 
 @dataclass
@@ -69,31 +96,79 @@ class Report:
     def markdown(self) -> str:
         """A markdown report."""
         lines = [f"# edge-mtp validate: {self.bundle}", "", f"**Verdict: {'PASS' if self.passed else 'FAIL'}**", "",
-                 "| check | subject | result | detail |", "|---|---|---|---|"]
-        lines += [f"| {c.kind} | {c.subject} | {'pass' if c.passed else '**FAIL**'} | {c.detail} |" for c in self.checks]
+                 "| check | subject | result | detail | reference | criterion |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c.kind} | {c.subject} | {'pass' if c.passed else '**FAIL**'} | {c.detail} | {c.reference} | "
+                  f"{c.criterion} |" for c in self.checks]
         lines += ["", "Thresholds: " + ", ".join(f"{k} = {v}" for k, v in asdict(self.thresholds).items())]
         return "\n".join(lines) + "\n"
 
 
 class _Validator:
-    def __init__(self, model: Model, ref: TransformersPair, thresholds: Thresholds, report: Report):
+    def __init__(self, model: Model, ref: TransformersPair, thresholds: Thresholds, report: Report,
+                 costs: dict | None = None):
         self.model, self.ref, self.t, self.report = model, ref, thresholds, report
         self.backend = model.backend
         self.decoder = SpeculativeDecoder(model.backend)
         self.contract = model.contract
+        self.costs = costs or {}
+        self.logit_noise = 0.0  # max |bundle - reference| over the teacher-forced logits, set by graphs()
 
-    def add(self, kind: str, subject: str, metrics: dict, passed: bool | None = None, detail: str = "") -> None:
-        if passed is None:
-            passed = (metrics["relative_error"] <= self.t.max_relative_error
-                      and metrics["top1_agreement"] >= self.t.min_top1_agreement)
-            detail = detail or (f"rel. error {metrics['relative_error']:.2e}, cosine {metrics['cosine']:.6f}, "
-                                f"top-1 {metrics['top1_agreement']:.3f}")
-        self.report.checks.append(Check(kind, subject, bool(passed), detail, metrics))
+    def add(self, kind: str, subject: str, metrics: dict, passed: bool, detail: str, reference: str = TRANSFORMERS,
+            criterion: str = "") -> None:
+        self.report.checks.append(Check(kind, subject, bool(passed), detail, metrics, reference, criterion))
+
+    # -- limits -----------------------------------------------------------------------------------------------
+
+    @property
+    def quantized(self) -> bool:
+        return self.costs.get("recipe", "fp32") != "fp32"
+
+    def limits(self, component: str) -> Limits:
+        """fp32: float rounding. Quantized: COST_MARGIN times what the recipe cost this component at export."""
+        t = self.t
+        if not self.quantized:
+            return Limits(t.max_relative_error, t.min_top1_agreement, "fp32 bundle: float rounding")
+        recipe = self.costs["recipe"]
+        cost = self.costs.get("components", {}).get(component)
+        if component in ("target", "drafter") or cost is None:
+            cost = self.costs.get("logit_relative_error")
+        if cost is None:
+            return Limits(t.max_relative_error, t.min_top1_agreement,
+                          f"{recipe} bundle with no recorded cost: fp32 limits (re-export to record it)")
+        top1 = max(0.0, min(t.min_top1_agreement, self.costs.get("top1_agreement", 1.0) - TOP1_SLACK))
+        return Limits(max(t.max_relative_error, COST_MARGIN * cost), top1,
+                      f"{COST_MARGIN:g} x the {recipe} cost measured at export ({cost:.2e})")
+
+    # -- weights ----------------------------------------------------------------------------------------------
+
+    def weights(self, bundle: Path, target_dir: Path, assistant_dir: str | Path | None) -> None:
+        """Every checkpoint tensor, rounded as the bundle's recipe rounds it, found in the bundle (see checks.weights)."""
+        from .checks.weights import WeightReport, check_drafter, check_tables, check_target
+        from .model.loading import TargetCheckpoint
+
+        source = TargetCheckpoint(target_dir)
+        recipes = self.costs.get("recipes", {})
+        parts = [("target", lambda r: check_target(bundle, source, recipes, r)),
+                 ("embedding tables", lambda r: check_tables(bundle, source, r))]
+        if assistant_dir is not None and self.backend.has_drafter:
+            from .model.loading import load_drafter
+
+            drafter = load_drafter(assistant_dir, source.spec)
+            parts.append(("drafter", lambda r: check_drafter(bundle, drafter, recipes.get("drafter", "fp32"), r)))
+        for name, run in parts:
+            found = WeightReport()
+            run(found)
+            encodings = ", ".join(f"{k} {v}" for k, v in sorted(found.compared.items()))
+            detail = (f"{found.tensors} tensors byte-identical ({encodings})" if not found.problems else
+                      f"{len(found.problems)} of {found.tensors + len(found.problems)} tensors differ: "
+                      + "; ".join(found.problems[:3]) + (" ..." if len(found.problems) > 3 else ""))
+            self.add("weights", name, {"tensors": found.compared, "problems": found.problems}, not found.problems,
+                     detail, ROUNDED_CHECKPOINT, "every tensor found, with its scales, in the piece that uses it")
 
     # -- graphs -----------------------------------------------------------------------------------------------
 
     def graphs(self, prompts: list[list[int]]) -> None:
-        emb, ple, dec, pre, ver, dra = ([] for _ in range(6))
+        emb, ple, dec, pre, ver, decisions, projected = ([] for _ in range(7))
         for ids in prompts:
             want = self.ref.forward(ids)
             emb.append((np.concatenate([self.backend.embed(t)[0][0] for t in ids]), self.ref.embedding(ids)))
@@ -101,7 +176,9 @@ class _Validator:
                 ple.append((np.concatenate([self.backend.embed(t)[1][0] for t in ids]), self.ref.per_layer_embedding(ids)))
             self.backend.reset()
             rows = [self.decoder.step(DECODE, [t], j) for j, t in enumerate(ids)]
-            dec.append((np.concatenate([r["logits"][0] for r in rows]), want["logits"]))
+            logits = np.concatenate([r["logits"][0] for r in rows])
+            self.logit_noise = max(self.logit_noise, float(np.abs(logits - want["logits"]).max()))
+            dec.append((logits, want["logits"]))
             dec.append((np.concatenate([r["activations"][0] for r in rows]), want["activations"]))
             self.backend.reset()
             self.decoder.prefill(ids[:-1])
@@ -114,18 +191,20 @@ class _Validator:
                 out = self.decoder.step(VERIFY, ids[start:], start)
                 ver.append((out["logits"][0], want["logits"][start:]))
             if self.backend.has_drafter and self.ref.assistant is not None:
-                dra.extend(self._drafter_rows(ids, want))
-        self._compare("embedder", "embeddings", emb)
+                for got, ref in self._drafter_rows(ids, want):
+                    decisions.append(_decision(got["logits"], ref["logits"]))
+                    projected.append((got["projected_activations"], ref["projected_activations"]))
+        self._compare("embedder", "embeddings", emb, "embedder")
         if ple:
-            self._compare("per_layer_embedder", "per_layer_embeddings", ple)
-        self._compare("target", "decode logits + activations, every position", dec)
-        self._compare("target", "prefill_* then decode, last logits", pre)
+            self._compare("per_layer_embedder", "per_layer_embeddings", ple, "per_layer_embedder")
+        self._compare("target", "decode logits + activations, every position", dec, "target")
+        self._compare("target", "prefill_* then decode, last logits", pre, "target")
         if ver:
-            self._compare("target", f"verify (G={self.contract.draft_len}) logits", ver)
-        if dra:
-            self._compare("drafter", "mtp_drafter logits + projected activations", dra)
+            self._compare("target", f"verify (G={self.contract.draft_len}) logits", ver, "target")
+        if decisions:
+            self._drafter_decisions(decisions, projected)
 
-    def _drafter_rows(self, ids: list[int], want: dict) -> list:
+    def _drafter_rows(self, ids: list[int], want: dict) -> list[tuple[dict, dict]]:
         """Chained draft steps, both sides fed the same inputs (the transformers side's) over the same K/V."""
         self.backend.reset()
         self.decoder.prefill(ids)
@@ -138,18 +217,44 @@ class _Validator:
             got = self.backend.run_drafter(act, np.array([position - 1], np.int32),
                                            drafter_mask(position - 1, self.contract.context))
             ref = self.ref.draft_step(act, want["shared_kv"], position, self.contract.drafter.sliding_window)
-            rows.append((got["logits"][0, 0][None], ref["logits"][None]))
-            rows.append((got["projected_activations"][0, 0][None], ref["projected_activations"][None]))
+            rows.append(({"logits": got["logits"].reshape(-1),
+                          "projected_activations": got["projected_activations"].reshape(1, -1)},
+                         {"logits": ref["logits"], "projected_activations": ref["projected_activations"][None]}))
             token, carry = int(np.argmax(ref["logits"])), ref["projected_activations"]
         return rows
 
-    def _compare(self, model: str, what: str, pairs: list) -> None:
+    def _drafter_decisions(self, decisions: list[tuple[bool, float]], projected: list) -> None:
+        """The drafter judged by what it decides: the token it drafts and the candidates (clusters) it scores."""
+        limits = self.limits("drafter")
+        same_token = float(np.mean([d[0] for d in decisions]))
+        same_candidates = float(np.mean([d[1] for d in decisions]))
+        error = max(error_metrics(g, w)["relative_error"] for g, w in projected)
+        need = limits.min_top1_agreement
+        passed = same_token >= need and same_candidates >= need and error <= limits.max_relative_error
+        self.add("graph", "drafter: mtp_drafter decisions (drafted token, scored candidates) + projected activations",
+                 {"drafted_token_agreement": same_token, "candidate_agreement": same_candidates,
+                  "projected_relative_error": error, "steps": len(decisions)}, passed,
+                 f"same drafted token {same_token:.3f}, same candidates {same_candidates:.3f} over {len(decisions)} "
+                 f"steps, projected activations rel. error {error:.2e}",
+                 TRANSFORMERS + " assistant, identical inputs",
+                 f"agreements >= {need:.2f}, error <= {limits.max_relative_error:.2e} ({limits.why})")
+
+    def _compare(self, model: str, what: str, pairs: list, component: str) -> None:
         metrics = [error_metrics(got, want) for got, want in pairs]
         worst = {"max_abs_error": max(m["max_abs_error"] for m in metrics),
                  "relative_error": max(m["relative_error"] for m in metrics),
                  "cosine": min(m["cosine"] for m in metrics),
                  "top1_agreement": float(np.mean([m["top1_agreement"] for m in metrics]))}
-        self.add("graph", f"{model}: {what}", worst)
+        limits = self.limits(component)
+        # embeddings have no vocabulary axis: their "top-1" is the largest feature, which rounding reorders freely
+        top1_applies = model == "target" or not self.quantized
+        passed = (worst["relative_error"] <= limits.max_relative_error
+                  and (not top1_applies or worst["top1_agreement"] >= limits.min_top1_agreement))
+        detail = (f"rel. error {worst['relative_error']:.2e}, cosine {worst['cosine']:.6f}, "
+                  f"top-1 {worst['top1_agreement']:.3f}")
+        criterion = f"rel. error <= {limits.max_relative_error:.2e}" + (
+            f", top-1 >= {limits.min_top1_agreement:.2f}" if top1_applies else "") + f" ({limits.why})"
+        self.add("graph", f"{model}: {what}", worst, passed, detail, TRANSFORMERS, criterion)
 
     # -- generation -------------------------------------------------------------------------------------------
 
@@ -158,7 +263,8 @@ class _Validator:
         totals = {"bundle": [0, 0], "pytorch": [0, 0]}
         for i, ids in enumerate(prompts):
             truth = self.ref.greedy(ids, max_tokens, stops)
-            candidates = {"bundle (no MTP)": list(self.model.generate(ids, max_tokens=max_tokens, mtp=False))}
+            plain = list(self.model.generate(ids, max_tokens=max_tokens, mtp=False))
+            candidates = {"bundle (no MTP)": plain}
             if self.backend.has_drafter:
                 candidates["bundle (MTP)"] = list(self.model.generate(ids, max_tokens=max_tokens))
                 stats = self.model.last_stats
@@ -175,30 +281,64 @@ class _Validator:
                 totals["pytorch"][0] += stats.accepted
                 totals["pytorch"][1] += stats.drafted
             for name, tokens in candidates.items():
-                self._compare_tokens(f"prompt {i + 1}: {name}", ids, tokens, truth)
+                bundle_run = name.startswith("bundle")
+                self._compare_tokens(f"prompt {i + 1}: {name}", ids, tokens, truth, bundle_run)
+            if self.backend.has_drafter:
+                self._mtp_vs_plain(f"prompt {i + 1}: bundle MTP vs no MTP", ids, candidates["bundle (MTP)"], plain)
             for engine, texts in (engine_texts or {}).items():
-                # LiteRT-LM does not print the stop token, and its MTP loop may overshoot max tokens by a few.
-                want = self.model.tokenizer.decode([t for t in truth if t not in stops])
+                # the same graphs as our loop: LiteRT-LM must print our plain text (without the stop token; its MTP
+                # loop may overshoot max tokens by a few)
+                want = self.model.tokenizer.decode([t for t in plain if t not in stops])
                 got = texts[i]
                 ok = got.startswith(want)
                 self.add("greedy", f"prompt {i + 1}: {engine}", {}, ok,
                          ("identical text" if got == want else "identical text, then the runtime's overshoot")
-                         if ok else f"differs: {got[:40]!r} vs {want[:40]!r}")
+                         if ok else f"differs: {got[:40]!r} vs {want[:40]!r}", OWN_PLAIN, "the same text")
         self._acceptance(totals)
 
-    def _compare_tokens(self, subject: str, prompt: list[int], got: list[int], truth: list[int]) -> None:
+    def _tie_limit(self, scale: float) -> tuple[float, str]:
+        """The top-2 gap under which a divergence is a tie: float rounding (fp32) or the measured logit noise."""
+        if self.quantized:
+            return NOISE_MARGIN * self.logit_noise, (f"top-2 gap <= {NOISE_MARGIN:g} x the bundle's measured logit "
+                                                     f"noise ({self.logit_noise:.2e})")
+        return self.t.tie_tolerance * scale, f"top-2 gap <= {self.t.tie_tolerance:g} x the largest logit"
+
+    def _compare_tokens(self, subject: str, prompt: list[int], got: list[int], truth: list[int],
+                        bundle_run: bool) -> None:
         n = min(len(got), len(truth))
         pos = next((j for j in range(n) if got[j] != truth[j]), None)
         if pos is None and len(got) == len(truth):
-            self.add("greedy", subject, {"tokens": len(got)}, True, f"{len(got)} tokens identical to transformers")
+            self.add("greedy", subject, {"tokens": len(got)}, True, f"{len(got)} tokens identical to transformers",
+                     TRANSFORMERS, "identical tokens")
             return
         pos = n if pos is None else pos
         gap = self.ref.top2_gap(prompt + truth[:pos])
         scale = float(np.abs(self.ref.forward(prompt + truth[:pos])["logits"][-1]).max()) or 1.0
-        tie = gap <= self.t.tie_tolerance * scale
-        self.add("greedy", subject, {"diverges_at": pos, "top2_gap": gap}, tie,
-                 f"diverges at token {pos} where the top-2 gap is {gap:.2e}: "
-                 + ("a near-tie, not a bug" if tie else "a real difference"))
+        limit, why = self._tie_limit(scale) if bundle_run else (self.t.tie_tolerance * scale, "top-2 gap <= "
+                                                                 f"{self.t.tie_tolerance:g} x the largest logit")
+        tie = gap <= limit
+        kind = ("a quantization tie" if self.quantized and bundle_run else "a near-tie, not a bug") if tie \
+            else "a real difference"
+        self.add("greedy", subject, {"diverges_at": pos, "top2_gap": gap, "tie_limit": limit}, tie,
+                 f"diverges at token {pos} where the top-2 gap is {gap:.2e}: {kind}", TRANSFORMERS,
+                 f"identical tokens, or a divergence with {why}")
+
+    def _mtp_vs_plain(self, subject: str, prompt: list[int], mtp: list[int], plain: list[int]) -> None:
+        """MTP must not change the bundle's own greedy tokens; a difference is reported with its top-2 gap."""
+        n = min(len(mtp), len(plain))
+        pos = next((j for j in range(n) if mtp[j] != plain[j]), None)
+        if pos is None:
+            self.add("greedy", subject, {"tokens": n}, True, f"{n} tokens identical", OWN_PLAIN, "identical tokens")
+            return
+        sequence = prompt + plain[:pos]
+        self.backend.reset()
+        self.decoder.prefill(sequence[:-1])
+        logits = self.decoder.step(DECODE, sequence[-1:], len(sequence) - 1)["logits"].reshape(-1)
+        gap = float(np.diff(np.sort(logits)[-2:])[0])
+        limit, why = self._tie_limit(1.0)
+        self.add("greedy", subject, {"diverges_at": pos, "top2_gap": gap, "tie_limit": limit}, gap <= limit,
+                 f"MTP diverges at token {pos} where the plain run's top-2 gap is {gap:.2e}", OWN_PLAIN,
+                 f"identical tokens, or a divergence with {why}")
 
     # -- chat -------------------------------------------------------------------------------------------------
 
@@ -238,6 +378,7 @@ class _Validator:
             ok = reply.reply is not None and reply.reply.startswith(text) and same_prompt
             self.add("chat", f"{conversation} conversation: LiteRT-LM Conversation ({'MTP' if mtp else 'no MTP'}) "
                      "vs our loop", {"prompt_tokens": len(ids), "tokens": len(tokens)}, ok,
+                     reference=OWN_PLAIN, criterion="the same text from the same prompt", detail=
                      f"same text ({len(tokens)} tokens) from the same {len(ids)}-token prompt" if ok else
                      f"differs: {(reply.reply or reply.error or '')[:40]!r} vs {text[:40]!r}, conversation length "
                      f"{reply.token_count} for a {len(ids)}-token prompt")
@@ -248,6 +389,8 @@ class _Validator:
 
         bad = next((n for n in want if got[n] != want[n]), None)
         self.add("chat", f"template: {who} vs transformers", {"conversations": len(want)}, bad is None,
+                 reference="transformers' rendering of the checkpoint's template", criterion="byte-identical",
+                 detail=
                  f"{len(want)} conversations byte-identical ({', '.join(want)})" if bad is None else
                  f"the {bad} conversation {first_difference(want[bad], got[bad])}")
 
@@ -260,6 +403,9 @@ class _Validator:
         ok = not meaningful or bundle >= self.t.min_acceptance_ratio * pytorch
         self.add("acceptance", "exported drafter vs PyTorch drafter",
                  {"bundle": bundle, "pytorch": pytorch}, ok,
+                 reference="our PyTorch modules of the checkpoints (MTP)",
+                 criterion=f"acceptance >= {self.t.min_acceptance_ratio:g} x the PyTorch drafter's",
+                 detail=
                  f"{bundle:.3f} vs {pytorch:.3f} accepted/drafted"
                  + ("" if meaningful else " (PyTorch drafter too weak to compare)")
                  + ("" if ok else ": the exported drafter lost its acceptance (wrong KV wiring or quantization)"))
@@ -272,7 +418,8 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
     bundle = Path(bundle)
     on_stage("loading the bundle")
     model = load(bundle)
-    manifest_source = _manifest_source(bundle)
+    manifest = _manifest(bundle)
+    manifest_source = manifest.get("source") or {}
     target_dir = target_dir or manifest_source.get("target")
     assistant_dir = assistant_dir or manifest_source.get("assistant")
     if target_dir is None:
@@ -280,10 +427,13 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
     on_stage("loading the originals with transformers")
     ref = TransformersPair(target_dir, assistant_dir if model.backend.has_drafter else None)
     report = Report(str(bundle), thresholds)
-    v = _Validator(model, ref, thresholds, report)
+    v = _Validator(model, ref, thresholds, report, recorded_costs(manifest))
     ids = [model.tokenizer.encode(p) for p in (prompts or DEFAULT_PROMPTS)]
     if any(len(i) + max_tokens >= model.contract.context for i in ids):
         raise EdgeMtpError(f"A prompt plus {max_tokens} tokens exceeds the bundle's context {model.contract.context}.")
+    if bundle.suffix == ".litertlm":
+        on_stage("comparing every weight with the checkpoint")
+        v.weights(bundle, resolve_checkpoint(target_dir), assistant_dir)
     on_stage("comparing every graph with transformers")
     v.graphs(ids)
     torch_backend = None
@@ -347,10 +497,44 @@ def _gpu_present() -> bool:
     return isinstance(devices, list) and bool(devices)
 
 
-def _manifest_source(bundle: Path) -> dict:
+def _manifest(bundle: Path) -> dict:
     if bundle.suffix == ".litertlm":
         from .bundle.litertlm import read_litertlm
 
-        return read_litertlm(bundle).manifest.get("source") or {}
+        return read_litertlm(bundle).manifest
     manifest = bundle / "manifest.json"
-    return json.loads(manifest.read_text()).get("source", {}) if manifest.is_file() else {}
+    return json.loads(manifest.read_text()) if manifest.is_file() else {}
+
+
+def recorded_costs(manifest: dict) -> dict:
+    """What the bundle's recipe cost at export, from its manifest: the recipe, each component's recipe and
+    quantization error, and the logit error and top-1 agreement against the fp32 reference."""
+    report = manifest.get("quantization_report") or {}
+    components = report.get("components") or {}
+
+    def error(record: dict) -> float | None:
+        errors = [record.get("quantization_error")] + [p.get("quantization_error")
+                                                       for p in (record.get("pieces") or {}).values()]
+        errors = [e for e in errors if e is not None]
+        return max(errors) if errors else None
+
+    recipes = {name: record.get("recipe", "fp32") for name, record in components.items()}
+    recipe = manifest.get("quantization", "fp32")
+    if recipe == "fp32" and any(r != "fp32" for r in recipes.values()):
+        recipe = "mixed"
+    return {"recipe": recipe, "recipes": recipes,
+            "components": {name: e for name, record in components.items() if (e := error(record)) is not None},
+            "logit_relative_error": report.get("logit_relative_error"), "top1_agreement": report.get("top1_agreement")}
+
+
+def _decision(got: np.ndarray, want: np.ndarray) -> tuple[bool, float]:
+    """(same drafted token, overlap of the scored candidates) of one draft step; a centroid head gives every token
+    outside its chosen clusters the same fill value below all scores, so the candidates are the tokens above it."""
+    def candidates(logits: np.ndarray) -> set[int]:
+        low = logits.min()
+        scored = np.flatnonzero(logits > low)
+        return set(scored.tolist()) if 0 < len(scored) < len(logits) - 1 else set()
+
+    mine, theirs = candidates(got), candidates(want)
+    overlap = len(mine & theirs) / len(mine | theirs) if mine | theirs else 1.0
+    return int(np.argmax(got)) == int(np.argmax(want)), overlap
