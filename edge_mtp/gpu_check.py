@@ -130,11 +130,6 @@ def check_bundle(path: Path) -> dict[str, dict[str, SignatureReport]]:
     return out
 
 
-def delegation_counts(reports: dict[str, dict[str, SignatureReport]]) -> dict[str, dict[str, list[int]]]:
-    """{model: {signature: [delegated ops, total ops]}} for stats and reports."""
-    return {m: {s: [r.delegated, r.total] for s, r in sigs.items()} for m, sigs in reports.items()}
-
-
 def report_dict(reports: dict[str, dict[str, SignatureReport]]) -> dict:
     """JSON form: {model: {signature: {delegated, total, refused: [{index, op, reason}]}}}."""
     return {m: {s: {"delegated": r.delegated, "total": r.total, "refused": [vars(f) for f in r.findings]}
