@@ -101,7 +101,7 @@ def test_an_in_place_bundle_exports_and_decodes_like_the_default_one(gpu_demo, d
     bundle check against the streamed PyTorch reference; our CPU loop makes the default bundle's tokens and accept
     decisions on it."""
     from edge_mtp.bundle.litertlm import read_litertlm
-    from edge_mtp.export.tflite import op_name, read_tflite
+    from edge_mtp.formats.tflite import op_name, read_tflite
     from edge_mtp.runtime.backends.litert import LiteRTBackend
     from edge_mtp.runtime.speculative import generate_tokens
 

@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgeMtpError
+from ..formats.tflite import mapped_file
 from ..quiet import converter_output_quiet
-from .tflite import mapped_file
 
 RECIPES = ("fp32", "fp16", "int8", "int4", "int4-b32", "int4-b64", "int4-b128", "mixed")
 DEFAULT_RECIPE = "fp32"
