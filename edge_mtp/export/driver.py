@@ -33,7 +33,7 @@ from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude
 from .quantize import MIXED_SENSITIVITY, component_recipe, quantize_file
 from .signatures import ExportUnit, SignatureModule, run_reference
 from .tables import QuantizedTable, check_format, find_table, folded_factor, small_vocab, widen
-from .tflite import GraphJoiner, WeightSlot, locate_weights, refill_weights
+from .joiner import GraphJoiner, WeightSlot, locate_weights, refill_weights
 
 TOLERANCE = 1e-4  # max abs error / reference magnitude, per output of every converted signature
 Progress = Callable[[str, int, int], None]  # (what, done, total)

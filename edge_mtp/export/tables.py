@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import EdgeMtpError
 from ..formats.tflite import schema
-from .tflite import BufferData
+from .joiner import BufferData
 
 ROW_CHUNK_BYTES = 64 << 20  # fp32 bytes of table rows quantized at a time
 _FLOAT32, _FLOAT16, _INT8, _INT4 = 0, 1, 9, 17

@@ -1,4 +1,5 @@
-"""TFLite flatbuffer surgery for the streamed exporter (reading and writing a .tflite: formats/tflite.py).
+"""Joining separately converted pieces into one multi-signature .tflite, and refilling a piece's weights (a .tflite is
+read and written by formats/tflite.py).
 
 Pieces of a model are converted separately (litert-torch), then joined here into one multi-signature model: each
 signature's subgraph is the concatenation of the pieces' subgraphs of that signature, linked by tensor name (an
