@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -183,6 +184,19 @@ def assign(module: torch.nn.Module, local: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
     else:
         raise KeyError(f"{type(module).__name__} has no tensor {local}")
+
+
+@contextmanager
+def swapped(module: torch.nn.Module, local: str, value: torch.Tensor) -> Iterator[None]:
+    """Put `value` at a module tensor path for the duration of a block, then put the previous tensor back."""
+    owner, _, attr = local.rpartition(".")
+    holder = module.get_submodule(owner) if owner else module
+    previous = getattr(holder, attr)
+    assign(module, local, value)
+    try:
+        yield
+    finally:
+        assign(module, local, previous)
 
 
 def ensure_materialized(module: torch.nn.Module, what: str) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .formats.tflite import builtin_names, schema
+
 _SUPPORTED = frozenset("""
 ABS ADD ADD_N ARG_MAX ATAN2 AVERAGE_POOL_2D BATCH_MATMUL BITCAST BITWISE_XOR CAST CEIL CONCATENATION CONV_2D COS
 CUMSUM DEPTHWISE_CONV_2D DEPTH_TO_SPACE DEQUANTIZE DIV DYNAMIC_UPDATE_SLICE EMBEDDING_LOOKUP EQUAL ELU EXP FLOOR
@@ -51,11 +53,10 @@ class SignatureReport:
 
 def check_model(model: bytes) -> dict[str, SignatureReport]:
     """Per signature of a .tflite flatbuffer: every op the GPU delegate would refuse, with the reason."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-    root = schema.Model.GetRootAsModel(model, 0)
+    tfl = schema()
+    op_names = builtin_names()
+    type_names = {v: k for k, v in vars(tfl.TensorType).items() if not k.startswith("_")}
+    root = tfl.Model.GetRootAsModel(model, 0)
     reports = {}
     for s in range(root.SignatureDefsLength()):
         sig = root.SignatureDefs(s)
@@ -68,7 +69,7 @@ def check_model(model: bytes) -> dict[str, SignatureReport]:
             if name == "CUSTOM":
                 name = f"CUSTOM {code.CustomCode().decode()}"
             elif name == "STABLEHLO_COMPOSITE":
-                name = f"STABLEHLO_COMPOSITE {_composite_name(op, schema)}"
+                name = f"STABLEHLO_COMPOSITE {_composite_name(op)}"
             tensors = [graph.Tensors(t) for t in list(op.InputsAsNumpy()) + list(op.OutputsAsNumpy()) if t >= 0]
             reason = _refusal(name, op, graph, tensors, root, type_names)
             if reason:
@@ -77,10 +78,10 @@ def check_model(model: bytes) -> dict[str, SignatureReport]:
     return reports
 
 
-def _composite_name(op, schema) -> str:
+def _composite_name(op) -> str:
     """The name of a STABLEHLO_COMPOSITE op (e.g. odml.cache_update)."""
     table = op.BuiltinOptions2()
-    options = schema.StableHLOCompositeOptions()
+    options = schema().StableHLOCompositeOptions()
     options.Init(table.Bytes, table.Pos)
     return options.Name().decode()
 
@@ -128,11 +129,6 @@ def check_bundle(path: Path) -> dict[str, dict[str, SignatureReport]]:
         if section is not None:
             out[name] = check_model(bundle.read(section))
     return out
-
-
-def delegation_counts(reports: dict[str, dict[str, SignatureReport]]) -> dict[str, dict[str, list[int]]]:
-    """{model: {signature: [delegated ops, total ops]}} for stats and reports."""
-    return {m: {s: [r.delegated, r.total] for s, r in sigs.items()} for m, sigs in reports.items()}
 
 
 def report_dict(reports: dict[str, dict[str, SignatureReport]]) -> dict:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from edge_mtp.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
 from edge_mtp.export.driver import TOLERANCE
+from edge_mtp.export.signatures import ExportUnit, SignatureModule
+from edge_mtp.model.drafter import Drafter
+from edge_mtp.model.loading import TargetModels
 
 
 def assert_export_checks(summary, pieces: set[str]) -> None:
@@ -22,6 +26,22 @@ def assert_streamed_export(summary, layers: int = 6) -> None:
     assert report["reference"] == "streamed PyTorch fp32"
     assert report["logit_relative_error"] <= 1e-4 and report["top1_agreement"] == 1.0
     assert report["drafter_logit_relative_error"] <= 1e-4 and report["drafter_top1_agreement"] == 1.0
+
+
+def export_units(models: TargetModels, drafter: Drafter | None, contract: Contract) -> list[ExportUnit]:
+    """The whole bundle's signature modules at once (the exporters build them piece by piece): embedder,
+    per-layer embedder, target, drafter."""
+    units = [ExportUnit(EMBEDDER, [(contract.embedder(), SignatureModule(models.embedder, contract.embedder()))])]
+    if models.per_layer_embedder is not None:
+        sig = contract.per_layer_embedder()
+        units.append(ExportUnit(PER_LAYER_EMBEDDER, [(sig, SignatureModule(models.per_layer_embedder, sig))]))
+    target_args = ("embeddings", "per_layer_embeddings", "input_pos", "mask")
+    units.append(ExportUnit(TARGET, [(sig, SignatureModule(models.target, sig, target_args))
+                                     for sig in contract.target_signatures()]))
+    if drafter is not None:
+        sig = contract.drafter_signature()
+        units.append(ExportUnit(DRAFTER, [(sig, SignatureModule(drafter, sig, ("activations", "input_pos", "mask")))]))
+    return units
 
 
 def _shift(t: torch.Tensor, axis: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Quiet native libraries, bundle integrity, and the reference's device semantics (issue 14)."""
+"""Quiet native libraries, bundle integrity, and the reference's device semantics."""
 
 from __future__ import annotations
 

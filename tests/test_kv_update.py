@@ -75,25 +75,25 @@ def _matches(got: dict, want: dict) -> None:
 
 
 def test_converted_in_place_layer_is_the_gpu_composites_and_matches_pytorch(converted):
-    from edge_mtp.export.litert import run_tflite
+    from edge_mtp.export.litert import TfliteRunner
 
     from edge_mtp.gpu_check import check_model
 
     path, inputs, want = converted
     assert _composites(path.read_bytes()) == ["odml.cache_update", "odml.runtime_bmm", "odml.runtime_bmm"]
-    _matches(run_tflite(path, "serving_default", inputs), want)
+    _matches(TfliteRunner(path)("serving_default", inputs), want)
     assert [f for r in check_model(path.read_bytes()).values() for f in r.findings] == []
 
 
 def test_inlined_composites_compute_the_same(converted, tmp_path):
-    from edge_mtp.export.litert import run_tflite
+    from edge_mtp.export.litert import TfliteRunner
     from edge_mtp.runtime.backends.inline import inline_composites
 
     path, inputs, want = converted
     inlined = tmp_path / "inlined.tflite"
     inlined.write_bytes(inline_composites(path.read_bytes()))
     assert _composites(inlined.read_bytes()) == []
-    _matches(run_tflite(inlined, "serving_default", inputs), want)
+    _matches(TfliteRunner(inlined)("serving_default", inputs), want)
 
 
 def test_an_in_place_bundle_exports_and_decodes_like_the_default_one(gpu_demo, demo_bundle, tmp_path):
@@ -101,7 +101,7 @@ def test_an_in_place_bundle_exports_and_decodes_like_the_default_one(gpu_demo, d
     bundle check against the streamed PyTorch reference; our CPU loop makes the default bundle's tokens and accept
     decisions on it."""
     from edge_mtp.bundle.litertlm import read_litertlm
-    from edge_mtp.export.tflite import op_name, read_tflite
+    from edge_mtp.formats.tflite import op_name, read_tflite
     from edge_mtp.runtime.backends.litert import LiteRTBackend
     from edge_mtp.runtime.speculative import generate_tokens
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_mtp.runtime.sampling import SamplingConfig, probabilities, sample
-from edge_mtp.runtime.speculative import SpeculativeDecoder
+from edge_mtp.runtime.sampling import SamplingConfig, accept_sampled, probabilities, sample
 
 V = 6
 P = np.array([0.35, 0.25, 0.2, 0.1, 0.07, 0.03])
@@ -28,7 +27,7 @@ def _speculative_draws(q: np.ndarray, draws: int, seed: int) -> tuple[np.ndarray
     first, second = np.empty(draws, int), np.empty(draws, int)
     for n in range(draws):
         drafts = [sample(q, rng), sample(q, rng)]
-        k, nxt = SpeculativeDecoder._accept_sampled(drafts, [q, q], rows, cfg, rng)
+        k, nxt = accept_sampled(drafts, [q, q], rows, cfg, rng)
         emitted = drafts[:k] + [nxt]
         first[n] = emitted[0]
         second[n] = emitted[1] if len(emitted) > 1 else -1

@@ -13,7 +13,7 @@ from edge_mtp.export import driver as driver_module
 from edge_mtp.export.pipeline import export_litert
 from edge_mtp.export.quantize import component_recipe, quantize_file
 from edge_mtp.export.tables import TableFormat, check_format, find_table
-from edge_mtp.export.tflite import read_tflite
+from edge_mtp.formats.tflite import read_tflite
 
 from conftest import BUNDLE_CONTEXT as CONTEXT
 
@@ -256,7 +256,7 @@ def test_the_drafter_head_at_gemma_vocabulary_size_holds_its_inverse_ordering_as
     from edge_mtp.contract import Contract
     from edge_mtp.export.litert import check_module, convert_module, unit_samples
     from edge_mtp.export.signatures import ExportUnit, SignatureModule
-    from edge_mtp.export.tflite import op_name
+    from edge_mtp.formats.tflite import op_name
     from edge_mtp.model.drafter import Drafter
     from edge_mtp.spec import preset_pair
 

@@ -124,7 +124,7 @@ def write_litertlm(out: Path, models: dict[str, Path], contract: Contract, token
 @dataclass
 class _SharedTable:
     """The embedder's table stored once: its section runs on into the target's, up to the end of the tied LM head's
-    table, which the embedder model reads there (export.tflite.detach_buffer)."""
+    table, which the embedder model reads there (formats.tflite.detach_buffer)."""
 
     embedder: Path  # the embedder model without its table
     target: Path
@@ -152,7 +152,7 @@ class _SharedTable:
 def _share_tied_table(models: dict[str, Path], workdir: Path) -> _SharedTable | None:
     """Point the embedder at the LM head's copy of the tied table when the two are byte-identical (quantized
     exports, export.driver), replacing models[EMBEDDER] by the embedder without its table; None otherwise."""
-    from ..export.tflite import detach_buffer, shared_buffer
+    from ..formats.tflite import detach_buffer, shared_buffer
 
     if EMBEDDER not in models or TARGET not in models:
         return None

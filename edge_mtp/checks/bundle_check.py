@@ -36,7 +36,7 @@ def streamed_reference(source: TargetSource, contract: Contract,
                        sequences: Sequence[Sequence[int]]) -> list[dict[str, np.ndarray]]:
     """Per sequence: teacher-forced `logits` [T,V], `activations` [T,H], `embeddings` [T,H] and the caches of the
     target, computed in one pass over the layers with only one layer's weights loaded at a time."""
-    from ..export.driver import swapped
+    from ..checkpoint import swapped
 
     spec, target = contract.target, source.models.target
     order = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]))

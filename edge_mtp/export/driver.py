@@ -21,9 +21,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..checkpoint import assign
+from ..checkpoint import assign, swapped
 from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
 from ..errors import EdgeMtpError
+from ..formats.tflite import read_tflite
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint
 from . import template_cache
@@ -32,7 +33,7 @@ from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude
 from .quantize import MIXED_SENSITIVITY, component_recipe, quantize_file
 from .signatures import ExportUnit, SignatureModule, run_reference
 from .tables import QuantizedTable, check_format, find_table, folded_factor, small_vocab, widen
-from .tflite import GraphJoiner, WeightSlot, locate_weights, read_tflite, refill_weights
+from .joiner import GraphJoiner, WeightSlot, locate_weights, refill_weights
 
 TOLERANCE = 1e-4  # max abs error / reference magnitude, per output of every converted signature
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -328,19 +329,6 @@ class StreamedExport(PieceOrder):
         path = self._piece("drafter", {sig.name: module}, samples, self.work / "drafter.tflite")
         self._step("drafter")
         return path
-
-
-@contextmanager
-def swapped(module: torch.nn.Module, local: str, value: torch.Tensor):
-    """Put `value` at a module tensor path for the duration of a block, then put the previous tensor back."""
-    owner, _, attr = local.rpartition(".")
-    holder = module.get_submodule(owner) if owner else module
-    previous = getattr(holder, attr)
-    assign(module, local, value)
-    try:
-        yield
-    finally:
-        assign(module, local, previous)
 
 
 def _placeholder(name: str, shape: torch.Size, k: int) -> torch.Tensor:

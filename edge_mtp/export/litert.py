@@ -40,11 +40,6 @@ def unit_samples(unit: ExportUnit, contract: Contract, seeds: Sequence[int] = (0
     return {sig.name: [sample_inputs(sig, contract, seed=seed) for seed in seeds] for sig, _ in unit.signatures}
 
 
-def convert_unit(unit: ExportUnit, contract: Contract, path: Path) -> Path:
-    """Trace every signature of one model and write a single multi-signature .tflite at `path`."""
-    return convert_module({sig.name: module for sig, module in unit.signatures}, unit_samples(unit, contract), path)
-
-
 class TfliteRunner:
     """Runs signatures of one .tflite with a single LiteRT interpreter (made once: it packs the weights)."""
 
@@ -60,11 +55,6 @@ class TfliteRunner:
         return self.runners[signature](**inputs)
 
 
-def run_tflite(path: Path, signature: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run one signature of a .tflite with the LiteRT interpreter."""
-    return TfliteRunner(path)(signature, inputs)
-
-
 def check_module(path: Path, modules: Mapping[str, torch.nn.Module], samples: Samples) -> dict[str, dict]:
     """Compare every converted signature with its PyTorch module on the checking samples; worst error per output."""
     runner = TfliteRunner(path)
@@ -78,7 +68,3 @@ def check_module(path: Path, modules: Mapping[str, torch.nn.Module], samples: Sa
         report[name] = worst
     return report
 
-
-def check_unit(unit: ExportUnit, contract: Contract, path: Path) -> dict[str, dict]:
-    """Compare every converted signature of a unit with its PyTorch module on random contract inputs."""
-    return check_module(path, {sig.name: module for sig, module in unit.signatures}, unit_samples(unit, contract))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_directory, writable_parent
+from ..checkpoint import swapped
 from ..contract import (DECODE, DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, VERIFY, Contract, Signature,
                         kv_output_name)
 from ..errors import EdgeMtpError
@@ -39,7 +40,7 @@ from ..memory import PeakMemory
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_drafter
 from ..quiet import converter_output_quiet
-from .driver import PieceOrder, PieceReport, Progress, enforce_tolerance, export_resource_errors, swapped
+from .driver import PieceOrder, PieceReport, Progress, enforce_tolerance, export_resource_errors
 from ..bundle.onnx import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
                           contract_from_manifest, is_onnx_bundle, model_file, onnx_output_name,
                           read_manifest, tokenizer_info)

@@ -56,17 +56,6 @@ def remove_graph(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def move_graph(src: Path, dst: Path) -> Path:
-    """Move a graph and its external data to another folder (the data file keeps its name, so the graph's
-    relative reference stays valid as long as the stem is the same)."""
-    if src.name != dst.name:
-        raise ValueError("a graph with external data can only move under the same file name")
-    remove_graph(dst)
-    for p in graph_files(src):
-        shutil.move(str(p), str(dst.parent / p.name))
-    return dst
-
-
 def _publish(dst: Path) -> None:
     for p in graph_files(dst):  # the quantizers write 0600; a bundle's files are readable like the fp32 ones
         os.chmod(p, 0o644)

@@ -1,4 +1,4 @@
-"""The target cut into pieces that convert one at a time and join by tensor name (export.tflite.GraphJoiner).
+"""The target cut into pieces that convert one at a time and join by tensor name (export.joiner.GraphJoiner).
 
 prelude: signature inputs -> the layer context (RoPE tables, key views, PLE rows), once for all layers;
 layer i: hidden state `h` + its context entries + the caches it reads -> `h` (+ the caches it writes);

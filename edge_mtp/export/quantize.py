@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgeMtpError
+from ..formats.tflite import mapped_file
 from ..quiet import converter_output_quiet
-from .tflite import mapped_file
 
 RECIPES = ("fp32", "fp16", "int8", "int4", "int4-b32", "int4-b64", "int4-b128", "mixed")
 DEFAULT_RECIPE = "fp32"
@@ -177,28 +177,6 @@ def mixed_choice(name: str, int4_error: Callable[[], float] | None) -> tuple[str
         return "int8", None
     error = int4_error() if int4_error else 0.0
     return ("int4" if error <= MIXED_SENSITIVITY else "int8"), error
-
-
-def quantize_models(paths: dict[str, Path], recipe_name: str, workdir: Path,
-                    sensitivity: Callable[[str, Path], float] | None = None) -> tuple[dict[str, Path], dict[str, str]]:
-    """Quantize every model file; returns the new paths and the recipe each component actually got."""
-    check_recipe(recipe_name)
-    chosen: dict[str, str] = {}
-    out: dict[str, Path] = {}
-    for name, path in paths.items():
-        if recipe_name != "mixed":
-            chosen[name] = recipe_name
-        else:
-            def int4_error(name: str = name, path: Path = path) -> float:
-                trial = quantize_file(path, component_recipe("int4"), workdir / f"{name}.trial.tflite")
-                try:
-                    return sensitivity(name, trial) if sensitivity else 0.0
-                finally:
-                    trial.unlink()
-
-            chosen[name], _ = mixed_choice(name, int4_error)
-        out[name] = quantize_file(path, component_recipe(chosen[name]), workdir / f"{name}.{chosen[name]}.tflite")
-    return out, chosen
 
 
 def relative_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray], key: str) -> float:

@@ -10,10 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..contract import (DRAFTER, EMBEDDER, PARAM_TENSOR, PER_LAYER_EMBEDDER, TARGET, Contract, Signature, causal_mask,
-                        param_values)
-from ..model.drafter import Drafter
-from ..model.loading import TargetModels
+from ..contract import PARAM_TENSOR, Contract, Signature, causal_mask, param_values
 
 
 class SignatureModule(torch.nn.Module):
@@ -38,24 +35,6 @@ class ExportUnit:
 
     name: str
     signatures: list[tuple[Signature, SignatureModule]]
-
-
-_TARGET_ARGS = ("embeddings", "per_layer_embeddings", "input_pos", "mask")
-_DRAFTER_ARGS = ("activations", "input_pos", "mask")
-
-
-def export_units(models: TargetModels, drafter: Drafter | None, contract: Contract) -> list[ExportUnit]:
-    """The bundle's models in conversion order: embedder, per-layer embedder, target, drafter."""
-    units = [ExportUnit(EMBEDDER, [(contract.embedder(), SignatureModule(models.embedder, contract.embedder()))])]
-    if models.per_layer_embedder is not None:
-        sig = contract.per_layer_embedder()
-        units.append(ExportUnit(PER_LAYER_EMBEDDER, [(sig, SignatureModule(models.per_layer_embedder, sig))]))
-    units.append(ExportUnit(TARGET, [(sig, SignatureModule(models.target, sig, _TARGET_ARGS))
-                                     for sig in contract.target_signatures()]))
-    if drafter is not None:
-        sig = contract.drafter_signature()
-        units.append(ExportUnit(DRAFTER, [(sig, SignatureModule(drafter, sig, _DRAFTER_ARGS))]))
-    return units
 
 
 def sample_inputs(signature: Signature, contract: Contract, seed: int = 0, start: int | None = None,

@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import EdgeMtpError
-from .tflite import BufferData
+from ..formats.tflite import schema
+from .joiner import BufferData
 
 ROW_CHUNK_BYTES = 64 << 20  # fp32 bytes of table rows quantized at a time
 _FLOAT32, _FLOAT16, _INT8, _INT4 = 0, 1, 9, 17
@@ -114,13 +115,11 @@ class TableSlot:
 
 def find_table(model, small: int, width: int) -> TableSlot:
     """The one constant tensor of shape [small, width] in a (quantized) model, and how it is stored."""
-    from ai_edge_litert import schema_py_generated as schema
-
     for si, subgraph in enumerate(model.subgraphs):
         for ti, tensor in enumerate(subgraph.tensors):
             if tensor.buffer and list(tensor.shape) == [small, width]:
                 details = tensor.quantization.details if tensor.quantization is not None else None
-                if isinstance(details, schema.BlockwiseQuantizationT):
+                if isinstance(details, schema().BlockwiseQuantizationT):
                     scales = subgraph.tensors[details.scales]
                     return TableSlot(si, ti, tensor.buffer, details.scales, scales.buffer,
                                      TableFormat(tensor.type, details.blockSize))

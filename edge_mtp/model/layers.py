@@ -3,8 +3,8 @@
 Everything here is export-friendly: static shapes, no host syncs, cache rows written with `scatter` at `input_pos`,
 grouped-query attention as a plain 4-D matmul (no repeat_kv, which the LiteRT converter miscompiles).
 
-Everything here is also GPU-delegable once converted to LiteRT (the rules LiteRT's GPU delegate enforces, README
-"GPU-delegable graphs"): tensors of rank <= 4 only, no BROADCAST_TO (masks are concatenated, not repeated),
+Everything here is also GPU-delegable once converted to LiteRT (the rules LiteRT's GPU delegate enforces,
+docs/gpu.md): tensors of rank <= 4 only, no BROADCAST_TO (masks are concatenated, not repeated),
 no GATHER_ND / SCATTER (row selection is `take`, which becomes LiteRT's GATHER with int32 indices).
 """
 

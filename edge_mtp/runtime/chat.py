@@ -34,7 +34,7 @@ class ChatSession:
         if not model.tokenizer.chat_template:
             raise EdgeMtpError("This bundle has no chat template, so a conversation cannot be formatted; re-export "
                                "it from a checkpoint whose tokenizer_config.json or chat_template.jinja has one.")
-        model.decoder._check([model.tokenizer.bos], options.mtp and model.backend.has_drafter, options.draft_len)
+        model.decoder.check([model.tokenizer.bos], options.mtp and model.backend.has_drafter, options.draft_len)
         self.model, self.options = model, options
         self.messages: list[Message] = []
         self.cached: list[int] = []  # token ids whose keys and values the cache holds, from position 0

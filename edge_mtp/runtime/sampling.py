@@ -1,4 +1,5 @@
-"""Token choice: greedy, or temperature / top-k / top-p sampling with exact speculative acceptance."""
+"""Token choice: greedy, or temperature / top-k / top-p sampling with exact speculative acceptance, and the loop's
+two acceptance strategies built on them (Greedy, Sampled)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,53 @@ def accept_draft(token: int, p: np.ndarray, q: np.ndarray, rng: np.random.Genera
     residual = np.maximum(p - q, 0.0)
     total = residual.sum()
     return sample(residual / total if total > 0 else p, rng)
+
+
+def accept_sampled(drafts: list[int], qs: list[np.ndarray], rows: np.ndarray, cfg: SamplingConfig,
+                   rng: np.random.Generator) -> tuple[int, int]:
+    """Exact speculative sampling over one verify: (number of drafts accepted, the token that follows them)."""
+    for i, (d, q) in enumerate(zip(drafts, qs)):
+        replacement = accept_draft(d, probabilities(rows[i], cfg), q, rng)
+        if replacement is not None:
+            return i, replacement
+    return len(drafts), sample(probabilities(rows[len(drafts)], cfg), rng)
+
+
+class Greedy:
+    """Acceptance as LiteRT-LM does it: argmax everywhere; keep the drafts the target agrees with, then its token."""
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The target's next token from one row of logits."""
+        return int(np.argmax(logits))
+
+    propose = choose  # the drafter's next draft, from one row of its logits
+
+    def accept(self, drafts: list[int], rows: np.ndarray, argmax: list[int]) -> tuple[int, int]:
+        """(drafts accepted, the token after them) from the verify's logit rows and their argmax."""
+        k = next((i for i, d in enumerate(drafts) if d != argmax[i]), len(drafts))
+        return k, argmax[k]
+
+
+class Sampled:
+    """Acceptance by exact speculative sampling: the output follows the target's distribution under `cfg`, whatever
+    the drafter proposes; it remembers each round's draft distributions between propose and accept."""
+
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg, self.rng = cfg, np.random.default_rng(cfg.seed)
+        self.qs: list[np.ndarray] = []
+
+    def choose(self, logits: np.ndarray) -> int:
+        """A draw from the target's distribution of one row of logits."""
+        return sample(probabilities(logits, self.cfg), self.rng)
+
+    def propose(self, logits: np.ndarray) -> int:
+        """A draw from the drafter's distribution, which accept() will need."""
+        q = probabilities(logits, self.cfg)
+        self.qs.append(q)
+        return sample(q, self.rng)
+
+    def accept(self, drafts: list[int], rows: np.ndarray, argmax: list[int]) -> tuple[int, int]:
+        """(drafts accepted, the token after them), drawn against the distributions the drafts came from."""
+        qs, self.qs = self.qs, []
+        return accept_sampled(drafts, qs, rows, self.cfg, self.rng)
+

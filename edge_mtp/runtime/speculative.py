@@ -8,6 +8,7 @@ verify activation row of the last accepted input. Rejected rows stay in the cach
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -17,7 +18,7 @@ from ..contract import (ACTIVATIONS, DECODE, LOGITS, MASK_HIDDEN, MASK_VISIBLE, 
                         prefill_name)
 from ..errors import EdgeMtpError
 from .backends.base import Backend
-from .sampling import SamplingConfig, accept_draft, probabilities, sample
+from .sampling import Greedy, Sampled, SamplingConfig
 
 
 @dataclass
@@ -91,6 +92,24 @@ class Round:
     target_argmax: list[int]
 
 
+class Recorder:
+    """The loop's observer: times its phases with `clock` into `stats`, which the loop's counts also go to."""
+
+    def __init__(self, stats: Stats, clock: Callable[[], float]):
+        self.stats, self.clock, self.start = stats, clock, clock()
+
+    def since_start(self) -> float:
+        """Milliseconds since the generation started."""
+        return (self.clock() - self.start) * 1000
+
+    @contextmanager
+    def timed(self, times: list[float], per: int = 1) -> Iterator[None]:
+        """Append the block's wall time in ms, divided by `per`, to `times`."""
+        t = self.clock()
+        yield
+        times.append((self.clock() - t) * 1000 / per)
+
+
 class TargetInputs:
     """The inputs of one target signature over `length` rows, allocated once and rewritten in place every call."""
 
@@ -132,7 +151,6 @@ class SpeculativeDecoder:
         self.rounds: list[Round] = []
         self._inputs: dict[int, TargetInputs] = {}  # by row count
         self._draft_in: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # activations, input_pos, mask
-        self._clock: Callable[[], float] = time.perf_counter
 
     # -- the step API (validate, the quantization report and the loop all run the models through it) --------------
 
@@ -175,14 +193,13 @@ class SpeculativeDecoder:
             self.step(prefill_name(length), chunk, position)
             done += len(chunk)
 
-    def draft(self, token: int, carry: np.ndarray, position: int, count: int,
-              sampling: SamplingConfig, rng: np.random.Generator) -> tuple[list[int], list[np.ndarray]]:
-        """`count` drafts after `token` at `position`, all at input_pos = position-1; with sampling, also q per draft.
+    def draft(self, token: int, carry: np.ndarray, position: int, count: int, rule: Greedy | Sampled) -> list[int]:
+        """`count` drafts after `token` at `position`, all at input_pos = position-1, each proposed by `rule`.
 
         The embeddings of `token` and of every draft fed back are left in the verify rows 0..count-1.
         """
         verify = None
-        drafts, qs = [], []
+        drafts = []
         for row in range(count):
             emb, ple = self.backend.embed(token)
             verify = verify or self._target_inputs(self.contract.verify_len, emb, ple)
@@ -191,16 +208,10 @@ class SpeculativeDecoder:
             activations[..., :emb.shape[-1]] = emb
             activations[..., emb.shape[-1]:] = carry
             out = self.backend.run_drafter(activations, input_pos, mask)
-            logits = out[LOGITS][0, -1]
-            if sampling.greedy:
-                token = int(np.argmax(logits))
-            else:
-                q = probabilities(logits, sampling)
-                token = sample(q, rng)
-                qs.append(q)
+            token = rule.propose(out[LOGITS][0, -1])
             drafts.append(token)
             carry = out[PROJECTED]
-        return drafts, qs
+        return drafts
 
     def _drafter_inputs(self, emb: np.ndarray, carry: np.ndarray,
                         position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -235,43 +246,61 @@ class SpeculativeDecoder:
         the rest is prefilled.
         """
         c = self.contract
-        g = self._check(prompt, mtp, draft_len)
-        st = stats if stats is not None else Stats()
-        st.draft_len, st.prompt_tokens = g, len(prompt)
-        rng, stop, self._clock, self.rounds = np.random.default_rng(sampling.seed), set(stop_tokens), clock, []
+        g = self.check(prompt, mtp, draft_len)
         if not 0 <= cached < len(prompt):
             raise ValueError(f"cached ({cached}) must leave at least the last prompt token to decode")
+        st = stats if stats is not None else Stats()
+        st.draft_len, st.prompt_tokens = g, len(prompt)
+        rule = Greedy() if sampling.greedy else Sampled(sampling)
+        stop, self.rounds = set(stop_tokens), []
         if not cached:
             self.backend.reset()
-        t0 = clock()
+        watch = Recorder(st, clock)
         self.prefill(prompt[cached:-1], cached)
-        st.prefill_ms = (clock() - t0) * 1000
+        st.prefill_ms = watch.since_start()
         position = len(prompt) - 1
-        out = self._timed(st.decode_ms, self.step, DECODE, [prompt[-1]], position)
-        token, carry = _choose(out[LOGITS][0, 0], sampling, rng), out[ACTIVATIONS]
+        with watch.timed(st.decode_ms):
+            out = self.step(DECODE, [prompt[-1]], position)
+        new, carry = [rule.choose(out[LOGITS][0, 0])], out[ACTIVATIONS]
         position += 1
-        st.time_to_first_token_ms = (clock() - t0) * 1000
-        new = [token]
+        st.time_to_first_token_ms = watch.since_start()
         while max_tokens > 0:
-            for tok in new[:max_tokens - st.generated]:
+            for token in new[:max_tokens - st.generated]:
                 st.generated += 1
-                yield tok
-                if tok in stop:
+                yield token
+                if token in stop:
                     max_tokens = 0  # nothing after a stop token
                     break
             if st.generated >= max_tokens or position >= c.context:
                 break
             if mtp and position + c.verify_len <= c.context:
-                new, carry = self._round(new[-1], carry, position, g, sampling, rng, st)
+                new, carry = self.round(new[-1], carry, position, g, rule, watch)
             else:
-                out = self._timed(st.decode_ms, self.step, DECODE, [new[-1]], position)
+                with watch.timed(st.decode_ms):
+                    out = self.step(DECODE, [new[-1]], position)
                 self.rounds.append(Round(position, [], [int(np.argmax(out[LOGITS][0, 0]))]))
                 st.plain_decodes += 1
-                new, carry = [_choose(out[LOGITS][0, 0], sampling, rng)], out[ACTIVATIONS]
+                new, carry = [rule.choose(out[LOGITS][0, 0])], out[ACTIVATIONS]
             position += len(new)
-        st.total_ms = (clock() - t0) * 1000
+        st.total_ms = watch.since_start()
 
-    def _check(self, prompt: Sequence[int], mtp: bool, draft_len: int | None) -> int:
+    def round(self, token: int, carry: np.ndarray, position: int, g: int, rule: Greedy | Sampled,
+              watch: Recorder) -> tuple[list[int], np.ndarray]:
+        """Draft g tokens, verify [token, drafts] once, accept what `rule` keeps: (emitted tokens, next carry)."""
+        with watch.timed(watch.stats.draft_ms, per=g):
+            drafts = self.draft(token, carry, position, g, rule)
+        with watch.timed(watch.stats.verify_ms):
+            out = self._verify(drafts, position)
+        rows = out[LOGITS][0]
+        argmax = [int(np.argmax(r)) for r in rows[: g + 1]]
+        k, bonus = rule.accept(drafts, rows, argmax)
+        self.rounds.append(Round(position, drafts, argmax))
+        st = watch.stats
+        st.drafted, st.accepted, st.verifies = st.drafted + g, st.accepted + k, st.verifies + 1
+        st.accepted_per_round.append(k)
+        return drafts[:k] + [bonus], out[ACTIVATIONS][:, k:k + 1]
+
+    def check(self, prompt: Sequence[int], mtp: bool, draft_len: int | None) -> int:
         """The draft length to use, after refusing what this bundle cannot run."""
         c = self.contract
         g = c.draft_len if draft_len is None else draft_len
@@ -286,49 +315,6 @@ class SpeculativeDecoder:
             raise EdgeMtpError(f"The prompt has {len(prompt)} tokens but the bundle's context is {c.context}; shorten "
                                f"the prompt or export with --context larger than {len(prompt)}.")
         return g
-
-    def _timed(self, times: list[float], call: Callable[..., dict], *args) -> dict:
-        """call(*args), appending its wall time in ms to `times`."""
-        t = self._clock()
-        out = call(*args)
-        times.append((self._clock() - t) * 1000)
-        return out
-
-    def _round(self, token: int, carry: np.ndarray, position: int, g: int, sampling: SamplingConfig,
-               rng: np.random.Generator, st: Stats) -> tuple[list[int], np.ndarray]:
-        """Draft g tokens, verify [token, drafts] once, accept the agreeing prefix: (emitted tokens, next carry)."""
-        t = self._clock()
-        drafts, qs = self.draft(token, carry, position, g, sampling, rng)
-        st.draft_ms.append((self._clock() - t) * 1000 / g)
-        out = self._timed(st.verify_ms, self._verify, drafts, position)
-        rows = out[LOGITS][0]
-        argmax = [int(np.argmax(r)) for r in rows[: g + 1]]
-        if sampling.greedy:
-            k = next((i for i, d in enumerate(drafts) if d != argmax[i]), g)
-            bonus = argmax[k]
-        else:
-            k, bonus = self._accept_sampled(drafts, qs, rows, sampling, rng)
-        self.rounds.append(Round(position, drafts, argmax))
-        st.drafted += g
-        st.accepted += k
-        st.verifies += 1
-        st.accepted_per_round.append(k)
-        return drafts[:k] + [bonus], out[ACTIVATIONS][:, k:k + 1]
-
-    @staticmethod
-    def _accept_sampled(drafts: list[int], qs: list[np.ndarray], rows: np.ndarray, sampling: SamplingConfig,
-                        rng: np.random.Generator) -> tuple[int, int]:
-        """Exact speculative sampling over one verify: (number accepted, the token that follows them)."""
-        for i, (d, q) in enumerate(zip(drafts, qs)):
-            replacement = accept_draft(d, probabilities(rows[i], sampling), q, rng)
-            if replacement is not None:
-                return i, replacement
-        return len(drafts), sample(probabilities(rows[len(drafts)], sampling), rng)
-
-
-def _choose(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> int:
-    """The next token from one row of target logits: argmax, or a draw under `sampling`."""
-    return int(np.argmax(logits)) if sampling.greedy else sample(probabilities(logits, sampling), rng)
 
 
 def generate_tokens(backend: Backend, prompt: Sequence[int], **kwargs) -> tuple[list[int], Stats]:

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import copy
 
-_ALIGN = 64
+from ...formats.tflite import repack, schema, unpack
 
 
 def inline_composites(model: bytes) -> bytes:
     """`model` with every STABLEHLO_COMPOSITE op of its signature subgraphs replaced by its decomposition's ops."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
-
-    m = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    m = unpack(model)
     composite = {i for i, c in enumerate(m.operatorCodes)
-                 if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.STABLEHLO_COMPOSITE}
+                 if max(c.builtinCode, c.deprecatedBuiltinCode) == schema().BuiltinOperator.STABLEHLO_COMPOSITE}
     if not composite:
         return model
     for sig in m.signatureDefs:
@@ -43,24 +40,4 @@ def inline_composites(model: bytes) -> bytes:
                 clone.outputs = [index[i] for i in inner.outputs]
                 ops.append(clone)
         graph.operators = ops
-    return _pack(schema, flatbuffers, m, model)
-
-
-def _pack(schema, flatbuffers, m, original: bytes) -> bytes:
-    """Pack `m`, carrying over weights stored after the flatbuffer (offset buffers) with their offsets moved."""
-    spans = [b for b in m.buffers if b.offset and b.offset > 1]
-
-    def packed() -> bytes:
-        builder = flatbuffers.Builder(1024)
-        builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
-        return bytes(builder.Output())
-
-    head = packed()  # offsets are never 0 here, so moving them keeps the size
-    if not spans:
-        return head
-    old_base = min(b.offset for b in spans)
-    new_base = len(head) + (-len(head) % _ALIGN)
-    for b in spans:
-        b.offset += new_base - old_base
-    head = packed()
-    return head + b"\0" * (new_base - len(head)) + original[old_base:]
+    return repack(m, model)

@@ -1,0 +1,1 @@
+"""Low-level file formats that every layer reads and writes: TFLite flatbuffers (tflite)."""
