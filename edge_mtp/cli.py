@@ -415,8 +415,8 @@ def _chat_stats(session) -> str:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=24, show_default=True,
               help="Greedy tokens generated per prompt.")
 @click.option("--max-rel-error", type=click.FloatRange(min=0), default=None,
-              help="Default 1e-3 (raise it for quantized bundles).")
-@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Default 0.99.")
+              help="fp32 bundles (default 1e-3); a quantized bundle is held to what its recipe cost at export.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="fp32 bundles (default 0.99).")
 @click.option("--min-acceptance-ratio", type=click.FloatRange(min=0), default=None,
               help="Default 0.8 of the PyTorch drafter's.")
 @click.option("--no-litert-lm", is_flag=True, help="Skip running Google's LiteRT-LM runtime.")
@@ -425,7 +425,7 @@ def _chat_stats(session) -> str:
 def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, prompts: Path | None, max_tokens: int,
              max_rel_error: float | None, min_top1: float | None, min_acceptance_ratio: float | None,
              no_litert_lm: bool, as_json: bool, report_path: Path | None) -> None:
-    """Prove a bundle against the transformers originals; exit 0 pass, 1 fail, 2 unusable input."""
+    """Prove a bundle against its original checkpoints at any recipe; exit 0 pass, 1 fail, 2 unusable input."""
     from dataclasses import replace
 
     from rich.console import Console
@@ -452,10 +452,11 @@ def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, pr
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         table = Table(title=f"validate {bundle}")
-        for column in ("check", "subject", "result", "detail"):
+        for column in ("check", "subject", "result", "detail", "reference", "criterion"):
             table.add_column(column)
         for c in report.checks:
-            table.add_row(c.kind, c.subject, "[green]pass" if c.passed else "[red]FAIL", c.detail)
+            table.add_row(c.kind, c.subject, "[green]pass" if c.passed else "[red]FAIL", c.detail, c.reference,
+                          c.criterion)
         Console().print(table)
         click.echo("PASS" if report.passed else "FAIL")
     sys.exit(0 if report.passed else 1)

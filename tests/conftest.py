@@ -79,6 +79,35 @@ def demo_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pair_dirs(synth_pair) -> dict:
+    """(target, assistant) checkpoint directories of the tiny synthetic pair and of the demo pair."""
+    from edge_mtp.demo import assistant_dir, target_dir
+
+    return {"tiny": (synth_pair / "target", synth_pair / "assistant"), "demo": (target_dir(), assistant_dir())}
+
+
+@pytest.fixture(scope="session")
+def recipe_bundle(pair_dirs, tiny_bundle, demo_bundle, tmp_path_factory):
+    """recipe_bundle(pair, recipe) -> (path, export summary or None): each pair exported once per recipe in the
+    session ('tiny' at the tiny_bundle geometry, 'demo' at the demo_bundle one; fp32 are those bundles)."""
+    from edge_mtp.export.pipeline import export_litert
+
+    made = {("tiny", "fp32"): tiny_bundle, ("demo", "fp32"): (demo_bundle, None)}
+    shapes = {"tiny": (BUNDLE_CONTEXT, BUNDLE_PREFILL), "demo": (DEMO_CONTEXT, DEMO_PREFILL)}
+
+    def get(pair: str, recipe: str):
+        if (pair, recipe) not in made:
+            target, assistant = pair_dirs[pair]
+            context, prefill = shapes[pair]
+            out = tmp_path_factory.mktemp(f"{pair}-{recipe}") / f"{pair}-{recipe}.litertlm"
+            made[pair, recipe] = (out, export_litert(target, assistant, out, context=context, prefill=prefill,
+                                                     quant=recipe))
+        return made[pair, recipe]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def gpu_demo(tmp_path_factory):
     """The demo pair exported for LiteRT-LM's GPU executor too (export --gpu: in-place KV cache; fp32, so the drafter
     gathers its candidate rows)."""

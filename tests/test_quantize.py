@@ -200,13 +200,8 @@ LITERT_RECIPES = ("int4", "mixed")
 
 
 @pytest.fixture(scope="module")
-def litert_bundles(tmp_path_factory) -> dict:
-    from edge_mtp.export.pipeline import export_litert
-
-    root = tmp_path_factory.mktemp("quant-litert")
-    return {r: (root / f"{r}.litertlm", export_litert(demo.target_dir(), demo.assistant_dir(), root / f"{r}.litertlm",
-                                                      context=DEMO_CONTEXT, prefill=DEMO_PREFILL, quant=r))
-            for r in LITERT_RECIPES}
+def litert_bundles(recipe_bundle) -> dict:
+    return {r: recipe_bundle("demo", r) for r in LITERT_RECIPES}
 
 
 @pytest.mark.parametrize("recipe", LITERT_RECIPES)

@@ -181,6 +181,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
             report["components"] = {name: {k: v for k, v in asdict(r).items() if k != "seconds"}  # reproducible
                                     for name, r in job.reports.items()}
             manifest["quantization_report"] = report
+            manifest["weight_names"] = job.weight_names
             fit = fit_template(meta.chat_template, checkpoint_specials(source.directory) if meta.chat_template else {},
                                candidate, contract.context, allow_template_mismatch)
             meta.chat_template, manifest["chat_template"] = fit.template, fit.to_dict()

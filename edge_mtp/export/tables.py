@@ -23,7 +23,8 @@ from ..formats.tflite import schema
 from .joiner import BufferData
 
 ROW_CHUNK_BYTES = 64 << 20  # fp32 bytes of table rows quantized at a time
-_FLOAT32, _FLOAT16, _INT8, _INT4 = 0, 1, 9, 17
+FLOAT32, FLOAT16, INT8, INT4 = 0, 1, 9, 17  # TFLite tensor types
+FLOAT_TYPES = (FLOAT32, FLOAT16)
 
 
 def small_vocab(avoid: set[int], vocab: int) -> int:
@@ -45,19 +46,19 @@ class TableFormat:
     def quantize(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(stored bytes, scales) of fp32 rows [n, d]: scales [n] (int8), [n, d/block] float16 (4-bit), None (float)."""
         rows = np.asarray(rows, dtype=np.float32)
-        if self.tensor_type == _FLOAT32:
+        if self.tensor_type == FLOAT32:
             return rows.view(np.uint8).reshape(-1), None
-        if self.tensor_type == _FLOAT16:
+        if self.tensor_type == FLOAT16:
             return rows.astype(np.float16).view(np.uint8).reshape(-1), None
-        if self.tensor_type == _INT8:
+        if self.tensor_type == INT8:
             scale = np.maximum(np.abs(rows).max(axis=1), np.float32(1e-9)) / np.float32(127)
             q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
             return q.view(np.uint8).reshape(-1), scale.astype(np.float32)
-        if self.tensor_type == _INT4 and not self.block:  # channelwise 4-bit: one float32 scale per row
+        if self.tensor_type == INT4 and not self.block:  # channelwise 4-bit: one float32 scale per row
             scale = np.maximum(np.abs(rows).max(axis=1), np.float32(1e-9)) / np.float32(7)
             q = np.clip(np.rint(rows / scale[:, None]), -8, 7).astype(np.int8).reshape(-1)
             return _pack4(q), scale.astype(np.float32)
-        if self.tensor_type == _INT4:
+        if self.tensor_type == INT4:
             n, d = rows.shape
             blocks = rows.reshape(n, d // self.block, self.block)
             scale = np.maximum(np.abs(blocks).max(axis=2), np.float32(1e-9)) / np.float32(7)
@@ -71,11 +72,11 @@ class TableFormat:
     def dequantize(self, stored: np.ndarray, scales: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
         """fp32 rows back from stored bytes and scales (what the runtime computes)."""
         n, d = shape
-        if self.tensor_type == _FLOAT32:
+        if self.tensor_type == FLOAT32:
             return stored.view(np.float32).reshape(n, d)
-        if self.tensor_type == _FLOAT16:
+        if self.tensor_type == FLOAT16:
             return stored.view(np.float16).astype(np.float32).reshape(n, d)
-        if self.tensor_type == _INT8:
+        if self.tensor_type == INT8:
             return stored.view(np.int8).reshape(n, d).astype(np.float32) * scales[:, None]
         low = (stored & 0x0F).astype(np.int8)
         high = (stored >> 4).astype(np.int8)

@@ -1,0 +1,98 @@
+"""validate certifies what ships: a faithful bundle passes at every recipe, and a bundle validated against a checkpoint
+it does not come from fails at every recipe, whatever the defect (tests/defects.py).
+
+The catalogue runs validate's own verdict (no LiteRT-LM run, one short prompt); the rows that must fail are named, so
+a defect cannot pass for another check's failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from defects import DEFECTS, defective_copy
+from edge_mtp.cli import main
+from edge_mtp.validate import validate
+
+PAIRS_RECIPES = [(pair, recipe) for pair in ("tiny", "demo") for recipe in ("fp32", "int8", "int4")]
+PROMPTS = ["The file is"]
+# the weight that each defect leaves out of the bundle, as validate names it
+NAMED = {"noise": "layers.1.mlp.down_proj.weight", "swapped": "self_attn.o_proj.weight",
+         "norm": "layers.1.input_layernorm.weight", "scale": "layers.1.self_attn.q_proj.weight",
+         "mismapped": "mlp.gate_proj.weight", "rope": "inv_freq_full"}
+
+
+@pytest.fixture(scope="session")
+def defective(pair_dirs, tmp_path_factory):
+    """defective(pair, defect) -> a copy of the pair's target with that defect, made once."""
+    made = {}
+
+    def get(pair: str, defect: str):
+        if (pair, defect) not in made:
+            made[pair, defect] = defective_copy(pair_dirs[pair][0], defect,
+                                                tmp_path_factory.mktemp(f"{pair}-{defect}") / "target")
+        return made[pair, defect]
+
+    return get
+
+
+def _failed(report) -> list:
+    return [c for c in report.checks if not c.passed]
+
+
+@pytest.mark.parametrize("pair,recipe", PAIRS_RECIPES)
+def test_a_faithful_bundle_passes_and_every_defect_fails(pair, recipe, recipe_bundle, pair_dirs, defective):
+    bundle, _ = recipe_bundle(pair, recipe)
+    target, assistant = pair_dirs[pair]
+    report = validate(bundle, target, assistant, prompts=PROMPTS, max_tokens=4, use_litert_lm=False)
+    assert report.passed, [(c.subject, c.detail, c.criterion) for c in _failed(report)]
+    weights = [c for c in report.checks if c.kind == "weights"]
+    assert {c.subject for c in weights} == {"target", "embedding tables", "drafter"}
+    assert all(c.metrics["tensors"] and not c.metrics["problems"] for c in weights)
+    if recipe != "fp32":  # the quantized weights were compared in their stored encoding
+        assert recipe in weights[0].metrics["tensors"]
+    for defect in DEFECTS:
+        report = validate(bundle, defective(pair, defect), assistant, prompts=PROMPTS, max_tokens=4,
+                          use_litert_lm=False)
+        failed = _failed(report)
+        assert failed, (pair, recipe, defect)
+        target_row = next(c for c in failed if c.kind == "weights" and c.subject == "target")
+        assert any(NAMED[defect] in problem for problem in target_row.metrics["problems"]), target_row.detail
+
+
+def test_a_bundle_of_a_defective_checkpoint_fails_against_the_original(synth_pair, pair_dirs, defective, tmp_path):
+    """The same mismatch seen from the other side: exported from the noisy copy, validated against the original."""
+    from conftest import BUNDLE_CONTEXT, BUNDLE_PREFILL
+    from edge_mtp.export.pipeline import export_litert
+
+    out = tmp_path / "noisy.litertlm"
+    export_litert(defective("tiny", "noise"), synth_pair / "assistant", out, context=BUNDLE_CONTEXT,
+                  prefill=BUNDLE_PREFILL, quant="int4")
+    result = CliRunner().invoke(main, ["validate", str(out), "--target", str(synth_pair / "target"),
+                                       "--assistant", str(synth_pair / "assistant"), "--max-tokens", "4",
+                                       "--no-litert-lm", "--json"])
+    assert result.exit_code == 1, result.output[-2000:]
+    report = json.loads(result.output[result.output.index("{"):])
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert [c["subject"] for c in failed if c["kind"] == "weights"] == ["target"]
+    assert "layers.1.mlp.down_proj.weight" in failed[0]["detail"]
+    assert failed[0]["reference"] == "the checkpoint rounded by the bundle's recipe"
+
+
+def test_every_row_says_which_reference_it_used_and_why_it_passed(recipe_bundle, pair_dirs):
+    bundle, _ = recipe_bundle("demo", "int8")
+    report = validate(bundle, *pair_dirs["demo"], prompts=PROMPTS, max_tokens=4, use_litert_lm=False)
+    assert report.passed
+    for check in report.checks:
+        assert check.reference, check.subject
+        assert check.criterion or check.kind == "chat", check.subject
+    graphs = {c.subject: c for c in report.checks if c.kind == "graph"}
+    logits = next(c for s, c in graphs.items() if "decode logits" in s)
+    # a quantized bundle is held to what its recipe cost at export, not to the fp32 threshold
+    assert "the int8 cost measured at export" in logits.criterion
+    assert logits.metrics["relative_error"] > 1e-3
+    drafter = next(c for s, c in graphs.items() if "drafter" in s)
+    assert drafter.metrics["drafted_token_agreement"] >= 0.5 and "decisions" in drafter.subject
+    markdown = report.markdown()
+    assert "| reference | criterion |" in markdown and "the checkpoint rounded by the bundle's recipe" in markdown
