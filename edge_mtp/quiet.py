@@ -124,8 +124,12 @@ class _CaptureHandler(logging.Handler):
 
 def _notice(record: logging.LogRecord) -> str | None:
     """Our one-line version of a library warning that the user must see, if `record` is one."""
-    return next((line for (name, fragment), line in NOTICES.items()
-                 if record.name == name and fragment in record.getMessage()), None)
+    try:
+        message = record.getMessage()
+    except Exception:  # a record whose arguments do not fit its format string: not one of ours to translate
+        return None
+    return next((line for (name, fragment), line in NOTICES.items() if record.name == name and fragment in message),
+                None)
 
 
 @contextmanager
@@ -145,7 +149,7 @@ def _library_logs_captured() -> Iterator[None]:
         if record.levelno < logging.WARNING:
             return
         if record.name == OURS or record.name.startswith(OURS + "."):
-            logging.lastResort.handle(record)  # the message alone, on the current sys.stderr
+            (logging.lastResort or capture).handle(record)  # the message alone, on the current sys.stderr
             return
         capture.handle(record)
         notice = _notice(record)

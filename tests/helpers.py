@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from edge_mtp.export.driver import TOLERANCE
@@ -22,6 +24,21 @@ def assert_streamed_export(summary, layers: int = 6) -> None:
     assert report["reference"] == "streamed PyTorch fp32"
     assert report["logit_relative_error"] <= 1e-4 and report["top1_agreement"] == 1.0
     assert report["drafter_logit_relative_error"] <= 1e-4 and report["drafter_top1_agreement"] == 1.0
+
+
+# a logging record (Python's default and onnxruntime's formats) or an absl / glog line
+LIBRARY_RECORD = re.compile(r"\[(DEBUG|INFO|WARNING|ERROR)\]|^(DEBUG|INFO|WARNING|ERROR)[: ]|^[IWEF]\d{4} ")
+STAGE = re.compile(r"^(\[\d\d:\d\d:\d\d\] | {11})[a-z]")  # a progress line: [hh:mm:ss] stage (the time once a second)
+MAX_PROGRESS_LINES = 20
+
+
+def assert_only_progress(stderr: str) -> None:
+    """A command's stderr holds its stage lines and edge-mtp's own notices, a bounded number of them, and not one
+    library log record."""
+    lines = stderr.splitlines()
+    assert not [ln for ln in lines if LIBRARY_RECORD.search(ln)], stderr[-3000:]
+    assert all(STAGE.match(ln) or ln.startswith("edge-mtp: ") for ln in lines), stderr[-3000:]
+    assert 0 < len(lines) <= MAX_PROGRESS_LINES, stderr[-3000:]
 
 
 def _shift(t: torch.Tensor, axis: int) -> torch.Tensor:
