@@ -45,11 +45,19 @@ def _stderr_per_command(commands: list[list[str]]) -> list[tuple[int, str]]:
     return out
 
 
-def test_an_int4_onnx_export_and_its_run_print_only_their_own_lines(synth_pair, tmp_path):
+def test_an_int4_onnx_export_and_its_run_print_only_their_own_lines(tmp_path):
     """onnxruntime's 4-bit quantizer logs every node at INFO (1,083 lines for the demo pair); what is left is our
-    progress and one line of ours for the opset it raises. The cheapest export that reaches it: the target alone."""
+    progress and one line of ours for the opset it raises. The cheapest export that reaches it: a two-layer tiny
+    target alone."""
+    from dataclasses import replace
+
+    from edge_mtp.spec import FULL, SLIDING, preset_pair
+    from edge_mtp.synth import write_target
+
+    target = replace(preset_pair("tiny")[0], layer_types=(SLIDING, FULL), num_kv_shared_layers=0)
+    write_target(tmp_path / "target", target)
     bundle = tmp_path / "onnx-int4"
-    commands = [["export", "--target", str(synth_pair / "target"), "--no-assistant", "--format", "onnx", "--quant",
+    commands = [["export", "--target", str(tmp_path / "target"), "--no-assistant", "--format", "onnx", "--quant",
                  "int4", "--context", "64", "--prefill", "8", "--out", str(bundle)],
                 ["run", str(bundle), "--prompt-ids", "2,5,7", "--max-tokens", "4"]]
     (exported, export_err), (ran, run_err) = _stderr_per_command(commands)
