@@ -23,6 +23,8 @@ from typing import Iterator
 VERBOSE_ENV = "EDGE_MTP_VERBOSE"
 REPLAY_LINES = 40  # after an unexpected failure (a bug, not a user error), the last captured lines are shown
 OURS = "edge_mtp"
+# tqdm and huggingface_hub read these once, on import (mid-command): transformers' "Loading weights" bars and the like
+PROGRESS_BARS_OFF = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 # Library warnings that describe the bundle a user gets: (logger, fragment of the message) -> one line of ours.
 NOTICES = {
     ("onnxruntime.quantization.matmul_nbits_quantizer", "opset 21"):
@@ -73,7 +75,7 @@ def native_output_captured(verbose: bool = False) -> Iterator[None]:
     if any(swapped.values()):  # a real process: native destructors also print at interpreter exit
         atexit.register(_silence_native_exit)
     try:
-        with _library_logs_captured():
+        with _library_logs_captured(), _library_progress_bars_off():
             yield
     except EdgeMtpError:
         raise
@@ -172,6 +174,18 @@ def _library_logs_captured() -> Iterator[None]:
         logging.Logger.callHandlers = call_handlers
         root.removeHandler(capture)
         root.setLevel(previous)
+
+
+@contextmanager
+def _library_progress_bars_off() -> Iterator[None]:
+    """Libraries imported while this runs draw no progress bars (unless the environment already says otherwise)."""
+    added = {name: value for name, value in PROGRESS_BARS_OFF.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 @contextmanager
