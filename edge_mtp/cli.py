@@ -17,6 +17,9 @@ from .errors import EdgeMtpError
 from .quiet import native_output_captured, verbose_requested
 
 
+SEED = click.IntRange(0, 2**32 - 1)  # what every random generator we seed accepts
+
+
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -88,7 +91,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--preset", default="tiny", show_default=True, help="e2b, e4b, tiny, tiny-mqa or wide.")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Writes OUT/target and OUT/assistant.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default=None, help="Default: the preset's.")
 @click.option("--multimodal-layout", is_flag=True, help="Target in the gemma4 wrapper layout (model.language_model.*).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=2048, show_default=True,
@@ -189,6 +192,7 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         assistant_dir = None
     elif assistant_dir is None:
         raise EdgeMtpError("--assistant is required with --target (or pass --no-assistant to export without MTP).")
+    _check_context(target_dir, context, _parse_lengths(prefill))
     if quant == AUTO:
         quant = auto_recipe(target_dir)
     with export_progress() as (stage, progress):
@@ -232,16 +236,37 @@ def _check_export_options(out: Path, fmt: str, draft_len: int, context: int, pre
     _check_output(out, folder=fmt == "onnx")
 
 
+def _check_context(target_dir: str, context: int, prefill: tuple[int, ...]) -> None:
+    """Refuse, before any work, a --context beyond the checkpoint's positions or beyond what its KV caches and
+    masks (fp32, as exported) leave room for in memory."""
+    from .checkpoint import resolve_checkpoint
+    from .memory import available_bytes
+    from .spec import max_positions, read_config, target_spec_from_config
+
+    folder = resolve_checkpoint(target_dir)
+    config = read_config(folder)
+    limit = max_positions(config, f"{folder}/config.json")
+    if limit is not None and context > limit:
+        raise EdgeMtpError(f"--context {context} exceeds the {limit} positions the target supports "
+                           f"(max_position_embeddings in {folder}/config.json); lower --context.")
+    spec = target_spec_from_config(config, f"{folder}/config.json")
+    need = context * (spec.kv_bytes_per_token(4) + 4 * max(prefill))  # every K/V cache, the widest mask
+    free = available_bytes()
+    if free and need > free:
+        raise EdgeMtpError(f"--context {context} needs at least {need / 2**30:.1f} GiB for the KV caches and masks, "
+                           f"more than the {free / 2**30:.1f} GiB of memory available; lower --context.")
+
+
 @contextmanager
 def export_progress():
     """(on_stage, on_progress) callbacks drawing one progress bar with an ETA over the export's pieces on stderr."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, log_path=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("exporting", total=None)
 
         def stage(text: str) -> None:
@@ -281,7 +306,7 @@ def _loop_options(command):
         click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
         click.option("--top-k", default=0, show_default=True),
         click.option("--top-p", default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None),
+        click.option("--seed", type=SEED, default=None),
         click.option("--no-verify", is_flag=True,
                      help="Skip checking the bundle against its recorded sha256 (faster start)."),
     ]
@@ -324,14 +349,16 @@ def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat):
         tokens.append(token)
         if not as_json:
-            text = model.tokenizer.decode(tokens)
+            text = model.tokenizer.reply_text(tokens)
             click.echo(text[len(shown):], nl=False)
             shown = text
     stats = model.last_stats.to_dict()
     if gpu_delegation(model):
         stats["gpu_delegated_ops"] = gpu_delegation(model)
     if as_json:
-        click.echo(json.dumps({"tokens": tokens, "text": model.tokenizer.decode(tokens), "stats": stats}))
+        stop = tokens[-1] if tokens and tokens[-1] in model.tokenizer.stop_tokens else None
+        click.echo(json.dumps({"tokens": tokens, "text": model.tokenizer.reply_text(tokens), "stop_token": stop,
+                               "stats": stats}))
         return
     click.echo()
     click.echo(f"[{len(tokens)} tokens, {stats['tokens_per_second']:.1f} tok/s, TTFT {stats['time_to_first_token_ms']:.0f} ms"
@@ -381,11 +408,10 @@ def chat(bundle: Path | None, backend: str | None, accelerator: str, max_tokens:
 def _chat_turn(session, text: str) -> None:
     """Stream one reply (stop token hidden); a turn the bundle cannot take is reported and the session goes on."""
     tokens, shown = [], ""
-    stops = set(session.model.tokenizer.stop_tokens)
     try:
         for token in session.send(text):
             tokens.append(token)
-            shown_now = session.model.tokenizer.decode([t for t in tokens if t not in stops])
+            shown_now = session.model.tokenizer.reply_text(tokens)
             click.echo(shown_now[len(shown):], nl=False)
             shown = shown_now
     except EdgeMtpError as e:
@@ -564,11 +590,14 @@ def distill(target_dir: str, out_dir: Path, data: tuple[str, ...], prompts: str 
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="New bundle folder.")
 @click.option("--quant", required=True, help="fp16, int8, int4[-b64|-b128] or mixed.")
 def quantize(bundle: Path, out: Path, quant: str) -> None:
     """Quantize a finished fp32 ONNX bundle folder into a new folder (no re-export), with its quantization report."""
+    if not bundle.is_dir():
+        raise EdgeMtpError(f"{bundle} is a file: quantize takes ONNX bundle folders, and LiteRT bundles are quantized "
+                           "at export (edge-mtp export --quant int8, int4, ...).")
     _check_output(out, folder=True)
     from .export.onnx import quantize_onnx_bundle
 

@@ -1,5 +1,5 @@
-"""Peak resident memory of this process and its children, sampled while work runs (what an OOM killer sees), and
-peak disk use of the same work."""
+"""Peak resident memory of this process and its children, sampled while work runs (what an OOM killer sees), peak
+disk use of the same work, and the memory available before it starts."""
 
 from __future__ import annotations
 
@@ -70,6 +70,20 @@ class PeakMemory(PeakSampler):
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+
+def available_bytes() -> int:
+    """Memory the system can give a new allocation without swapping (MemAvailable; 0 where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def disk_used_bytes(path: str | Path) -> int:

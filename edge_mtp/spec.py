@@ -369,6 +369,12 @@ def _target_spec(cfg: dict[str, Any], where: str) -> TargetSpec:
     return spec
 
 
+def max_positions(cfg: dict[str, Any], where: str = "config.json") -> int | None:
+    """The longest sequence a target config supports (max_position_embeddings; None where it does not say)."""
+    value = _text_config(cfg, where).get("max_position_embeddings")
+    return value if type(value) is int and value > 0 else None
+
+
 def drafter_spec_from_config(cfg: dict[str, Any], generation: dict[str, Any] | None = None,
                              where: str = "config.json") -> DrafterSpec:
     """DrafterSpec from a gemma4_assistant config.json (and optionally its generation_config.json)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from edge_mtp.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
@@ -59,3 +61,18 @@ class ShiftedCaches(torch.nn.Module):
     def forward(self, activations, input_pos, mask, **caches):
         shifted = {n: _shift(t, 2 if "_k_" in n else 3) for n, t in caches.items()}
         return self.drafter(activations, input_pos, mask, **shifted)
+
+
+# a logging record (Python's default and onnxruntime's formats) or an absl / glog line
+LIBRARY_RECORD = re.compile(r"\[(DEBUG|INFO|WARNING|ERROR)\]|^(DEBUG|INFO|WARNING|ERROR)[: ]|^[IWEF]\d{4} ")
+STAGE = re.compile(r"^(\[\d\d:\d\d:\d\d\] | {11})[a-z]")  # a progress line: [hh:mm:ss] stage (the time once a second)
+MAX_PROGRESS_LINES = 20
+
+
+def assert_only_progress(stderr: str) -> None:
+    """A command's stderr holds its stage lines and edge-mtp's own notices, a bounded number of them, and not one
+    library log record."""
+    lines = stderr.splitlines()
+    assert not [ln for ln in lines if LIBRARY_RECORD.search(ln)], stderr[-3000:]
+    assert all(STAGE.match(ln) or ln.startswith("edge-mtp: ") for ln in lines), stderr[-3000:]
+    assert 0 < len(lines) <= MAX_PROGRESS_LINES, stderr[-3000:]

@@ -69,7 +69,8 @@ def inputs(tiny_bundle, synth_pair, tmp_path_factory) -> dict[str, Path]:
                        ("no-hidden-size", lambda c: c.pop("hidden_size")),
                        ("hidden-size-text", lambda c: c.update(hidden_size="sixty-four")),
                        ("negative-vocab", lambda c: c.update(vocab_size=-5)),
-                       ("billion-layers", lambda c: (c.pop("layer_types"), c.update(num_hidden_layers=10 ** 9)))):
+                       ("billion-layers", lambda c: (c.pop("layer_types"), c.update(num_hidden_layers=10 ** 9))),
+                       ("endless-positions", lambda c: c.update(max_position_embeddings=10 ** 15))):
         p[name] = _config_variant(synth_pair, root, name, edit)
     p["not-utf8"] = root / "config-not-utf8"
     p["not-utf8"].mkdir()
@@ -97,6 +98,7 @@ CASES = [
     ("run-top-p-zero", "run {bundle} --top-p 0", "Top-p must be in (0, 1]"),
     ("run-max-tokens", "run {bundle} --max-tokens -3", "must be at least 1, not -3"),
     ("run-top-k", "run {bundle} --top-k -1", "Top-k must be 0 (off)"),
+    ("run-seed-negative", "run {bundle} --temperature 0.7 --seed -5", "'--seed': -5 is not in the range"),
     ("run-draft-len-zero", "run {bundle} --draft-len 0", "'--draft-len': 0 is not in the range"),
     ("run-draft-len-beyond-bundle", "run {bundle} --draft-len 9", "Draft length 9 is not available"),
     ("run-prompt-ids-oov", "run {bundle} --prompt-ids 5,300", "Prompt token id 300 is outside the model's vocabulary"),
@@ -155,6 +157,8 @@ CASES = [
     ("distill-missing-target", "distill --target {out}/none --out {out}", "does not exist"),
     ("distill-broken-config", "distill --target {moe} --out {out}", "Mixture-of-Experts"),
     # quantize
+    ("quantize-litert-bundle", "quantize {bundle} --out {out} --quant int8",
+     "LiteRT bundles are quantized at export (edge-mtp export --quant"),
     ("quantize-not-a-bundle", "quantize {not-a-bundle-dir} --out {out} --quant int8", "has no manifest.json"),
     ("quantize-unknown-recipe", "quantize {not-a-bundle-dir} --out {out} --quant int3",
      "Unknown quantization recipe 'int3'"),
@@ -162,6 +166,7 @@ CASES = [
     # synth
     ("synth-unknown-preset", "synth --preset huge --out {out}", "Unknown preset 'huge'"),
     ("synth-out-is-a-file", "synth --out {a-file}", "is a file"),
+    ("synth-seed-negative", "synth --out {out} --seed -1", "'--seed': -1 is not in the range"),
     ("synth-shard-size", "synth --out {out} --shard-size 0", "'--shard-size': 0 is not in the range"),
     ("synth-would-replace-a-stranger", "synth --out {stranger-dir}", "is not a checkpoint folder"),
     # export: option checks before any model is loaded, then checkpoint problems
@@ -169,6 +174,12 @@ CASES = [
      "--draft-len must be at least 1"),
     ("export-context", "export --target {target} --assistant {assistant} --out {out}.litertlm --context 8",
      "--context 8 is smaller than the longest prefill"),
+    ("export-context-beyond-the-checkpoint",
+     "export --target {target} --assistant {assistant} --out {out}.litertlm --context 100000000",
+     "--context 100000000 exceeds the 131072 positions the target supports (max_position_embeddings"),
+    ("export-context-beyond-memory",
+     "export --target {endless-positions} --assistant {assistant} --out {out}.litertlm --context 10000000000",
+     "GiB for the KV caches and masks, more than the"),
     ("export-prefill-text", "export --target {target} --assistant {assistant} --out {out}.litertlm --prefill a,b",
      "--prefill takes comma-separated token counts"),
     ("export-prefill-zero", "export --target {target} --assistant {assistant} --out {out}.litertlm --prefill 0",

@@ -14,6 +14,7 @@ from edge_mtp.chat_template import CONVERSATIONS, fit_template, litertlm_convers
 from edge_mtp.errors import EdgeMtpError
 
 from conftest import BUNDLE_CONTEXT, DEMO_CONTEXT
+from helpers import assert_only_progress
 
 GEMMA3_STYLE = (
     "{{ bos_token }}"
@@ -126,6 +127,7 @@ def test_export_stores_the_adapted_template_and_records_it(synth_pair, tmp_path)
                                        "--out", str(out), "--context", str(BUNDLE_CONTEXT),
                                        "--prefill", ",".join(map(str, BUNDLE_PREFILL))])
     assert result.exit_code == 0, result.output
+    assert_only_progress(result.stderr)
     entry = read_litertlm(out).manifest["chat_template"]
     assert entry["status"] == "adapted" and entry["adaptations"] == ["content parts to text", "map and string methods",
                                                                      "none tests"]

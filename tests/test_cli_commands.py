@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from edge_mtp.bundle import open_bundle
 from edge_mtp.cli import main
+from helpers import assert_only_progress
 
 
 def _invoke(*args: str) -> dict:
@@ -21,8 +22,12 @@ def _invoke(*args: str) -> dict:
 
 def test_export_onnx_without_assistant_then_quantize_and_run(synth_pair, tmp_path):
     fp32 = tmp_path / "onnx"
-    summary = _invoke("export", "--target", str(synth_pair / "target"), "--no-assistant", "--format", "onnx",
-                      "--out", str(fp32), "--context", "64", "--prefill", "8", "--quant", "fp32")
+    exported = CliRunner().invoke(main, ["export", "--target", str(synth_pair / "target"), "--no-assistant", "--format",
+                                         "onnx", "--out", str(fp32), "--context", "64", "--prefill", "8", "--quant",
+                                         "fp32", "--json"])
+    assert exported.exit_code == 0, exported.output
+    assert_only_progress(exported.stderr)
+    summary = json.loads(exported.stdout)
     # no assistant: no drafter model, and the target has no verify signature to serve it
     assert summary["signatures"]["target"] == ["prefill_8", "decode"] and "drafter" not in summary["signatures"]
     assert max(summary["checks"].values()) <= 1e-4
@@ -32,6 +37,7 @@ def test_export_onnx_without_assistant_then_quantize_and_run(synth_pair, tmp_pat
 
     result = CliRunner().invoke(main, ["quantize", str(fp32), "--out", str(tmp_path / "int8"), "--quant", "int8"])
     assert result.exit_code == 0, result.output
+    assert_only_progress(result.stderr)
     quantized = open_bundle(tmp_path / "int8")
     report = quantized.manifest["quantization_report"]
     assert quantized.manifest["quantization"] == "int8" and report["top1_agreement"] >= 0.8

@@ -35,6 +35,10 @@ class Tokenizer:
         except Exception as e:
             raise _broken(e, "cannot decode token ids") from None
 
+    def reply_text(self, ids: Sequence[int]) -> str:
+        """Text of a generated reply: the stop token that ended it is not part of the text."""
+        return self.decode(ids[:-1] if ids and ids[-1] in self.stop_tokens else ids)
+
     def chat(self, message: str) -> str:
         """The user message wrapped in the model's chat template (plain text when it has none)."""
         if not self.chat_template:

@@ -70,7 +70,5 @@ class ChatSession:
             reply.append(token)
             yield token
         self.cached = prompt + reply[:-1]  # the last emitted token was never fed to the target
-        stops = self.model.tokenizer.stop_tokens
-        words = reply[:-1] if reply and reply[-1] in stops else reply
         self.messages += [{"role": "user", "content": text},
-                          {"role": "assistant", "content": self.model.tokenizer.decode(words)}]
+                          {"role": "assistant", "content": self.model.tokenizer.reply_text(reply)}]
