@@ -89,11 +89,3 @@ def available_bytes() -> int:
 def disk_used_bytes(path: str | Path) -> int:
     """Bytes in use on the file system holding `path` (a disk-use sampler for PeakSampler)."""
     return shutil.disk_usage(path).used
-
-
-def available_bytes() -> int:
-    """Memory the kernel says new work can use without swapping (MemAvailable)."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
