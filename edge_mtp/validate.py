@@ -150,15 +150,14 @@ class _Validator:
         from .model.loading import TargetCheckpoint
 
         source = TargetCheckpoint(target_dir)
-        recipes, names = self.costs.get("recipes", {}), self.costs.get("weight_names", {})
-        parts = [("target", lambda r: check_target(bundle, source, recipes, names.get("target", {}), r)),
+        recipes = self.costs.get("recipes", {})
+        parts = [("target", lambda r: check_target(bundle, source, recipes, r)),
                  ("embedding tables", lambda r: check_tables(bundle, source, r))]
         if assistant_dir is not None and self.backend.has_drafter:
             from .model.loading import load_drafter
 
             drafter = load_drafter(assistant_dir, source.spec)
-            parts.append(("drafter", lambda r: check_drafter(bundle, drafter, recipes.get("drafter", "fp32"),
-                                                             names.get("drafter", {}), r)))
+            parts.append(("drafter", lambda r: check_drafter(bundle, drafter, recipes.get("drafter", "fp32"), r)))
         for name, run in parts:
             found = WeightReport()
             run(found)
@@ -167,8 +166,7 @@ class _Validator:
                       f"{len(found.problems)} of {found.tensors + len(found.problems)} tensors differ: "
                       + "; ".join(found.problems[:3]) + (" ..." if len(found.problems) > 3 else ""))
             self.add("weights", name, {"tensors": found.compared, "problems": found.problems}, not found.problems,
-                     detail, ROUNDED_CHECKPOINT, "every tensor found, with its scales, in the tensor the bundle uses "
-                     "for it")
+                     detail, ROUNDED_CHECKPOINT, "every tensor found, with its scales, in the tensor named after it")
 
     # -- graphs -----------------------------------------------------------------------------------------------
 
@@ -589,7 +587,7 @@ def recorded_costs(manifest: dict) -> dict:
     recipe = manifest.get("quantization", "fp32")
     if recipe == "fp32" and any(r != "fp32" for r in recipes.values()):
         recipe = "mixed"
-    return {"recipe": recipe, "recipes": recipes, "weight_names": manifest.get("weight_names") or {},
+    return {"recipe": recipe, "recipes": recipes,
             "components": {name: e for name, record in components.items() if (e := error(record)) is not None},
             "logit_relative_error": report.get("logit_relative_error"), "top1_agreement": report.get("top1_agreement"),
             "drafter_top1_agreement": report.get("drafter_top1_agreement")}

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 Tensors = dict[str, torch.Tensor]
 
@@ -68,19 +69,51 @@ CONFIG_DEFECTS: dict[str, Callable[[dict], None]] = {"rope": _rope}
 DEFECTS = (*WEIGHT_DEFECTS, *CONFIG_DEFECTS)
 
 
+class _Lazy(dict):
+    """A checkpoint's tensors by name, read from their shard when first used; what a defect assigns is noted."""
+
+    def __init__(self, files: dict[str, Path]):
+        super().__init__({name: None for name in files})
+        self.files, self.changed = files, set()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = super().__getitem__(name)
+        if value is None:
+            with safe_open(str(self.files[name]), framework="pt") as f:
+                value = f.get_tensor(name)
+            super().__setitem__(name, value)
+        return value
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.changed.add(name)
+        super().__setitem__(name, value)
+
+
 def defective_copy(checkpoint: Path, defect: str, out: Path) -> Path:
-    """A copy of `checkpoint` at `out` with one defect (a name of DEFECTS)."""
-    shutil.copytree(checkpoint, out)
+    """A copy of `checkpoint` at `out` with one defect (a name of DEFECTS). Shards the defect does not touch are linked,
+    not copied, so a real-size checkpoint costs only the shard it changes."""
+    out.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        if path.suffix == ".safetensors":
+            (out / path.name).symlink_to(path.resolve())
+        elif path.is_file():
+            shutil.copy(path, out / path.name)
     if defect in CONFIG_DEFECTS:
         config = json.loads((out / "config.json").read_text())
         CONFIG_DEFECTS[defect](config)
         (out / "config.json").write_text(json.dumps(config, indent=2))
         return out
-    files = sorted(out.glob("*.safetensors"))
-    tensors = {name: (path, value) for path in files for name, value in load_file(path).items()}
-    flat = {name: value for name, (_, value) in tensors.items()}
-    WEIGHT_DEFECTS[defect](flat)
-    for path in files:
-        save_file({n: flat[n].contiguous() for n, (p, _) in tensors.items() if p == path}, path,
-                  metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            weight_map = {name: "model.safetensors" for name in f.keys()}
+    tensors = _Lazy({name: out / file for name, file in weight_map.items()})
+    WEIGHT_DEFECTS[defect](tensors)
+    for shard in sorted({weight_map[n] for n in tensors.changed}):  # rewritten whole: loaders read every tensor
+        names = [n for n, f in weight_map.items() if f == shard]
+        values = {n: tensors[n].contiguous() for n in names}
+        (out / shard).unlink()
+        save_file(values, out / shard, metadata={"format": "pt"})
     return out

@@ -6,6 +6,8 @@ StableHLO composites LiteRT's GPU delegate lowers (odml.cache_update, odml.runti
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +109,9 @@ def test_an_in_place_bundle_exports_and_decodes_like_the_default_one(gpu_demo, d
 
     bundle = read_litertlm(gpu_demo)
     assert bundle.manifest["param_tensor"] is True
+    # it drafts on the GPU executor too, so its Gallery entry (unlike the default bundle's) offers the GPU
+    entry = json.loads((gpu_demo.parent / f"{gpu_demo.stem}.allowlist.json").read_text())["models"][0]
+    assert entry["defaultConfig"]["accelerators"] == "cpu,gpu"
     target = tmp_path / "target.tflite"
     target.write_bytes(bundle.read(bundle.model_section("tf_lite_prefill_decode")))
     model = read_tflite(target)

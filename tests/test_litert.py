@@ -62,6 +62,10 @@ def test_bundle_layout_follows_the_contract(tiny_bundle):
     assert all(d_shapes[n] == shapes[n] for n in d_shapes if n.startswith("kv_"))
     gallery = json.loads((path.parent / "tiny.allowlist.json").read_text())["models"][0]
     assert gallery["modelFile"] == "tiny.litertlm" and gallery["sizeInBytes"] == path.stat().st_size
+    # Gallery shows the MTP switch for speculative_decoding; the GPU is not offered to a bundle that cannot draft there
+    assert gallery["capabilities"] == ["speculative_decoding"] and gallery["maxContextLength"] == CONTEXT
+    assert gallery["defaultConfig"] == {"topK": 64, "topP": 0.95, "temperature": 1.0, "maxTokens": CONTEXT,
+                                        "accelerators": "cpu"}
 
 
 def test_litert_lm_runs_the_bundle_with_mtp_identically(tiny_bundle, synth_pair):

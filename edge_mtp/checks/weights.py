@@ -3,8 +3,8 @@
 Quantization is deterministic: a checkpoint tensor rounded as the bundle's recipe rounds it (ai-edge-quantizer's
 symmetric grid, reproduced by export.tables.TableFormat) gives exactly the bytes and scales the bundle must store.
 So every weight, norm and RoPE frequency of the checkpoint is looked up, in each encoding the piece's recipe can
-give it, among the constants of the bundle's model, and must be found in the piece that computes with it, with the
-same scales. Noise in a layer, tensors swapped between layers, a wrong norm, a wrong quantization scale, a wrong RoPE
+give it, among the constants of the bundle's model, and must be found in the piece that computes with it, in the
+tensor the export named after it, with the same scales. Noise in a layer, tensors swapped between layers, a wrong norm, a wrong quantization scale, a wrong RoPE
 base or another checkpoint altogether all leave a tensor that is not there; numerics play no part, whatever the recipe.
 Vocabulary tables are compared row chunk by row chunk, which also bounds memory at real size.
 """
@@ -44,8 +44,9 @@ class WeightReport:
 
 
 def _check(report: WeightReport, constants: ModelConstants, name: str, value: torch.Tensor, piece: str | None,
-           recipe: str, recorded: str | None, fold: float = 1.0) -> None:
-    """One checkpoint tensor: found in its piece, in the tensor the export recorded for it, with its scales."""
+           recipe: str, recorded: str, fold: float = 1.0) -> None:
+    """One checkpoint tensor: found in its piece, in the tensor the export named after it (export.stored.name_weights;
+    bundles exported before tensors were named are checked by content and piece alone), with its scales."""
     encoding, found = locate(constants, value.detach().float().numpy(), recipe, fold)
     pieces = sorted({c.piece for c in found})
     if encoding is None:
@@ -53,8 +54,8 @@ def _check(report: WeightReport, constants: ModelConstants, name: str, value: to
                                else f"{name} is not in the bundle ({recipe} rounding of the checkpoint's values)")
     elif piece is not None and piece not in pieces:
         report.problems.append(f"{name} is stored in {', '.join(pieces)}, not in {piece}")
-    elif recorded is not None and recorded not in {c.name for c in found}:
-        report.problems.append(f"{name} is stored in another tensor than the one the bundle uses for it "
+    elif constants.named(recorded) is not None and recorded not in {c.name for c in found}:
+        report.problems.append(f"{name} is stored in another tensor than the one the bundle names for it "
                                "(a weight read under the wrong name)")
     else:
         report.add(encoding)
@@ -76,8 +77,7 @@ def _section_constants(raw: mmap.mmap, bundle: Path, model: str) -> ModelConstan
     return None if section is None else ModelConstants(raw, section.begin, section.end, f"{section.model_type} section")
 
 
-def check_target(bundle: Path, source: TargetCheckpoint, recipes: dict[str, str], names: dict[str, str],
-                 report: WeightReport) -> None:
+def check_target(bundle: Path, source: TargetCheckpoint, recipes: dict[str, str], report: WeightReport) -> None:
     """Every decoder weight, norm and RoPE frequency of the checkpoint in the target model, piece by piece."""
     target = source.models.target
     # the PLE projection's 1/sqrt(hidden) (model/target.py) is folded into its weights at conversion
@@ -90,12 +90,12 @@ def check_target(bundle: Path, source: TargetCheckpoint, recipes: dict[str, str]
             for name, value in tensors.items():
                 if any(name.startswith(p) for p in paths) and not value.is_meta and value.is_floating_point():
                     _check(report, constants, f"target {name}", value, piece, recipes.get(piece, "fp32"),
-                           names.get(name), folds.get(name, 1.0))
+                           f"{piece}/{name}", folds.get(name, 1.0))
             source.release(TARGET, prefix)
         del constants
 
 
-def check_drafter(bundle: Path, drafter: Drafter, recipe: str, names: dict[str, str], report: WeightReport) -> None:
+def check_drafter(bundle: Path, drafter: Drafter, recipe: str, report: WeightReport) -> None:
     """Every float weight of the assistant in the bundle's drafter model."""
     with open(bundle, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
         constants = _section_constants(raw, bundle, DRAFTER)
@@ -103,7 +103,7 @@ def check_drafter(bundle: Path, drafter: Drafter, recipe: str, names: dict[str, 
             return
         for name, value in drafter.named_parameters():
             if value.is_floating_point():
-                _check(report, constants, f"drafter {name}", value, None, recipe, names.get(name))
+                _check(report, constants, f"drafter {name}", value, None, recipe, name)
         del constants
 
 

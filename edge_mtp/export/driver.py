@@ -34,7 +34,7 @@ from .quantize import MIXED_SENSITIVITY, component_recipe, quantize_file
 from .signatures import ExportUnit, SignatureModule, run_reference
 from .tables import QuantizedTable, check_format, find_table, folded_factor, small_vocab, widen
 from .joiner import GraphJoiner, WeightSlot, locate_weights, refill_weights
-from .stored import stored_names
+from .stored import name_weights
 
 TOLERANCE = 1e-4  # max abs error / reference magnitude, per output of every converted signature
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -118,7 +118,6 @@ class StreamedExport(PieceOrder):
     reports: dict[str, PieceReport] = field(default_factory=dict)
     templates: dict[tuple, Template] = field(default_factory=dict)
     embedding: QuantizedTable | None = None  # the embedder's table, kept for the tied LM head
-    weight_names: dict[str, dict[str, str]] = field(default_factory=lambda: {TARGET: {}, DRAFTER: {}})
     _done: int = 0
 
     @property
@@ -158,14 +157,12 @@ class StreamedExport(PieceOrder):
                                          time.time() - start, int4_error)
         return path
 
-    def _record(self, model: str, piece: str, path: Path, tensors: dict[str, torch.Tensor],
-                prefix: str = "") -> None:
-        """Note which tensor of the quantized piece holds each weight (the manifest's weight_names: validate checks
-        the checkpoint's values there, so a weight read from the wrong name cannot pass for the right one)."""
+    def _name(self, piece: str, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Give each weight's tensor in the quantized piece the weight's checkpoint name (export.stored.name_weights):
+        validate checks the checkpoint's values there, so a weight read under the wrong name cannot pass."""
         folds = {"per_layer_model_projection.weight": self.contract.target.hidden_size ** -0.5}
         values = {n: t.detach().float().numpy() for n, t in tensors.items() if t.is_floating_point()}
-        found = stored_names(path, values, self.reports[piece].recipe, folds)
-        self.weight_names[model].update({n: prefix + t for n, t in found.items()})
+        name_weights(path, values, self.reports[piece].recipe, folds)
 
     # ---------------------------------------------------------------------------------------------------------
     # The target
@@ -183,8 +180,7 @@ class StreamedExport(PieceOrder):
         samples = inputs.prelude()
         modules = {sig: prelude for sig in samples.by_signature}
         path = self._piece("prelude", modules, samples, self.work / "prelude.tflite")
-        self._record(TARGET, "prelude", path, {**dict(prelude.named_parameters()), **dict(prelude.named_buffers())},
-                     "prelude/")
+        self._name("prelude", path, {**dict(prelude.named_parameters()), **dict(prelude.named_buffers())})
         joiner.add(path, "prelude")
         ck.release(TARGET, "per_layer_model_projection")
         ck.release(TARGET, "per_layer_projection_norm")
@@ -205,8 +201,8 @@ class StreamedExport(PieceOrder):
                 weights = {n: t.numpy() for n, t in piece.state_dict().items()}
                 refill = lambda: refill_weights(template.path, template.slots, weights, fp32)  # noqa: E731
             path = self._piece(f"layer_{i}", modules, samples, fp32, refill)
-            self._record(TARGET, f"layer_{i}", path, {f"layers.{i}.{n.removeprefix('layer.')}": t
-                                                      for n, t in piece.state_dict().items()}, f"layer_{i}/")
+            self._name(f"layer_{i}", path, {f"layers.{i}.{n.removeprefix('layer.')}": t
+                                            for n, t in piece.state_dict().items()})
             joiner.add(path, f"layer_{i}", layer_rename(self.target, i, piece))
             _remove(fp32, path)
             ck.release(TARGET, f"layers.{i}.")
@@ -255,7 +251,7 @@ class StreamedExport(PieceOrder):
         samples = inputs.head()
         with swapped(self.target, "embed_tokens.weight", rows):
             path = self._piece("head", {sig: head for sig in samples.by_signature}, samples, self.work / "head.tflite")
-        self._record(TARGET, "head", path, {"norm.weight": self.target.norm.weight}, "head/")
+        self._name("head", path, {"norm.weight": self.target.norm.weight})
         ck.release(TARGET, "norm")
         factor = folded_factor(read_tflite(self.work / "head.tflite"), small, spec.hidden_size, rows.numpy())
         model = read_tflite(path)
@@ -344,7 +340,7 @@ class StreamedExport(PieceOrder):
 
         samples = PieceSamples(unit_samples(ExportUnit("drafter", [(sig, module)]), self.contract))
         path = self._piece("drafter", {sig.name: module}, samples, self.work / "drafter.tflite")
-        self._record(DRAFTER, "drafter", path, dict(self.drafter.named_parameters()))
+        self._name("drafter", path, dict(self.drafter.named_parameters()))
         self._step("drafter")
         return path
 

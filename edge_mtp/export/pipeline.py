@@ -68,19 +68,31 @@ def tokenizer_files(target_dir: Path) -> tuple[Path, BundleMetadata]:
     return tokenizer, BundleMetadata(int(bos), [int(e) for e in (eos if isinstance(eos, list) else [eos])], template)
 
 
+GALLERY_SAMPLING = {"topK": 64, "topP": 0.95, "temperature": 1.0}  # Google's Gemma 4 entries (allowlist 1.0.13+)
+GALLERY_MAX_TOKENS = 4000
+
+
 def gallery_entry(bundle: Path, name: str, contract: Contract) -> dict:
-    """An AI Edge Gallery model_allowlist.json entry for the bundle."""
+    """An AI Edge Gallery model_allowlist.json entry for the bundle, with the fields of Google's Gemma 4 entries.
+
+    The GPU is offered only where the bundle drafts there too (an in-place cache, export --gpu) or has no drafter:
+    Gallery users switch accelerators with MTP on, and LiteRT-LM 0.18.1's GPU executor cannot draft otherwise."""
+    drafts = contract.drafter is not None
+    gpu = not drafts or contract.param_tensor
     return {
         "name": name,
         "modelId": f"local/{bundle.stem}",
         "modelFile": bundle.name,
-        "description": f"Gemma 4 with MTP drafter (draft length {contract.draft_len}), exported by edge-mtp.",
+        "description": f"Gemma 4 with MTP drafter (draft length {contract.draft_len}), exported by edge-mtp."
+        if drafts else "Gemma 4, exported by edge-mtp.",
         "sizeInBytes": bundle.stat().st_size,
         "version": "1",
         "llmSupportImage": False,
         "llmSupportAudio": False,
-        "defaultConfig": {"topK": 1, "topP": 1.0, "temperature": 0.0, "maxTokens": contract.context,
-                          "accelerators": "cpu,gpu"},
+        "maxContextLength": contract.context,
+        "capabilities": ["speculative_decoding"] if drafts else [],
+        "defaultConfig": {**GALLERY_SAMPLING, "maxTokens": min(GALLERY_MAX_TOKENS, contract.context),
+                          "accelerators": "cpu,gpu" if gpu else "cpu"},
         "taskTypes": ["llm_chat", "llm_prompt_lab"],
     }
 
@@ -181,7 +193,6 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
             report["components"] = {name: {k: v for k, v in asdict(r).items() if k != "seconds"}  # reproducible
                                     for name, r in job.reports.items()}
             manifest["quantization_report"] = report
-            manifest["weight_names"] = job.weight_names
             fit = fit_template(meta.chat_template, checkpoint_specials(source.directory) if meta.chat_template else {},
                                candidate, contract.context, allow_template_mismatch)
             meta.chat_template, manifest["chat_template"] = fit.template, fit.to_dict()

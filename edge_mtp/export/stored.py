@@ -2,7 +2,7 @@
 encodings a recipe may give a float tensor (ai-edge-quantizer's symmetric grid, reproduced by export.tables.TableFormat,
 so a tensor rounded here gives exactly the quantizer's bytes and scales).
 
-The export records with it which tensor of each piece holds which weight; validate looks each checkpoint tensor up
+The export names with it the tensor of each piece that holds each weight; validate looks each checkpoint tensor up
 there again (checks/weights.py).
 """
 
@@ -24,6 +24,7 @@ class Constant:
 
     name: str
     piece: str
+    buffer: int
     shape: tuple[int, ...]
     data: memoryview
     tensor_type: int
@@ -66,7 +67,7 @@ class ModelConstants:
                     scales = np.frombuffer(self._bytes(scale_buffer) or b"", np.float16)
                 elif tensor.quantization is not None and tensor.quantization.scale is not None:
                     scales = np.asarray(tensor.quantization.scale, np.float32)
-                constant = Constant(name, name.split("/", 1)[0], tuple(int(d) for d in tensor.shape), data,
+                constant = Constant(name, name.split("/", 1)[0], tensor.buffer, tuple(int(d) for d in tensor.shape), data,
                                     int(tensor.type), block, scales)
                 self.by_digest.setdefault(digest(data), []).append(constant)
                 self.all.append(constant)
@@ -150,15 +151,26 @@ def locate(constants: ModelConstants, value: np.ndarray, recipe: str,
 
 
 
-def stored_names(path, tensors: dict[str, np.ndarray], recipe: str, folds: dict[str, float]) -> dict[str, str]:
-    """Which tensor of a converted (and quantized) piece holds each of `tensors` (name -> tensor name); a tensor the
-    converter folded into others is left out."""
-    from ..formats.tflite import mapped_file
+def name_weights(path, tensors: dict[str, np.ndarray], recipe: str, folds: dict[str, float]) -> int:
+    """Rename the tensors of a converted (and quantized) piece that hold `tensors` to their names (weight name ->
+    value), rewriting the file; returns how many were named. The converter's own names are paths of the modules that
+    use a tensor, several per fused constant; after this each weight is found by its own name, so validate can tell a
+    weight stored under another weight's name. A tensor the converter folded into others keeps its name."""
+    from ..formats.tflite import mapped_file, pack, read_tflite
 
     constants = ModelConstants(mapped_file(path), what=str(path))
-    names = {}
+    buffers = {}
     for name, value in tensors.items():
         encoding, found = locate(constants, np.asarray(value, np.float32), recipe, folds.get(name, 1.0))
-        if encoding is not None and len({c.name for c in found}) == 1:
-            names[name] = found[0].name
-    return names
+        if encoding is not None and len({c.buffer for c in found}) == 1:
+            buffers[found[0].buffer] = name
+    del constants
+    model = read_tflite(path)
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            if tensor.buffer in buffers:
+                tensor.name = buffers[tensor.buffer]
+    data = pack(model)
+    del model
+    path.write_bytes(data)
+    return len(buffers)
