@@ -520,6 +520,268 @@ def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: P
                        "verify and decode kernels), which lowers the realised acceptance")
 
 
+def _options(*options):
+    """Apply click options in the order listed."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+_PREPARE_OPTIONS = (
+    click.option("--target", "target_dir", help="Target checkpoint directory, cached HF repo id, or a LoRA adapter "
+                 "directory (adapter_config.json naming its base) merged at load."),
+    click.option("--data", multiple=True, help="Text, JSONL or Parquet files (records with 'text' or 'messages'), "
+                 "folders of them, or a dataset repo id in the local Hugging Face cache."),
+    click.option("--prompts", type=click.Path(exists=True), help="File of prompts, one per line."),
+    click.option("--sequences", "num_sequences", type=click.IntRange(min=1), default=128, show_default=True,
+                 help="Training sequences to prepare (a multiple of the process count)."),
+    click.option("--eval-sequences", type=click.IntRange(min=1), default=4, show_default=True,
+                 help="Held-out sequences."),
+    click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True),
+    click.option("--prompt-len", type=click.IntRange(min=2), default=16, show_default=True,
+                 help="Prompt tokens the target continues (text data)."),
+    click.option("--top-k", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="Target logits kept per position for the KL term."),
+    click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                 help="0: greedy continuations; above: sampled ones."),
+)
+_TRAIN_OPTIONS = (
+    click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True),
+    click.option("--draft-len", type=click.IntRange(1, 16), default=3, show_default=True,
+                 help="Draft steps unrolled in training."),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True),
+    click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+                 help="Sequences per optimizer step, all processes together."),
+    click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Micro-batches per optimizer step."),
+    click.option("--resume", is_flag=True, help="Continue from OUT/distill_state.pt."),
+    click.option("--init", "init_from", help="Start from an existing assistant (e.g. Google's, for a fine-tuned target)."),
+    click.option("--eval-every", type=click.IntRange(min=1), default=None,
+                 help="Held-out acceptance every N steps into OUT/distill_log.jsonl (default: --save-every)."),
+    click.option("--save-every", type=click.IntRange(min=1), default=50, show_default=True),
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+)
+_COMMON_OPTIONS = (
+    click.option("--seed", default=0, show_default=True),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+                 help="Accelerators run the target in bf16 and the drafter under bf16 autocast."),
+)
+
+
+@contextmanager
+def _distill_progress():
+    """Rich bars for both phases: (prepare callback, train callback); tokens/s and ETA on each."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True) as bar:
+        tasks: dict[str, tuple[int, float]] = {}
+
+        def task(name: str, total: int):
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total, info=""), time.perf_counter()
+            return tasks[name]
+
+        def prepared(done: int, total: int) -> None:
+            t, start = task("preparing", total)
+            bar.update(t, completed=done, total=total, info=f"{done / (time.perf_counter() - start):.1f} seq/s")
+
+        def trained(tokens_per_step: int):
+            def update(step: int, total: int, loss: float, acceptance: float) -> None:
+                t, start = task("training", total)
+                first = tasks.setdefault("first step", (step - 1, start))[0]
+                rate = (step - first) * tokens_per_step / (time.perf_counter() - start)
+                bar.update(t, completed=step, total=total,
+                           info=f"loss {loss:.3f}  acceptance {acceptance:.2f}  {rate:,.0f} tok/s")
+            return update
+
+        yield prepared, trained
+
+
+def _report(result, out_dir: Path, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"wrote {out_dir}: held-out acceptance {result.acceptance_before:.2f} -> {result.acceptance_after:.2f}, "
+               f"tokens per verify {result.mean_accepted_length_before:.2f} -> {result.mean_accepted_length_after:.2f} "
+               f"({result.seconds:.0f} s)")
+
+
+@main.group(invoke_without_command=True)
+@_options(*_PREPARE_OPTIONS, *_TRAIN_OPTIONS, *_COMMON_OPTIONS)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Assistant checkpoint to write.")
+@click.option("--shards", "shards_dir", type=click.Path(path_type=Path), help="Where the shards go (default OUT/shards).")
+@click.pass_context
+def distill(ctx: click.Context, target_dir: str | None, out_dir: Path | None, shards_dir: Path | None,
+            data: tuple[str, ...], prompts: str | None, seq_len: int, as_json: bool, **options) -> None:
+    """Train an MTP assistant for a target from the target's own activations and KV cache.
+
+    Without a subcommand: `prepare` then `train`, the shards kept in OUT/shards. Under torchrun
+    (--nproc-per-node N) both phases run data-parallel."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not target_dir or out_dir is None:
+        raise click.UsageError("distill needs --target and --out (or a subcommand: prepare, train)")
+    from .distill import distill as run_distill
+
+    _check_output(out_dir, folder=True)
+    num_sequences, eval_sequences = options.pop("num_sequences"), options.pop("eval_sequences")
+    with _distill_progress() as (prepared, trained):
+        result = run_distill(target_dir, out_dir, data=list(data) or None, prompts=prompts, seq_len=seq_len,
+                             num_sequences=num_sequences, eval_prompts=eval_sequences, shards_dir=shards_dir,
+                             progress=trained(options["batch"] * seq_len), prepare_progress=prepared, **options)
+    _report(result, out_dir, as_json)
+
+
+@distill.command("prepare")
+@_options(*_PREPARE_OPTIONS, *_COMMON_OPTIONS)
+@click.option("--shards", "shards_dir", type=click.Path(path_type=Path), required=True, help="Folder to write.")
+def distill_prepare(target_dir: str | None, shards_dir: Path, data: tuple[str, ...], **options) -> None:
+    """Run the target once over the data and write shards (tokens, activations, store-layer KV rows, top-k logits)."""
+    from .distill import prepare
+
+    if not target_dir:
+        raise click.UsageError("distill prepare needs --target")
+    _check_output(shards_dir, folder=True, option="--shards")
+    with _distill_progress() as (prepared, _):
+        index = prepare(target_dir, shards_dir, data=list(data) or None, progress=prepared, **options)
+    click.echo(f"wrote {shards_dir}: {index['train_sequences']} + {index['eval_sequences']} held-out sequences of "
+               f"{index['seq_len']} tokens ({index['continuation']}), {index['bytes_per_token']:,} bytes per token")
+
+
+@distill.command("train")
+@_options(*_TRAIN_OPTIONS, *_COMMON_OPTIONS)
+@click.option("--shards", "shards_dir", type=click.Path(path_type=Path), required=True, help="Prepared shards.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Assistant checkpoint to write.")
+def distill_train(shards_dir: Path, out_dir: Path, as_json: bool, **options) -> None:
+    """Train the assistant from prepared shards; the target is not loaded."""
+    from .distill import train
+    from .distill.shards import ShardSet
+
+    _check_output(out_dir, folder=True)
+    seq_len = ShardSet.open(shards_dir).index["seq_len"]
+    with _distill_progress() as (_, trained):
+        result = train(shards_dir, out_dir, progress=trained(options["batch"] * seq_len), **options)
+    _report(result, out_dir, as_json)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", "target_dir", help="Original target checkpoint (default: the one recorded at export).")
+@click.option("--assistant", "assistant_dir", help="Original assistant checkpoint (default: recorded at export).")
+@click.option("--prompts", type=click.Path(exists=True, path_type=Path), help="Text file, one prompt per line.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Greedy tokens generated per prompt.")
+@click.option("--max-rel-error", type=click.FloatRange(min=0), default=None,
+              help="Default 1e-3 (raise it for quantized bundles).")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Default 0.99.")
+@click.option("--min-acceptance-ratio", type=click.FloatRange(min=0), default=None,
+              help="Default 0.8 of the PyTorch drafter's.")
+@click.option("--no-litert-lm", is_flag=True, help="Skip running Google's LiteRT-LM runtime.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write a markdown report.")
+def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, prompts: Path | None, max_tokens: int,
+             max_rel_error: float | None, min_top1: float | None, min_acceptance_ratio: float | None,
+             no_litert_lm: bool, as_json: bool, report_path: Path | None) -> None:
+    """Prove a bundle against the transformers originals; exit 0 pass, 1 fail, 2 unusable input."""
+    from dataclasses import replace
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .validate import Thresholds
+    from .validate import validate as run_validation
+
+    limits = Thresholds()
+    for name, value in (("max_relative_error", max_rel_error), ("min_top1_agreement", min_top1),
+                        ("min_acceptance_ratio", min_acceptance_ratio)):
+        if value is not None:
+            limits = replace(limits, **{name: value})
+    texts = _read_prompts(prompts)
+    if report_path is not None:
+        _check_output(report_path, folder=False, option="--report")
+    console = Console(stderr=True)
+    with console.status("validating") as status:
+        report = run_validation(bundle, target_dir, assistant_dir, texts, max_tokens, limits,
+                                use_litert_lm=not no_litert_lm, on_stage=status.update)
+    if report_path:
+        report_path.write_text(report.markdown())
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        table = Table(title=f"validate {bundle}")
+        for column in ("check", "subject", "result", "detail"):
+            table.add_column(column)
+        for c in report.checks:
+            table.add_row(c.kind, c.subject, "[green]pass" if c.passed else "[red]FAIL", c.detail)
+        Console().print(table)
+        click.echo("PASS" if report.passed else "FAIL")
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None)
+@click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu"]), default="cpu", show_default=True)
+@click.option("--prompts", type=click.Path(exists=True, path_type=Path), help="Text file, one prompt per line.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Tokens generated per prompt and configuration.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write acceptance / speed-up plots (PNG).")
+@click.option("--simulate-acceptance", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Also run MTP with each draft replaced by the true next token with this probability (all graphs run).")
+def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: Path | None, max_tokens: int,
+          as_json: bool, plot_path: Path | None, simulate_acceptance: float | None) -> None:
+    """Measure decode, verify and draft costs and acceptance; predict and measure speed-up; recommend a draft length."""
+    from .bench import bench as run_bench
+    from .bench import plot
+    from .runtime.api import load
+    from .validate import DEFAULT_PROMPTS
+
+    texts = _read_prompts(prompts) or DEFAULT_PROMPTS
+    if plot_path is not None:
+        _check_output(plot_path, folder=False, option="--plot")
+    model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator)
+    result = run_bench(model.backend, [model.tokenizer.encode(t) for t in texts], max_tokens, simulate_acceptance)
+    if plot_path:
+        plot(result, str(plot_path))
+    delegation = gpu_delegation(model)
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), **({"gpu_delegated_ops": delegation} if delegation else {})},
+                              indent=2))
+        return
+    if delegation:
+        click.echo("GPU: " + "; ".join(f"{name} {sig} {on}/{total} ops" for name, sigs in delegation.items()
+                                       for sig, (on, total) in sigs.items()))
+    base = result.baseline
+    click.echo(f"plain decoding: {base.tokens_per_second:.1f} tok/s, {base.ms_per_decode:.2f} ms per decode step")
+    if result.mtp:
+        click.echo(f"drafter step: {result.draft_cost:.2f} x decode; per-token acceptance a = {result.acceptance_fit:.2f}; "
+                   f"acceptance by position: {', '.join(f'{p:.2f}' for p in result.mtp[-1].per_position_acceptance)}")
+        click.echo(" γ   verify/decode   predicted   measured")
+        for g, predicted in result.predicted_speedup.items():
+            measured = result.measured_speedup.get(g)
+            click.echo(f"{g:2d}   {result.verify_cost[g]:13.2f}   {predicted:8.2f}x   "
+                       + (f"{measured:7.2f}x" if measured is not None else "  (needs re-export)"))
+    click.echo(result.recommendation)
+    sim = result.simulated
+    if sim:
+        click.echo(f"SIMULATED acceptance {sim.acceptance:.2f} (not the drafter's own: each draft replaced by the true "
+                   f"next token with this probability; every graph still runs), draft length {sim.draft_len}:")
+        click.echo(f"  plain {sim.plain_tokens_per_second:.1f} tok/s, MTP {sim.mtp_tokens_per_second:.1f} tok/s: "
+                   f"{sim.speedup:.2f}x measured, {sim.predicted_speedup:.2f}x predicted; realised acceptance "
+                   f"{sim.measured_acceptance:.2f}, {sim.mean_accepted_length:.2f} tokens per verify")
+        click.echo(f"  ms per decode {sim.ms_per_decode:.2f}, per verify {sim.ms_per_verify:.2f}, "
+                   f"per draft step {sim.ms_per_draft_step:.2f}")
+        if sim.diverged_prompts:
+            click.echo(f"  {sim.diverged_prompts} prompt(s) left the recorded plain continuation (a near-tie between "
+                       "verify and decode kernels), which lowers the realised acceptance")
+
+
 @main.command()
 @click.option("--target", "target_dir", required=True, help="Target checkpoint directory (or cached HF repo id).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Assistant checkpoint to write.")
