@@ -55,10 +55,14 @@ class World:
         return t.cpu().tolist()
 
 
+def world_size() -> int:
+    """How many data-parallel processes torchrun started (1 without it), known before joining them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def join(device: torch.device) -> World:
     """The process group torchrun describes in the environment (joined once; gloo on CPU, nccl on CUDA)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if world_size() == 1:
         return World()
     if not dist.is_initialized():
         if device.type == "cuda":

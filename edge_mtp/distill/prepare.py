@@ -17,7 +17,7 @@ from ..errors import EdgeMtpError
 from ..spec import read_config, target_spec_from_config
 from .adapter import load_target_or_adapter, resolve_target
 from .data import Example, load_examples
-from .parallel import accelerated, join, resolve_device
+from .parallel import accelerated, join, resolve_device, world_size
 from .shards import (EMBEDDINGS, EVAL, FORMAT, INDEX, TARGET_CONFIG, TRAIN, bytes_per_token, fingerprint,
                      write_json, write_shard)
 from .teacher import continue_prompts, teacher_records
@@ -64,11 +64,10 @@ def prepare(target: str | Path, shards_dir: str | Path, *, data: Sequence[str | 
         raise EdgeMtpError(f"--seq-len {seq_len} must exceed the prompt length {prompt_len} plus the draft length.")
     if shards_dir.exists() and not shards_dir.is_dir():
         raise EdgeMtpError(f"--shards {shards_dir} is a file; name a folder for the shards.")
+    if num_sequences % world_size():
+        raise EdgeMtpError(f"{num_sequences} sequences do not divide among {world_size()} processes; give --sequences "
+                           f"a multiple of {world_size()} (or another --nproc-per-node).")
     dev = resolve_device(device)
-    world = join(dev)
-    if num_sequences % world.size:
-        raise EdgeMtpError(f"{num_sequences} sequences do not divide among {world.size} processes; give --sequences "
-                           f"a multiple of {world.size} (or another --nproc-per-node).")
     base, adapter = resolve_target(target)
     spec = target_spec_from_config(read_config(base), where=str(base / "config.json"))
     target_sha256 = fingerprint(base, *([adapter] if adapter else []))
@@ -76,6 +75,7 @@ def prepare(target: str | Path, shards_dir: str | Path, *, data: Sequence[str | 
                 "continuation": "sampled" if temperature > 0 else "greedy", "temperature": temperature,
                 "seed": seed, "train_sequences": num_sequences, "eval_sequences": eval_sequences,
                 "data": [str(d) for d in data or ()], "prompts": None if prompts is None else str(prompts)}
+    world = join(dev)
     existing = check_shards_target(shards_dir, target_sha256)
     if existing is not None:
         differ = {k: (existing.get(k), v) for k, v in settings.items() if existing.get(k) != v}

@@ -26,7 +26,7 @@ from ..model.drafter import Drafter
 from ..model.embedder import Embedder
 from ..spec import DrafterSpec, TargetSpec
 from .geometry import cluster_tokens
-from .teacher import block_mask
+from .teacher import block_mask, shift_keys
 
 
 def cluster_of_tokens(drafter: Drafter) -> torch.Tensor:
@@ -88,8 +88,11 @@ def draft_rows(drafter: Drafter, embedder: Embedder, records: dict[str, torch.Te
     input_pos = (base + rn - 1).int()
     mask = block_mask(base, base + rn - 1, context)
     caches = {}
-    for layer in sorted({drafter.store_layers[kind] for kind in drafter.spec.layer_types}):
-        k, v = records[f"k_{layer}"].float(), records[f"v_{layer}"].float()  # [n, L, Hkv, hd]
+    offsets = torch.arange(b_count, device=device) * length
+    for kind, layer in sorted({(kind, drafter.store_layers[kind]) for kind in drafter.spec.layer_types}):
+        # keys are stored roped at their position within their sequence; here sequence b starts at b * L
+        k = shift_keys(records[f"k_{layer}"].float(), getattr(drafter, f"inv_freq_{kind}"), offsets)
+        v = records[f"v_{layer}"].float()  # [n, L, Hkv, hd]
         caches[k_name(layer)] = k.reshape(context, *k.shape[2:]).permute(1, 0, 2)[None]
         caches[v_name(layer)] = v.reshape(context, *v.shape[2:]).permute(1, 2, 0)[None]
     acts = records["activations"].float().reshape(context, -1)

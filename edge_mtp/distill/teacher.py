@@ -12,6 +12,7 @@ import torch
 
 from ..contract import MASK_HIDDEN, MASK_VISIBLE, Contract, k_name, v_name
 from ..model.loading import TargetModels
+from ..model.layers import rope_cos_sin, rope_inv_freq
 from ..spec import TargetSpec
 
 
@@ -95,11 +96,20 @@ def store_layers(spec: TargetSpec) -> list[int]:
     return sorted(set(spec.store_layers.values()))
 
 
+def shift_keys(k: torch.Tensor, inv_freq: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Roped key rows k [n,L,Hkv,hd] moved by delta[n] positions (RoPE rotations compose), computed in fp32."""
+    cos, sin = (t[:, None, None, :] for t in rope_cos_sin(delta.to(inv_freq.device), inv_freq))
+    x = k.float()
+    half = x.shape[-1] // 2
+    return (x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin).to(k.dtype)
+
+
 @torch.no_grad()
 def teacher_records(models: TargetModels, seqs: torch.Tensor, top_k: int,
                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Run the target once over `seqs` [B, L] and keep, per position, what drafter training reads (CPU tensors):
-    `activations` [B,L,H] and the store layers' K/V rows `k_<i>`/`v_<i>` [B,L,Hkv,hd] in `dtype`, and the `top_k`
+    `activations` [B,L,H] and the store layers' K/V rows `k_<i>`/`v_<i>` [B,L,Hkv,hd] in `dtype` (keys roped at
+    their position within their own sequence), and the `top_k`
     largest logits (`teacher_values` fp32, `teacher_indices` int32, [B,L,k], largest first)."""
     device = device_of(models)
     b_count, length = seqs.shape
@@ -116,6 +126,8 @@ def teacher_records(models: TargetModels, seqs: torch.Tensor, top_k: int,
     for layer in store_layers(models.spec):
         k = out[k_name(layer)][0]  # [Hkv, C, hd]
         v = out[v_name(layer)][0]  # [Hkv, hd, C]
-        records[f"k_{layer}"] = k.permute(1, 0, 2).reshape(b_count, length, *k.shape[::2]).to(dtype)
+        k = k.permute(1, 0, 2).reshape(b_count, length, *k.shape[::2])
+        inv_freq = rope_inv_freq(models.spec, models.spec.layer_types[layer]).to(device)
+        records[f"k_{layer}"] = shift_keys(k, inv_freq, -torch.arange(b_count, device=device) * length).to(dtype)
         records[f"v_{layer}"] = v.permute(2, 0, 1).reshape(b_count, length, v.shape[0], v.shape[1]).to(dtype)
     return {name: t.cpu().contiguous() for name, t in records.items()}

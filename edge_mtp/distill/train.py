@@ -26,7 +26,7 @@ from ..model.loading import load_drafter
 from ..spec import DrafterSpec, check_pair
 from .evaluate import replay_acceptance
 from .geometry import default_drafter_spec
-from .parallel import World, accelerated, join, resolve_device
+from .parallel import World, accelerated, join, resolve_device, world_size
 from .shards import TRAIN, ShardSet
 from .student import cluster_of_tokens, count_rows, draft_rows, accepted_per_round, init_drafter, loss_sum, \
     save_assistant
@@ -107,12 +107,15 @@ def train(shards_dir: str | Path, out_dir: str | Path, *, steps: int = 200, draf
         raise EdgeMtpError(f"--out {out_dir} is a file; name a folder for the assistant checkpoint.")
     if resume:
         check_resumable(state_path)
+    if batch % (world_size() * grad_accum):
+        raise EdgeMtpError(f"--batch {batch} does not divide into {grad_accum} micro-batches on each of "
+                           f"{world_size()} processes; give a multiple of {world_size() * grad_accum}.")
+    shards = ShardSet.open(shards_dir)
+    if batch > shards.count(TRAIN):
+        raise EdgeMtpError(f"--batch {batch} exceeds the {shards.count(TRAIN)} prepared training sequences in "
+                           f"{shards_dir}; prepare more or lower --batch.")
     dev = resolve_device(device)
     world = join(dev)
-    if batch % (world.size * grad_accum):
-        raise EdgeMtpError(f"--batch {batch} does not divide into {grad_accum} micro-batches on each of {world.size} "
-                           f"processes; give a multiple of {world.size * grad_accum}.")
-    shards = ShardSet.open(shards_dir)
     if draft_len >= shards.index["seq_len"] - shards.index["prompt_len"]:
         raise EdgeMtpError(f"--draft-len {draft_len} leaves no draft round in the prepared {shards.index['seq_len']}"
                            f"-token sequences.")
