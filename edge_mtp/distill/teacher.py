@@ -21,11 +21,10 @@ def device_of(models: TargetModels) -> torch.device:
     return models.target.embed_tokens.weight.device
 
 
-def kv_zeros(spec: TargetSpec, context: int, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Empty caches of every cache-owning layer for `context` positions."""
+def kv_zeros(spec: TargetSpec, context: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Empty fp32 caches of every cache-owning layer for `context` positions."""
     c = Contract(spec, None, context=context, draft_len=1, prefill_lengths=(context,))
-    return {s.name: torch.zeros(s.shape, device=device, dtype=dtype) for s in c.kv_tensors()}
+    return {s.name: torch.zeros(s.shape, device=device) for s in c.kv_tensors()}
 
 
 def block_mask(first: torch.Tensor, last: torch.Tensor, context: int) -> torch.Tensor:
@@ -38,12 +37,14 @@ def block_mask(first: torch.Tensor, last: torch.Tensor, context: int) -> torch.T
 @torch.no_grad()
 def run_target(models: TargetModels, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                kv: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One target forward over token ids at scattered positions (contiguous=False), in the weights' dtype."""
-    dtype = models.target.embed_tokens.weight.dtype
+    """One target forward over token ids at scattered positions (contiguous=False). Weights in bf16 or fp16 run
+    under autocast to that dtype; activations and caches stay fp32."""
+    weights = models.target.embed_tokens.weight
     tokens = ids.view(1, -1).int()
-    emb = models.embedder(tokens)["embeddings"].to(dtype)
-    ple = models.per_layer_embedder(tokens)["per_layer_embeddings"].to(dtype) if models.per_layer_embedder else None
-    return models.target(emb, ple, pos.int(), mask.to(dtype), contiguous=False, **kv)
+    emb = models.embedder(tokens)["embeddings"]
+    ple = models.per_layer_embedder(tokens)["per_layer_embeddings"] if models.per_layer_embedder else None
+    with torch.autocast(weights.device.type, weights.dtype, enabled=weights.dtype != torch.float32):
+        return models.target(emb, ple, pos.int(), mask, contiguous=False, **kv)
 
 
 @torch.no_grad()
@@ -51,7 +52,7 @@ def continue_prompts(models: TargetModels, prompts: Sequence[Sequence[int]], len
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """[B, length] token ids: each prompt (cut to length-1) continued by the target, all in one batch: greedily
     (temperature 0) or sampled at `temperature` with `generator` (a CPU generator)."""
-    device, dtype = device_of(models), models.target.embed_tokens.weight.dtype
+    device = device_of(models)
     b_count, context = len(prompts), len(prompts) * length
     seqs = [list(p[: length - 1]) for p in prompts]
 
@@ -61,7 +62,7 @@ def continue_prompts(models: TargetModels, prompts: Sequence[Sequence[int]], len
         probs = torch.softmax(logits.float().cpu() / temperature, -1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)
 
-    kv = kv_zeros(models.spec, context, device, dtype)
+    kv = kv_zeros(models.spec, context, device)
     blocks = torch.tensor([b for b, s in enumerate(seqs) for _ in s], device=device)
     offs = torch.tensor([j for s in seqs for j in range(len(s))], device=device)
     ids = torch.tensor([t for s in seqs for t in s], device=device)
@@ -117,7 +118,7 @@ def teacher_records(models: TargetModels, seqs: torch.Tensor, top_k: int,
     flat = seqs.reshape(-1).to(device)
     starts = (torch.arange(b_count, device=device) * length).repeat_interleave(length)
     pos = starts + torch.arange(length, device=device).repeat(b_count)
-    kv = kv_zeros(models.spec, context, device, models.target.embed_tokens.weight.dtype)
+    kv = kv_zeros(models.spec, context, device)
     out = run_target(models, flat, pos, block_mask(starts, pos, context), kv)
     values, indices = out["logits"][0].float().topk(top_k, -1)
     records = {"activations": out["activations"][0].reshape(b_count, length, -1).to(dtype),
