@@ -39,3 +39,15 @@ class ShiftedCaches(torch.nn.Module):
     def forward(self, activations, input_pos, mask, **caches):
         shifted = {n: _shift(t, 2 if "_k_" in n else 3) for n, t in caches.items()}
         return self.drafter(activations, input_pos, mask, **shifted)
+
+
+class Interrupt(Exception):
+    """Raised by `stop_at` to simulate a run killed mid-way."""
+
+
+def stop_at(stop: int):
+    """A distill progress callback that kills the run when step `stop` completes."""
+    def progress(step: int, total: int, loss: float, acceptance: float) -> None:
+        if step == stop:
+            raise Interrupt
+    return progress

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import Interrupt, stop_at
+
 from edge_mtp.contract import causal_mask, drafter_mask
 from edge_mtp.distill import (STATE_FILE, cluster_of_tokens, cluster_tokens, default_drafter_spec, distill,
                               draft_rows, greedy_continue, head_argmax, teacher_records)
@@ -13,10 +15,6 @@ from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.spec import check_pair
 
 ARGS = dict(steps=30, batch=6, seq_len=24, prompt_len=6, num_sequences=96, eval_prompts=3, save_every=10, lr=5e-3)
-
-
-class Interrupt(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +35,8 @@ def test_resume_continues_from_the_saved_step(synth_pair, trained, tmp_path):
     _, full = trained
     out = tmp_path / "assistant"
 
-    def stop_at_15(step, total, loss, acc):
-        if step == 15:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        distill(synth_pair / "target", out, progress=stop_at_15, **ARGS)
+        distill(synth_pair / "target", out, progress=stop_at(15), **ARGS)
     assert torch.load(out / STATE_FILE, weights_only=False)["step"] == 10
     resumed = distill(synth_pair / "target", out, resume=True, **ARGS)
     assert resumed.start_step == 10 and len(resumed.losses) == ARGS["steps"]

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from helpers import Interrupt, stop_at
+
 from edge_mtp.distill import bytes_per_token, prepare, train
 from edge_mtp.distill.shards import INDEX, TRAIN, ShardSet
 from edge_mtp.distill.train import LOG_FILE, STATE_FILE
@@ -21,10 +23,6 @@ from edge_mtp.spec import preset_pair
 
 PREP = dict(num_sequences=16, eval_sequences=2, seq_len=16, prompt_len=5, device="cpu")
 TRAIN_ARGS = dict(steps=6, batch=4, lr=5e-3, save_every=3, eval_every=3, device="cpu")
-
-
-class Interrupt(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +99,8 @@ def test_two_gloo_processes_resume_a_one_process_run_on_the_same_trajectory(shar
     _, full = single
     out = tmp_path / "assistant"
 
-    def stop_at_4(step, total, loss, acc):
-        if step == 4:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        train(shards, out, progress=stop_at_4, **TRAIN_ARGS)
+        train(shards, out, progress=stop_at(4), **TRAIN_ARGS)
     assert torch.load(out / STATE_FILE, weights_only=True)["step"] == 3
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
