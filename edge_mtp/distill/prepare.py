@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..atomic import atomic_file
 from ..errors import EdgeMtpError
 from ..spec import read_config, target_spec_from_config
 from .adapter import load_target_or_adapter, resolve_target
@@ -128,11 +129,9 @@ def prepare(target: str | Path, shards_dir: str | Path, *, data: Sequence[str | 
         parts = sorted(shards_dir.glob("index-r*.json"))
         shards = [s for p in parts for s in json.loads(p.read_text())["shards"]]
         table = models.embedder.embed_tokens.weight.detach().to("cpu", shard_dtype).contiguous()
-        from ..atomic import atomic_file
-
         with atomic_file(shards_dir / EMBEDDINGS) as tmp:
             save_file({"weight": table}, str(tmp))
-        (shards_dir / TARGET_CONFIG).write_text(json.dumps(read_config(base), indent=1))
+        write_json(shards_dir / TARGET_CONFIG, read_config(base))
         index = {"format": FORMAT, "target_sha256": target_sha256, "target": str(target), **settings,
                  "dtype": str(shard_dtype).removeprefix("torch."), "world_size": world.size,
                  "bytes_per_token": bytes_per_token(spec, settings["top_k"], shard_dtype),

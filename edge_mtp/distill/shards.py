@@ -90,8 +90,8 @@ class ShardSet:
         """Number of sequences in a split."""
         return len(self._rows[split])
 
-    def read(self, split: str, numbers: list[int]) -> dict[str, torch.Tensor]:
-        """The records of sequences `numbers` of `split`, stacked [n, ...]."""
+    def read(self, split: str, numbers: list[int], names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """The records (all, or those in `names`) of sequences `numbers` of `split`, stacked [n, ...]."""
         from safetensors import safe_open
 
         parts: list[dict[str, torch.Tensor]] = []
@@ -100,7 +100,7 @@ class ShardSet:
             if file not in self._handles:
                 self._handles[file] = safe_open(str(self.directory / file), framework="pt")
             h = self._handles[file]
-            parts.append({name: h.get_slice(name)[row:row + 1] for name in h.keys()})
+            parts.append({name: h.get_slice(name)[row:row + 1] for name in names or h.keys()})
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
     def embeddings(self) -> torch.Tensor:

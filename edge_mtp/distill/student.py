@@ -59,6 +59,9 @@ class DraftRows:
     bonus: torch.Tensor  # [R] bonus position N within the sequence
 
 
+ROW_FIELDS = ("tokens", "loss_mask", "length")  # the records that say which draft rounds a batch has
+
+
 def round_starts(records: dict[str, torch.Tensor], draft_len: int, trained_only: bool = True) -> tuple[torch.Tensor,
                                                                                                         torch.Tensor]:
     """(sequence, N) of every draft round with all its steps inside the sequence (and, trained_only, trained)."""
@@ -82,7 +85,7 @@ def draft_rows(drafter: Drafter, embedder: Embedder, records: dict[str, torch.Te
     device = records["tokens"].device
     b_count, length = records["tokens"].shape
     context = b_count * length
-    rb, rn = (t.to(device) for t in round_starts({k: v.cpu() for k, v in records.items()}, draft_len, trained_only))
+    rb, rn = (t.to(device) for t in round_starts({k: records[k].cpu() for k in ROW_FIELDS}, draft_len, trained_only))
     flat = records["tokens"].reshape(-1)
     base = rb * length
     input_pos = (base + rn - 1).int()

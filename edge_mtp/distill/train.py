@@ -28,8 +28,8 @@ from .evaluate import replay_acceptance
 from .geometry import default_drafter_spec
 from .parallel import World, accelerated, join, resolve_device, world_size
 from .shards import TRAIN, ShardSet
-from .student import cluster_of_tokens, count_rows, draft_rows, accepted_per_round, init_drafter, loss_sum, \
-    save_assistant
+from .student import ROW_FIELDS, accepted_per_round, cluster_of_tokens, count_rows, draft_rows, init_drafter, \
+    loss_sum, save_assistant
 
 STATE_FILE = "distill_state.pt"
 LOG_FILE = "distill_log.jsonl"
@@ -184,7 +184,7 @@ def train(shards_dir: str | Path, out_dir: str | Path, *, steps: int = 200, draf
         tick = time.perf_counter()
         pick = torch.randperm(sequences, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))[:batch]
         micro = [pick[m::grad_accum] for m in range(grad_accum)]
-        total_rows = count_rows(shards.read(TRAIN, pick.tolist()), draft_len)
+        total_rows = count_rows(shards.read(TRAIN, pick.tolist(), ROW_FIELDS), draft_len)
         for group in optim.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         optim.zero_grad(set_to_none=True)
