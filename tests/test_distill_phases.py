@@ -171,3 +171,18 @@ def test_a_bf16_target_writes_consistent_shards(synth_pair, tmp_path):
     prompt = int(records["prompt_len"][0])
     assert torch.equal(records["teacher_indices"][:, prompt - 1:-1, 0], records["tokens"][:, prompt:].int())
     assert records["activations"].abs().sum() > 0
+
+
+def test_prepare_command_reuses_matching_shards_and_states_their_size(synth_pair, shards):
+    from click.testing import CliRunner
+
+    from edge_mtp.cli import main
+
+    stamp = (shards / INDEX).stat().st_mtime_ns
+    result = CliRunner().invoke(main, ["distill", "prepare", "--target", str(synth_pair / "target"), "--shards",
+                                       str(shards), "--sequences", "16", "--eval-sequences", "2", "--seq-len", "16",
+                                       "--prompt-len", "5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    per_token = json.loads((shards / INDEX).read_text())["bytes_per_token"]
+    assert f"16 + 2 held-out sequences of 16 tokens (greedy), {per_token:,} bytes per token" in result.output
+    assert (shards / INDEX).stat().st_mtime_ns == stamp
