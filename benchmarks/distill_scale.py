@@ -56,7 +56,7 @@ def main() -> None:
                         seq_len=args.seq_len, prompt_len=args.prompt_len, device="cpu", batch=args.batch,
                         target_dtype=torch.bfloat16, progress=prepared)
         prepare_s = time.time() - t0
-    prepare_peak = memory.peak_mib() / 1024
+    prepare_peak = memory.peak_mib / 1024
     (t_first, n_first), (t_last, n_last) = done[0], done[-1]
     steady = (n_last - n_first) * args.seq_len / (t_last - t_first) if n_last > n_first else None
     steps_done: list[float] = []
@@ -65,7 +65,7 @@ def main() -> None:
         result = train(shards, out, steps=args.steps, batch=args.batch, device="cpu", save_every=args.steps,
                        progress=lambda step, total, loss, acc: steps_done.append(time.time()))
         train_s = time.time() - t0
-    train_peak = memory.peak_mib() / 1024
+    train_peak = memory.peak_mib / 1024
     tokens = (args.sequences + args.eval_sequences) * args.seq_len
     disk = sum(p.stat().st_size for p in shards.glob("train-*.safetensors")) + \
         sum(p.stat().st_size for p in shards.glob("eval-*.safetensors"))
