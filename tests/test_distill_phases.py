@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,9 +107,15 @@ def test_two_gloo_processes_resume_a_one_process_run_on_the_same_trajectory(shar
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "edge_mtp.cli", "distill", "train", "--shards", str(shards), "--out", str(out), "--resume",
            "--json", *[f"--{k.replace('_', '-')}={v}" for k, v in TRAIN_ARGS.items()]]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout[run.stdout.index("{"):])
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # a hung run is killed with its worker processes
+    try:
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout[stdout.index("{"):])
     assert result["start_step"] == 3
     assert result["losses"] == pytest.approx(full.losses, rel=1e-4)
     assert result["acceptance_after"] == pytest.approx(full.acceptance_after, abs=1e-6)
