@@ -154,6 +154,8 @@ CASES = [
     ("distill-nothing-to-resume", "distill --target {target} --out {out} --resume", "Nothing to resume"),
     ("distill-missing-target", "distill --target {out}/none --out {out}", "does not exist"),
     ("distill-broken-config", "distill --target {moe} --out {out}", "Mixture-of-Experts"),
+    ("distill-missing-data", "distill --target {target} --out {out} --data {out}/none.jsonl", "does not exist"),
+    ("distill-train-without-shards", "distill train --shards {out}/none --out {out}", "holds no prepared shards"),
     # quantize
     ("quantize-not-a-bundle", "quantize {not-a-bundle-dir} --out {out} --quant int8", "has no manifest.json"),
     ("quantize-unknown-recipe", "quantize {not-a-bundle-dir} --out {out} --quant int3",
