@@ -547,46 +547,155 @@ def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: P
                        "verify and decode kernels), which lowers the realised acceptance")
 
 
-@main.command()
-@click.option("--target", "target_dir", required=True, help="Target checkpoint directory (or cached HF repo id).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Assistant checkpoint to write.")
-@click.option("--data", multiple=True, type=click.Path(exists=True), help="Text files to draw prompts from.")
-@click.option("--prompts", type=click.Path(exists=True), help="File of prompts, one per line.")
-@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--draft-len", type=click.IntRange(1, 16), default=3, show_default=True,
-              help="Draft steps unrolled in training.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUT/distill_state.pt.")
-@click.option("--init", "init_from", help="Start from an existing assistant (e.g. Google's, for a fine-tuned target).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def distill(target_dir: str, out_dir: Path, data: tuple[str, ...], prompts: str | None, steps: int, draft_len: int,
-            lr: float, batch: int, seq_len: int, seed: int, resume: bool, init_from: str | None, as_json: bool) -> None:
-    """Train an MTP assistant for a target from the target's own activations and KV cache."""
+def _options(*options):
+    """Apply click options in the order listed."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+_PREPARE_OPTIONS = (
+    click.option("--target", "target_dir", help="Target checkpoint directory, cached HF repo id, or a LoRA adapter "
+                 "directory (adapter_config.json naming its base) merged at load."),
+    click.option("--data", multiple=True, help="Text, JSONL or Parquet files (records with 'text' or 'messages'), "
+                 "folders of them, or a dataset repo id in the local Hugging Face cache."),
+    click.option("--prompts", type=click.Path(exists=True), help="File of prompts, one per line."),
+    click.option("--sequences", "num_sequences", type=click.IntRange(min=1), default=128, show_default=True,
+                 help="Training sequences to prepare (a multiple of the process count)."),
+    click.option("--eval-sequences", type=click.IntRange(min=1), default=4, show_default=True,
+                 help="Held-out sequences."),
+    click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True),
+    click.option("--prompt-len", type=click.IntRange(min=2), default=16, show_default=True,
+                 help="Prompt tokens the target continues (text data)."),
+    click.option("--top-k", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="Target logits kept per position for the KL term."),
+    click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                 help="0: greedy continuations; above: sampled ones."),
+)
+_TRAIN_OPTIONS = (
+    click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True),
+    click.option("--draft-len", type=click.IntRange(1, 16), default=3, show_default=True,
+                 help="Draft steps unrolled in training."),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True),
+    click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+                 help="Sequences per optimizer step, all processes together."),
+    click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Micro-batches per optimizer step."),
+    click.option("--resume", is_flag=True, help="Continue from OUT/distill_state.pt."),
+    click.option("--init", "init_from", help="Start from an existing assistant (e.g. Google's, for a fine-tuned target)."),
+    click.option("--eval-every", type=click.IntRange(min=1), default=None,
+                 help="Held-out acceptance every N steps into OUT/distill_log.jsonl (default: --save-every)."),
+    click.option("--save-every", type=click.IntRange(min=1), default=50, show_default=True),
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+)
+_COMMON_OPTIONS = (
+    click.option("--seed", default=0, show_default=True),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+                 help="Accelerators run the target in bf16 and the drafter under bf16 autocast."),
+)
+
+
+@contextmanager
+def _distill_progress():
+    """Rich bars for both phases: (prepare callback, train callback); tokens/s and ETA on each."""
+    import time
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .distill import distill as run_distill
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True) as bar:
+        tasks: dict[str, tuple[int, float]] = {}
 
-    _check_output(out_dir, folder=True)
-    with Progress(TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]:.3f}  acceptance {task.fields[acc]:.2f}"),
-                  TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("distill", total=steps, loss=float("nan"), acc=0.0)
+        def task(name: str, total: int):
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total, info=""), time.perf_counter()
+            return tasks[name]
 
-        def progress(step: int, total: int, loss: float, acceptance: float) -> None:
-            bar.update(task, completed=step, total=total, loss=loss, acc=acceptance)
+        def prepared(done: int, total: int) -> None:
+            t, start = task("preparing", total)
+            bar.update(t, completed=done, total=total, info=f"{done / (time.perf_counter() - start):.1f} seq/s")
 
-        result = run_distill(target_dir, out_dir, data=list(data) or None, prompts=prompts, steps=steps,
-                             draft_len=draft_len, lr=lr, batch=batch, seq_len=seq_len, seed=seed, resume=resume,
-                             init_from=init_from, progress=progress)
+        def trained(tokens_per_step: int):
+            def update(step: int, total: int, loss: float, acceptance: float) -> None:
+                t, start = task("training", total)
+                first = tasks.setdefault("first step", (step - 1, start))[0]
+                rate = (step - first) * tokens_per_step / (time.perf_counter() - start)
+                bar.update(t, completed=step, total=total,
+                           info=f"loss {loss:.3f}  acceptance {acceptance:.2f}  {rate:,.0f} tok/s")
+            return update
+
+        yield prepared, trained
+
+
+def _report(result, out_dir: Path, as_json: bool) -> None:
+    if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 speaks for all
+        return
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    click.echo(f"wrote {out_dir}: acceptance {result.acceptance_before:.2f} -> {result.acceptance_after:.2f}, "
+    click.echo(f"wrote {out_dir}: held-out acceptance {result.acceptance_before:.2f} -> {result.acceptance_after:.2f}, "
                f"tokens per verify {result.mean_accepted_length_before:.2f} -> {result.mean_accepted_length_after:.2f} "
                f"({result.seconds:.0f} s)")
+
+
+@main.group(invoke_without_command=True)
+@_options(*_PREPARE_OPTIONS, *_TRAIN_OPTIONS, *_COMMON_OPTIONS)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Assistant checkpoint to write.")
+@click.option("--shards", "shards_dir", type=click.Path(path_type=Path), help="Where the shards go (default OUT/shards).")
+@click.pass_context
+def distill(ctx: click.Context, target_dir: str | None, out_dir: Path | None, shards_dir: Path | None,
+            data: tuple[str, ...], prompts: str | None, seq_len: int, as_json: bool, **options) -> None:
+    """Train an MTP assistant for a target from the target's own activations and KV cache.
+
+    Without a subcommand: `prepare` then `train`, the shards kept in OUT/shards. Under torchrun
+    (--nproc-per-node N) both phases run data-parallel."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not target_dir or out_dir is None:
+        raise click.UsageError("distill needs --target and --out (or a subcommand: prepare, train)")
+    from .distill import distill as run_distill
+
+    _check_output(out_dir, folder=True)
+    num_sequences, eval_sequences = options.pop("num_sequences"), options.pop("eval_sequences")
+    with _distill_progress() as (prepared, trained):
+        result = run_distill(target_dir, out_dir, data=list(data) or None, prompts=prompts, seq_len=seq_len,
+                             num_sequences=num_sequences, eval_prompts=eval_sequences, shards_dir=shards_dir,
+                             progress=trained(options["batch"] * seq_len), prepare_progress=prepared, **options)
+    _report(result, out_dir, as_json)
+
+
+@distill.command("prepare")
+@_options(*_PREPARE_OPTIONS, *_COMMON_OPTIONS)
+@click.option("--shards", "shards_dir", type=click.Path(path_type=Path), required=True, help="Folder to write.")
+def distill_prepare(target_dir: str | None, shards_dir: Path, data: tuple[str, ...], **options) -> None:
+    """Run the target once over the data and write shards (tokens, activations, store-layer KV rows, top-k logits)."""
+    from .distill import prepare
+
+    if not target_dir:
+        raise click.UsageError("distill prepare needs --target")
+    _check_output(shards_dir, folder=True, option="--shards")
+    with _distill_progress() as (prepared, _):
+        index = prepare(target_dir, shards_dir, data=list(data) or None, progress=prepared, **options)
+    click.echo(f"wrote {shards_dir}: {index['train_sequences']} + {index['eval_sequences']} held-out sequences of "
+               f"{index['seq_len']} tokens ({index['continuation']}), {index['bytes_per_token']:,} bytes per token")
+
+
+@distill.command("train")
+@_options(*_TRAIN_OPTIONS, *_COMMON_OPTIONS)
+@click.option("--shards", "shards_dir", type=click.Path(path_type=Path), required=True, help="Prepared shards.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Assistant checkpoint to write.")
+def distill_train(shards_dir: Path, out_dir: Path, as_json: bool, **options) -> None:
+    """Train the assistant from prepared shards; the target is not loaded."""
+    from .distill import train
+    from .distill.shards import ShardSet
+
+    _check_output(out_dir, folder=True)
+    seq_len = ShardSet.open(shards_dir).index["seq_len"]
+    with _distill_progress() as (_, trained):
+        result = train(shards_dir, out_dir, progress=trained(options["batch"] * seq_len), **options)
+    _report(result, out_dir, as_json)
 
 
 @main.command()

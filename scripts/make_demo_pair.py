@@ -51,7 +51,7 @@ def main() -> None:
     spec = replace(spec, layer_types=(SLIDING,) * (args.drafter_layers - 1) + (FULL,))
     t0 = time.perf_counter()
     result = distill(target, work / "assistant", data=[text], steps=args.distill_steps, draft_len=3, lr=3e-3,
-                     batch=8, seq_len=64, prompt_len=16, num_sequences=512, eval_prompts=8, eval_tokens=64,
+                     batch=8, seq_len=64, prompt_len=16, num_sequences=512, eval_prompts=8,
                      resume=(work / "assistant" / STATE_FILE).is_file(), drafter_spec=spec,
                      progress=lambda s, n, loss, acc: print(f"distill {s}/{n} loss {loss:.3f} acc {acc:.3f}",
                                                             flush=True) if s % 20 == 0 else None)

@@ -76,3 +76,15 @@ def assert_only_progress(stderr: str) -> None:
     assert not [ln for ln in lines if LIBRARY_RECORD.search(ln)], stderr[-3000:]
     assert all(STAGE.match(ln) or ln.startswith("edge-mtp: ") for ln in lines), stderr[-3000:]
     assert 0 < len(lines) <= MAX_PROGRESS_LINES, stderr[-3000:]
+
+
+class Interrupt(Exception):
+    """Raised by `stop_at` to simulate a run killed mid-way."""
+
+
+def stop_at(stop: int):
+    """A distill progress callback that kills the run when step `stop` completes."""
+    def progress(step: int, total: int, loss: float, acceptance: float) -> None:
+        if step == stop:
+            raise Interrupt
+    return progress

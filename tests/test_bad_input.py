@@ -156,6 +156,8 @@ CASES = [
     ("distill-nothing-to-resume", "distill --target {target} --out {out} --resume", "Nothing to resume"),
     ("distill-missing-target", "distill --target {out}/none --out {out}", "does not exist"),
     ("distill-broken-config", "distill --target {moe} --out {out}", "Mixture-of-Experts"),
+    ("distill-missing-data", "distill --target {target} --out {out} --data {out}/none.jsonl", "does not exist"),
+    ("distill-train-without-shards", "distill train --shards {out}/none --out {out}", "holds no prepared shards"),
     # quantize
     ("quantize-litert-bundle", "quantize {bundle} --out {out} --quant int8",
      "LiteRT bundles are quantized at export (edge-mtp export --quant"),

@@ -5,18 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import Interrupt, stop_at
+
 from edge_mtp.contract import causal_mask, drafter_mask
-from edge_mtp.distill import (STATE_FILE, _kv_zeros, _run_target, cluster_of_tokens, cluster_tokens,
-                              default_drafter_spec, distill, draft_rows, greedy_continue, head_argmax)
+from edge_mtp.distill import (STATE_FILE, cluster_of_tokens, cluster_tokens, default_drafter_spec, distill,
+                              draft_rows, greedy_continue, head_argmax, teacher_records)
+from edge_mtp.distill.teacher import kv_zeros, run_target
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.spec import check_pair
 
-ARGS = dict(steps=30, batch=6, seq_len=24, prompt_len=6, num_sequences=96, eval_prompts=3, eval_tokens=24,
-            save_every=10, lr=5e-3)
-
-
-class Interrupt(Exception):
-    pass
+ARGS = dict(steps=30, batch=6, seq_len=24, prompt_len=6, num_sequences=96, eval_prompts=3, save_every=10, lr=5e-3)
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +35,8 @@ def test_resume_continues_from_the_saved_step(synth_pair, trained, tmp_path):
     _, full = trained
     out = tmp_path / "assistant"
 
-    def stop_at_15(step, total, loss, acc):
-        if step == 15:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        distill(synth_pair / "target", out, progress=stop_at_15, **ARGS)
+        distill(synth_pair / "target", out, progress=stop_at(15), **ARGS)
     assert torch.load(out / STATE_FILE, weights_only=False)["step"] == 10
     resumed = distill(synth_pair / "target", out, resume=True, **ARGS)
     assert resumed.start_step == 10 and len(resumed.losses) == ARGS["steps"]
@@ -70,13 +64,17 @@ def test_batched_rows_equal_one_step_drafter_calls(synth_pair):
     models = load_target(synth_pair / "target")
     drafter = load_drafter(synth_pair / "assistant", models.spec)
     seqs = greedy_continue(models, [[2, 40, 41, 42], [2, 7, 100, 9, 33]], 14)
-    rows = draft_rows(models, drafter, seqs, 3)
-    clusters = cluster_of_tokens(drafter)
     length = seqs.shape[1]
+    records = {"tokens": seqs.int(), "loss_mask": torch.ones_like(seqs, dtype=torch.uint8),
+               "prompt_len": torch.tensor([4, 5]), "length": torch.tensor([length, length]),
+               **teacher_records(models, seqs, models.spec.vocab_size)}
+    rows = draft_rows(drafter, models.embedder, records, 3)
+    clusters = cluster_of_tokens(drafter)
+    assert len(rows.bonus) == 2 * (length - 3)
     for r in (0, 4, len(rows.bonus) - 1):
         b, n = int(rows.block[r]), int(rows.bonus[r])
-        tgt = _run_target(models, seqs[b], torch.arange(length), torch.from_numpy(causal_mask(0, length, length)),
-                          _kv_zeros(models.spec, length))
+        tgt = run_target(models, seqs[b], torch.arange(length), torch.from_numpy(causal_mask(0, length, length)),
+                         kv_zeros(models.spec, length))
         caches = {k: tgt[k] for k in drafter.cache_names()}
         carry = tgt["activations"][:, n - 1:n]
         for i in range(3):
@@ -88,7 +86,9 @@ def test_batched_rows_equal_one_step_drafter_calls(synth_pair):
             y = rows.hidden[i][r:r + 1]
             dense = y @ drafter.embed_tokens.weight.t()
             assert int(head_argmax(drafter, y, dense, clusters)) == int(out["logits"].argmax())
-            torch.testing.assert_close(rows.teacher[i][r], tgt["logits"][0, n + i], rtol=1e-4, atol=1e-4)
+            values, order = tgt["logits"][0, n + i].sort(descending=True)
+            torch.testing.assert_close(rows.teacher_values[i][r], values, rtol=1e-4, atol=1e-4)
+            assert int(rows.teacher_indices[i][r][0]) == int(order[0])
 
 
 def test_greedy_continue_matches_plain_decoding(synth_pair):

@@ -150,7 +150,8 @@ def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v
                 dynamic_update_slice(v_cache, v, [zero, zero, zero, start]))
     k_index = input_pos.long().view(1, 1, t, 1).expand(1, hkv, t, hd)
     v_index = input_pos.long().view(1, 1, 1, t).expand(1, hkv, hd, t)
-    return k_cache.scatter(2, k_index, k), v_cache.scatter(3, v_index, v)
+    # rows arrive in the compute dtype (bf16 under autocast), the cache keeps its own
+    return k_cache.scatter(2, k_index, k.to(k_cache.dtype)), v_cache.scatter(3, v_index, v.to(v_cache.dtype))
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
