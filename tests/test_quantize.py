@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import DEMO_CONTEXT, DEMO_PREFILL
+from helpers import assert_verify_rows_are_decodes
 from test_onnx import DEMO_CONTEXT as CONTEXT, PREFILL, demo_fp32_bundle
 from edge_mtp import demo
 from edge_mtp.errors import EdgeMtpError
@@ -242,27 +243,12 @@ def test_litert_recipe_runs_in_litert_lm_and_reports(litert_bundles, recipe):
 
 @pytest.mark.parametrize("recipe", LITERT_RECIPES)
 def test_litert_verify_rows_are_decodes_and_mtp_output_is_plain_output(litert_bundles, recipe):
-    from edge_mtp.contract import DECODE, LOGITS, VERIFY
     from edge_mtp.runtime.backends.litert import LiteRTBackend
 
     path, _ = litert_bundles[recipe]
-    backend = LiteRTBackend(path)
-    decoder, rng, vocab = SpeculativeDecoder(backend), np.random.default_rng(0), backend.contract.target.vocab_size
-    for position in (20, 70, 130):  # before and past the sliding window (64)
-        backend.reset()
-        decoder.prefill([int(t) for t in rng.integers(3, vocab, position)])
-        cache = {name: backend.read_kv(name) for name in backend.kv}
-        rows = [int(t) for t in rng.integers(3, vocab, backend.contract.verify_len)]
-        verified = decoder.step(VERIFY, rows, position)[LOGITS][0]
-        for name, value in cache.items():
-            backend.kv[name].write(value)
-        for i, token in enumerate(rows):  # bit for bit, though int8 activations round every row
-            assert np.array_equal(decoder.step(DECODE, [token], position + i)[LOGITS][0, 0], verified[i]), (position, i)
     tokenizer = open_bundle(path).tokenizer
-    for prompt in PROMPTS:
-        ids = tokenizer.encode(prompt)
-        mtp, stats = generate_tokens(backend, ids, max_tokens=96, mtp=True)
-        assert stats.verifies > 0 and mtp == generate_tokens(backend, ids, max_tokens=96, mtp=False)[0], prompt
+    # before and past the sliding window (64)
+    assert_verify_rows_are_decodes(LiteRTBackend(path), (20, 70, 130), [tokenizer.encode(p) for p in PROMPTS], 96)
 
 
 def _weight_types(bundle) -> set[str]:
