@@ -141,7 +141,7 @@ class KeyView:
     def sliding(cls, query_pos: torch.Tensor, mask: torch.Tensor, window: int, contiguous: bool = True) -> "KeyView":
         """View for sliding layers; query_pos [T] must be consecutive when `contiguous`."""
         context, rows = mask.shape[-1], query_pos.shape[0]
-        span = window - 1 + -(-rows // VIEW_ROWS) * VIEW_ROWS
+        span = window - 1 + (rows + VIEW_ROWS - 1) // VIEW_ROWS * VIEW_ROWS  # no negative floor: ONNX truncates
         if not contiguous or span >= context:
             return cls(torch.minimum(mask, sliding_window_mask(query_pos, window, context)))
         # from the first row's position: LiteRT-LM gives the padding rows of a prefill chunk positions of its own
