@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 
 from edge_mtp.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
@@ -44,6 +45,28 @@ def export_units(models: TargetModels, drafter: Drafter | None, contract: Contra
         sig = contract.drafter_signature()
         units.append(ExportUnit(DRAFTER, [(sig, SignatureModule(drafter, sig, ("activations", "input_pos", "mask")))]))
     return units
+
+
+def assert_verify_rows_are_decodes(backend, positions, prompts: list[list[int]], max_tokens: int) -> None:
+    """Each row of a verify gives the bits of a decode of its token from the same cache, at every position given,
+    and greedy MTP emits exactly the plain tokens for every prompt."""
+    from edge_mtp.contract import DECODE, LOGITS, VERIFY
+    from edge_mtp.runtime.speculative import SpeculativeDecoder, generate_tokens
+
+    decoder, rng, vocab = SpeculativeDecoder(backend), np.random.default_rng(0), backend.contract.target.vocab_size
+    for position in positions:
+        backend.reset()
+        decoder.prefill([int(t) for t in rng.integers(3, vocab, position)])
+        cache = {name: backend.read_kv(name) for name in backend.kv}
+        rows = [int(t) for t in rng.integers(3, vocab, backend.contract.verify_len)]
+        verified = decoder.step(VERIFY, rows, position)[LOGITS][0]
+        for name, value in cache.items():
+            backend.kv[name].write(value)
+        for i, token in enumerate(rows):  # bit for bit, though int activations round every row
+            assert np.array_equal(decoder.step(DECODE, [token], position + i)[LOGITS][0, 0], verified[i]), (position, i)
+    for prompt in prompts:
+        mtp, stats = generate_tokens(backend, prompt, max_tokens=max_tokens, mtp=True)
+        assert stats.verifies > 0 and mtp == generate_tokens(backend, prompt, max_tokens=max_tokens, mtp=False)[0]
 
 
 def _shift(t: torch.Tensor, axis: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
 
-from helpers import assert_streamed_export
+from helpers import assert_streamed_export, assert_verify_rows_are_decodes
 from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
 
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on a phone, exactly."]
@@ -109,6 +109,15 @@ def test_a_quantized_bundle_stores_the_tied_table_once(tiny_int4):
     model = edge_mtp.load(tiny_int4)
     ours = [model.tokenizer.decode(list(model.generate(p, max_tokens=20))) for p in PROMPTS[:2]]
     assert on.texts == off.texts == ours
+
+
+def test_a_quantized_bundle_verifies_rows_as_decodes_and_mtp_output_is_plain_output(tiny_int4):
+    """int4 weights with int8 activations computed per row: a verify row is still a decode of its token bit for
+    bit (positions before and past the sliding window of 4), so MTP changes no token."""
+    from edge_mtp.runtime.backends.litert import LiteRTBackend
+
+    prompts = [[2, 17, 99, 3], [2, 250, 8, 8, 41, 7, 120]]
+    assert_verify_rows_are_decodes(LiteRTBackend(tiny_int4), (2, 9, 30), prompts, 40)
 
 
 def test_truncated_bundle_is_reported(tiny_bundle, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import DEMO_CONTEXT, DEMO_PREFILL
+from helpers import assert_verify_rows_are_decodes
 from test_onnx import DEMO_CONTEXT as CONTEXT, PREFILL, demo_fp32_bundle
 from edge_mtp import demo
 from edge_mtp.errors import EdgeMtpError
@@ -238,6 +239,16 @@ def test_litert_recipe_runs_in_litert_lm_and_reports(litert_bundles, recipe):
     target_pieces = [row["recipe"] for name, row in components.items() if name in ("prelude", "head") or
                      name.startswith("layer_")]
     assert _weight_types(path) == set(target_pieces)
+
+
+@pytest.mark.parametrize("recipe", LITERT_RECIPES)
+def test_litert_verify_rows_are_decodes_and_mtp_output_is_plain_output(litert_bundles, recipe):
+    from edge_mtp.runtime.backends.litert import LiteRTBackend
+
+    path, _ = litert_bundles[recipe]
+    tokenizer = open_bundle(path).tokenizer
+    # before and past the sliding window (64)
+    assert_verify_rows_are_decodes(LiteRTBackend(path), (20, 70, 130), [tokenizer.encode(p) for p in PROMPTS], 96)
 
 
 def _weight_types(bundle) -> set[str]:

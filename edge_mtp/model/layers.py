@@ -35,10 +35,30 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if tracing_for_litert():  # pow(v, -0.5) would be POW for one row, RSQRT for several: two roundings
+            out = x32 * torch.rsqrt(row_mean_of_squares(x32) + self.eps)
+        else:  # as transformers computes it
+            out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
             out = out * self.weight.float()
         return out.to(x.dtype)
+
+
+def row_mean_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """mean(x^2) over the last axis, keepdim, as LiteRT graphs compute it: the mean of the two half-row means.
+
+    Converted to LiteRT, a MEAN whose output is one value (a decode's hidden-state norm, a lone KV head's norm) sums
+    in another order than the same row among several (XNNPACK, measured at widths 128 to 1536), so a decode's norms
+    would not give the bits of the same row in a verify. Halves make every first MEAN at least two rows, and the
+    second sums two values, which any order rounds alike. (A per-row BATCH_MATMUL is exact too, and made verify(4)
+    of the demo pair 10% slower.) An odd width keeps the one MEAN.
+    """
+    squares = x.pow(2)
+    width = x.shape[-1]
+    if width % 2:
+        return squares.mean(-1, keepdim=True)
+    halves = squares.reshape(1, -1, 2, width // 2).mean(-1)  # rank 4: the GPU delegate's limit
+    return halves.mean(-1).reshape(*x.shape[:-1], 1)
 
 
 def rope_inv_freq(spec: AttentionGeometry, layer_type: str) -> torch.Tensor:
@@ -101,11 +121,17 @@ def sliding_window_mask(query_pos: torch.Tensor, window: int, context: int) -> t
     return torch.where(visible, 0.0, MASK_HIDDEN)
 
 
+# Row counts are rounded up to a multiple of this for a sliding view's length, so a decode and any verify of up to
+# VIEW_ROWS rows gather views of one length (see KeyView.sliding).
+VIEW_ROWS = 8
+
+
 class KeyView:
     """The cache slots a layer type attends to, with its additive mask.
 
-    Full layers see all C slots. Sliding layers of contiguous query rows see only the W + T - 1 slots that any of
-    their windows can reach, gathered from the cache, so a decode step costs the same at context 4096 as at 256.
+    Full layers see all C slots. Sliding layers of contiguous query rows see only the slots that any of their windows
+    can reach (W - 1 plus the row count rounded up to VIEW_ROWS), gathered from the cache, so a decode step costs the
+    same at context 4096 as at 256.
     """
 
     def __init__(self, mask: torch.Tensor, index: torch.Tensor | None = None):
@@ -115,12 +141,16 @@ class KeyView:
     def sliding(cls, query_pos: torch.Tensor, mask: torch.Tensor, window: int, contiguous: bool = True) -> "KeyView":
         """View for sliding layers; query_pos [T] must be consecutive when `contiguous`."""
         context, rows = mask.shape[-1], query_pos.shape[0]
-        span = window + rows - 1
+        span = window - 1 + (rows + VIEW_ROWS - 1) // VIEW_ROWS * VIEW_ROWS  # no negative floor: ONNX truncates
         if not contiguous or span >= context:
             return cls(torch.minimum(mask, sliding_window_mask(query_pos, window, context)))
         # from the first row's position: LiteRT-LM gives the padding rows of a prefill chunk positions of its own
         start = (query_pos[:1] + 1 - window).clamp(0, context - span)
-        index = start + torch.arange(span, dtype=torch.int32)  # int32 throughout: the GPU has no int64
+        # Slot s sits in column s mod span, wherever the view starts: a verify row then sees the very score and value
+        # vectors a decode at its position sees (the same columns visible, the same ones masked), and softmax and
+        # the value product, whose kernels sum in an order that depends on the column, give the same bits.
+        offsets = torch.arange(span, dtype=torch.int32)  # int32 throughout: the GPU has no int64
+        index = start + torch.remainder(offsets - start, span)
         visible = index[None, :] > (query_pos[:, None] - window)
         window_mask = torch.where(visible, 0.0, MASK_HIDDEN)
         return cls(torch.minimum(take(mask, 3, index), window_mask), index)

@@ -50,7 +50,10 @@ WEIGHT_CACHE_DISK_MARGIN = 1 << 30
 # XNNPACK's QS8 and QU8 (its defaults) plus DYNAMIC_FULLY_CONNECTED: without that flag a fully-connected layer whose
 # weights are computed in the graph falls back to LiteRT's builtin kernels, and attention is two of those (the cache
 # is the weight operand of q k^T, the probabilities that of p v). One E2B full-attention layer at context 4096
-# (benchmarks/attention_flags.py): 10.6 ms for 1 token and 34.9 ms for 4 without it, 2.9 and 3.8 ms with it.
+# (benchmarks/attention_flags.py): 10.6 ms for 1 token and 34.9 ms for 4 without it, 2.9 and 3.8 ms with it. It also
+# keeps a verify row equal to a decode (greedy MTP output equal to plain output): the builtin kernels sum p.v over
+# the 4 x G rows of a verify in another order than over the G rows of a decode (1.9e-6 to 4.6e-5 apart, measured at
+# context 256), XNNPACK in the same order.
 XNNPACK_FLAGS = 0x1 | 0x2 | 0x8
 _availability: dict[str, str | None] = {}  # accelerator -> why it cannot be used (None: usable), probed once
 
