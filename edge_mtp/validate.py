@@ -312,7 +312,7 @@ class _Validator:
         """A checkpoint too large for transformers in fp32: the graphs against the streamed PyTorch reference (our
         modules, compared with transformers on every preset in the tests), one layer in memory at a time, along the
         bundle's own greedy continuations; and MTP against plain on the bundle."""
-        from .checks.bundle_check import bundle_report
+        from .export.bundle_check import bundle_report
         from .model.loading import TargetCheckpoint, load_drafter
 
         source = TargetCheckpoint(target_dir)

@@ -1,2 +1,2 @@
-"""A built bundle run against PyTorch: the streamed reference check that gates every LiteRT export (bundle_check)
-and the quantization report that measures a quantized bundle against its fp32 twin (quality)."""
+"""What proves a finished bundle for validate, above the export: the checkpoint's weights found in the bundle
+(weights). The export's own verification (bundle_check, quality) lives in export/."""

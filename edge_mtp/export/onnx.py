@@ -12,7 +12,7 @@ with torch.onnx on a dynamic token axis, compared with its PyTorch piece at ever
 (export/onnx_quantize.py) and appended to the joined graph, whose weights stream into `target.onnx.data`
 (export/onnx_stitch.py). Vocabulary tables are exported on a few rows and quantized in row chunks straight into the
 data file (export/onnx_tables.py). The finished bundle is then checked end to end against the streamed PyTorch
-reference (checks/bundle_check.py, as the LiteRT path), whose numbers are the manifest's `quantization_report`.
+reference (export/bundle_check.py, as the LiteRT path), whose numbers are the manifest's `quantization_report`.
 `quantize_onnx_bundle` quantizes a finished fp32 bundle one weight group at a time (export/onnx_requantize.py)
 and measures it against its source.
 """
@@ -458,7 +458,7 @@ class _Quantization:
     def report(self, bundle: Path, manifest: dict, fp32_bundle: Path) -> dict:
         """The quantization report of the (manifest-complete) bundle folder against the fp32 bundle folder."""
         from ..bundle.tokenizer import Tokenizer
-        from ..checks.quality import quantization_report, report_prompts
+        from .quality import quantization_report, report_prompts
 
         prompts = report_prompts(Tokenizer(**tokenizer_info(bundle, manifest)), self.contract.context)
         report = quantization_report(fp32_bundle, bundle, prompts)  # bundle folders open in onnxruntime
@@ -544,8 +544,8 @@ def export_onnx_models(source: TargetSource | TargetModels, drafter: Drafter | N
                        on_progress: Progress = lambda what, done, total: None) -> ExportSummary:
     """Export a target source (a checkpoint opened for streaming, or modules in memory) to an ONNX bundle `out`."""
     from ..bundle.tokenizer import Tokenizer
-    from ..checks.bundle_check import bundle_report, enforce
-    from ..checks.quality import open_backend, report_prompts
+    from .bundle_check import bundle_report, enforce
+    from .quality import open_backend, report_prompts
 
     start = time.time()
     out = Path(out)

@@ -19,7 +19,7 @@ from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_drafter
 from ..spec import spec_to_dict
 from ..bundle.tokenizer import Tokenizer
-from ..checks.bundle_check import enforce, litert_bundle_report
+from .bundle_check import enforce, litert_bundle_report
 from .driver import Progress, StreamedExport, export_resource_errors
 from ..bundle.litertlm import BundleMetadata, read_litertlm, source_files, write_litertlm
 from .quantize import DEFAULT_RECIPE, check_recipe
