@@ -6,8 +6,8 @@ outside it), 128 greedy tokens at draft length 3:
   top-2 logit gap at that token;
 - LiteRT-LM (CPU), MTP on and off: the first character where the MTP text leaves the plain text (it returns text
   only; an MTP text that runs a few tokens past the plain one is its known overshoot, not a difference);
-- verify(G+1) / decode time, the cost of the graph forms that make a verify row equal a decode (median of direct
-  calls at a position past the sliding window).
+- verify(G+1) / decode time, the cost of the graph forms that make a verify row equal a decode (median CPU time of
+  direct calls on one thread, at a position past the sliding window).
 
     .venv/bin/python -m benchmarks.mtp_plain BUNDLE.litertlm... [--max-tokens 128] [--draft-len 3] [--no-litertlm]
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from benchmarks.loop_speed import signature_ms
@@ -57,8 +58,9 @@ def measure(bundle: Path, max_tokens: int, draft_len: int, litertlm: bool) -> di
     """Divergences per prompt in our loop and in LiteRT-LM, and verify/decode time, for one bundle."""
     opened = open_bundle(bundle)
     tokenizer, recipe = opened.tokenizer, opened.manifest.get("quantization")
+    # CPU time of one thread (XNNPACK runs on the caller's thread): other processes on the machine do not count
+    times = signature_ms(LiteRTBackend(bundle, threads=1), calls=300, position=100, clock=time.thread_time)
     backend = LiteRTBackend(bundle)
-    times = signature_ms(backend, calls=200, position=100)
     verify = next(k for k in times if k.startswith("verify"))
     ours = [[d.to_dict() for d in divergences(backend, tokenizer.encode(p), max_tokens, draft_len,
                                               tokenizer.stop_tokens)] for p in PROMPTS]
