@@ -4,8 +4,9 @@ Quantization is deterministic: a checkpoint tensor rounded as the bundle's recip
 symmetric grid, reproduced by export.tables.TableFormat) gives exactly the bytes and scales the bundle must store.
 So every weight, norm and RoPE frequency of the checkpoint is looked up, in each encoding the piece's recipe can
 give it, among the constants of the bundle's model, and must be found in the piece that computes with it, in the
-tensor the export named after it, with the same scales. Noise in a layer, tensors swapped between layers, a wrong norm, a wrong quantization scale, a wrong RoPE
-base or another checkpoint altogether all leave a tensor that is not there; numerics play no part, whatever the recipe.
+tensor the export named after it, with the same scales. Noise in a layer, tensors swapped between layers or read
+under each other's names, a wrong norm, a wrong quantization scale, a wrong RoPE base or another checkpoint
+altogether all leave a tensor that is not where it should be; numerics play no part, whatever the recipe.
 Vocabulary tables are compared row chunk by row chunk, which also bounds memory at real size.
 """
 
@@ -20,7 +21,7 @@ import torch
 
 from ..bundle.litertlm import SECTION_MODEL_TYPES, read_litertlm
 from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET
-from ..export.stored import Constant, ModelConstants, locate, same_scales
+from ..export.stored import Constant, ModelConstants, converter_folds, locate, same_scales
 from ..export.tables import FLOAT_TYPES, TableFormat
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint
@@ -80,8 +81,7 @@ def _section_constants(raw: mmap.mmap, bundle: Path, model: str) -> ModelConstan
 def check_target(bundle: Path, source: TargetCheckpoint, recipes: dict[str, str], report: WeightReport) -> None:
     """Every decoder weight, norm and RoPE frequency of the checkpoint in the target model, piece by piece."""
     target = source.models.target
-    # the PLE projection's 1/sqrt(hidden) (model/target.py) is folded into its weights at conversion
-    folds = {"per_layer_model_projection.weight": source.spec.hidden_size ** -0.5}
+    folds = converter_folds(source.spec.hidden_size)
     with open(bundle, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
         constants = _section_constants(raw, bundle, TARGET)
         for piece, prefix, paths in _target_parts(source.spec):

@@ -34,7 +34,7 @@ from .quantize import MIXED_SENSITIVITY, component_recipe, quantize_file
 from .signatures import ExportUnit, SignatureModule, run_reference
 from .tables import QuantizedTable, check_format, find_table, folded_factor, small_vocab, widen
 from .joiner import GraphJoiner, WeightSlot, locate_weights, refill_weights
-from .stored import name_weights
+from .stored import converter_folds, name_weights
 
 TOLERANCE = 1e-4  # max abs error / reference magnitude, per output of every converted signature
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -160,9 +160,8 @@ class StreamedExport(PieceOrder):
     def _name(self, piece: str, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         """Give each weight's tensor in the quantized piece the weight's checkpoint name (export.stored.name_weights):
         validate checks the checkpoint's values there, so a weight read under the wrong name cannot pass."""
-        folds = {"per_layer_model_projection.weight": self.contract.target.hidden_size ** -0.5}
         values = {n: t.detach().float().numpy() for n, t in tensors.items() if t.is_floating_point()}
-        name_weights(path, values, self.reports[piece].recipe, folds)
+        name_weights(path, values, self.reports[piece].recipe, converter_folds(self.contract.target.hidden_size))
 
     # ---------------------------------------------------------------------------------------------------------
     # The target

@@ -151,6 +151,12 @@ def locate(constants: ModelConstants, value: np.ndarray, recipe: str,
 
 
 
+def converter_folds(hidden_size: int) -> dict[str, float]:
+    """Scalars the converter multiplies into weights (weight name -> factor): the PLE projection's 1/sqrt(hidden)
+    (model/target.py)."""
+    return {"per_layer_model_projection.weight": hidden_size ** -0.5}
+
+
 def name_weights(path, tensors: dict[str, np.ndarray], recipe: str, folds: dict[str, float]) -> int:
     """Rename the tensors of a converted (and quantized) piece that hold `tensors` to their names (weight name ->
     value), rewriting the file; returns how many were named. The converter's own names are paths of the modules that
