@@ -137,8 +137,8 @@ class _Validator:
                           f"{recipe} bundle with no recorded cost: fp32 limits (re-export to record it)")
         # top-1 over a few prompts says little about a quantized graph whose weights are proven exactly (row 1); the
         # drafter's decisions are held to a share of the agreement measured at export
-        top1 = DRAFTER_AGREEMENT_SHARE * self.costs.get("drafter_top1_agreement", 0.0) if component == "drafter" \
-            else 0.0
+        top1 = DRAFTER_AGREEMENT_SHARE * (self.costs.get("drafter_top1_agreement") or 0.0) \
+            if component == "drafter" else 0.0
         return Limits(max(t.max_relative_error, COST_MARGIN * cost), top1,
                       f"{COST_MARGIN:g} x the {recipe} cost measured at export ({cost:.2e})")
 

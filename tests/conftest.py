@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -88,20 +89,32 @@ def pair_dirs(synth_pair) -> dict:
 
 @pytest.fixture(scope="session")
 def recipe_bundle(pair_dirs, tiny_bundle, demo_bundle, tmp_path_factory):
-    """recipe_bundle(pair, recipe) -> (path, export summary or None): each pair exported once per recipe in the
-    session ('tiny' at the tiny_bundle geometry, 'demo' at the demo_bundle one; fp32 are those bundles)."""
+    """recipe_bundle(pair, recipe) -> (path, export summary): each pair exported once per recipe in the session ('tiny'
+    at the tiny_bundle geometry, 'demo' at the demo_bundle one; fp32 are those bundles). The tiny pair exports through
+    the CLI, whose stderr must hold its progress alone (summary: the --json dict); the demo pair through the library."""
+    from click.testing import CliRunner
+
+    from edge_mtp.cli import main
     from edge_mtp.export.pipeline import export_litert
+    from helpers import assert_only_progress
 
     made = {("tiny", "fp32"): tiny_bundle, ("demo", "fp32"): (demo_bundle, None)}
-    shapes = {"tiny": (BUNDLE_CONTEXT, BUNDLE_PREFILL), "demo": (DEMO_CONTEXT, DEMO_PREFILL)}
 
     def get(pair: str, recipe: str):
         if (pair, recipe) not in made:
             target, assistant = pair_dirs[pair]
-            context, prefill = shapes[pair]
             out = tmp_path_factory.mktemp(f"{pair}-{recipe}") / f"{pair}-{recipe}.litertlm"
-            made[pair, recipe] = (out, export_litert(target, assistant, out, context=context, prefill=prefill,
-                                                     quant=recipe))
+            if pair == "tiny":
+                result = CliRunner().invoke(main, [
+                    "export", "--target", str(target), "--assistant", str(assistant), "--out", str(out),
+                    "--context", str(BUNDLE_CONTEXT), "--prefill", ",".join(map(str, BUNDLE_PREFILL)),
+                    "--quant", recipe, "--json"])
+                assert result.exit_code == 0, result.output[-3000:]
+                assert_only_progress(result.stderr)
+                made[pair, recipe] = (out, json.loads(result.stdout[result.stdout.index("{"):]))
+            else:
+                made[pair, recipe] = (out, export_litert(target, assistant, out, context=DEMO_CONTEXT,
+                                                         prefill=DEMO_PREFILL, quant=recipe))
         return made[pair, recipe]
 
     return get
