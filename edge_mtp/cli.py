@@ -591,7 +591,7 @@ _TRAIN_OPTIONS = (
     click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
 )
 _COMMON_OPTIONS = (
-    click.option("--seed", default=0, show_default=True),
+    click.option("--seed", type=SEED, default=0, show_default=True),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
                  help="Accelerators run the target in bf16 and the drafter under bf16 autocast."),
 )
