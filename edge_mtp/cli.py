@@ -446,11 +446,13 @@ def _chat_stats(session) -> str:
 @click.option("--min-acceptance-ratio", type=click.FloatRange(min=0), default=None,
               help="Default 0.8 of the PyTorch drafter's.")
 @click.option("--no-litert-lm", is_flag=True, help="Skip running Google's LiteRT-LM runtime.")
+@click.option("--weights-only", is_flag=True,
+              help="Only find every checkpoint tensor byte for byte in the bundle (.litertlm): fast, exact, no graphs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write a markdown report.")
 def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, prompts: Path | None, max_tokens: int,
              max_rel_error: float | None, min_top1: float | None, min_acceptance_ratio: float | None,
-             no_litert_lm: bool, as_json: bool, report_path: Path | None) -> None:
+             no_litert_lm: bool, weights_only: bool, as_json: bool, report_path: Path | None) -> None:
     """Prove a bundle against its original checkpoints at any recipe; exit 0 pass, 1 fail, 2 unusable input."""
     from dataclasses import replace
 
@@ -471,7 +473,7 @@ def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, pr
     console = Console(stderr=True)
     with console.status("validating") as status:
         report = run_validation(bundle, target_dir, assistant_dir, texts, max_tokens, limits,
-                                use_litert_lm=not no_litert_lm, on_stage=status.update)
+                                use_litert_lm=not no_litert_lm, on_stage=status.update, weights_only=weights_only)
     if report_path:
         report_path.write_text(report.markdown())
     if as_json:

@@ -456,8 +456,12 @@ class _Validator:
 
 def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant_dir: str | Path | None = None,
              prompts: list[str] | None = None, max_tokens: int = 24, thresholds: Thresholds = Thresholds(),
-             use_litert_lm: bool = True, on_stage: Callable[[str], None] = lambda s: None) -> Report:
-    """Validate a bundle; raises EdgeMtpError for unusable input, returns a Report with a verdict otherwise."""
+             use_litert_lm: bool = True, on_stage: Callable[[str], None] = lambda s: None,
+             weights_only: bool = False) -> Report:
+    """Validate a bundle; raises EdgeMtpError for unusable input, returns a Report with a verdict otherwise.
+
+    `weights_only`: only the byte-for-byte weights rows (.litertlm): seconds where the rest takes minutes, and exact
+    at every recipe, but blind to what the graphs compute with those weights."""
     bundle = Path(bundle)
     on_stage("loading the bundle")
     model = load(bundle)
@@ -467,7 +471,10 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
     assistant_dir = assistant_dir or manifest_source.get("assistant")
     if target_dir is None:
         raise EdgeMtpError("Pass --target (and --assistant): the original checkpoints to validate against.")
-    streamed = not _transformers_fit(resolve_checkpoint(target_dir))
+    if weights_only and bundle.suffix != ".litertlm":
+        raise EdgeMtpError(f"{bundle} is an ONNX bundle; --weights-only checks .litertlm bundles (validate the ONNX "
+                           "bundle without it).")
+    streamed = weights_only or not _transformers_fit(resolve_checkpoint(target_dir))
     ref = None
     if not streamed:
         on_stage("loading the originals with transformers")
@@ -480,6 +487,8 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
     if bundle.suffix == ".litertlm":
         on_stage("comparing every weight with the checkpoint")
         v.weights(bundle, resolve_checkpoint(target_dir), assistant_dir)
+    if weights_only:
+        return report
     if streamed:
         v.streamed(ids, max_tokens, resolve_checkpoint(target_dir), assistant_dir, on_stage)
         if use_litert_lm and bundle.suffix == ".litertlm" and model.backend.has_drafter:

@@ -1,8 +1,9 @@
 """validate certifies what ships: a faithful bundle passes at every recipe, and a bundle validated against a checkpoint
 it does not come from fails at every recipe, whatever the defect (tests/defects.py).
 
-The catalogue runs validate's own verdict (no LiteRT-LM run, one short prompt); the rows that must fail are named, so
-a defect cannot pass for another check's failure."""
+A faithful bundle runs the whole of validate (no LiteRT-LM run, one short prompt); a defect runs its weights rows
+(`weights_only`, a subset of the same verdict, so a full validate fails with them), and the tensor it names is checked,
+so a defect cannot pass for another check's failure. The full verdict on defects runs in the CLI tests below."""
 
 from __future__ import annotations
 
@@ -53,8 +54,7 @@ def test_a_faithful_bundle_passes_and_every_defect_fails(pair, recipe, recipe_bu
     if recipe != "fp32":  # the quantized weights were compared in their stored encoding
         assert recipe in weights[0].metrics["tensors"]
     for defect in DEFECTS:
-        report = validate(bundle, defective(pair, defect), assistant, prompts=PROMPTS, max_tokens=4,
-                          use_litert_lm=False)
+        report = validate(bundle, defective(pair, defect), assistant, prompts=PROMPTS, weights_only=True)
         failed = _failed(report)
         assert failed, (pair, recipe, defect)
         target_row = next(c for c in failed if c.kind == "weights" and c.subject == "target")
@@ -78,6 +78,27 @@ def test_a_bundle_of_a_defective_checkpoint_fails_against_the_original(synth_pai
     assert [c["subject"] for c in failed if c["kind"] == "weights"] == ["target"]
     assert "layers.1.mlp.down_proj.weight" in failed[0]["detail"]
     assert failed[0]["reference"] == "the checkpoint rounded by the bundle's recipe"
+
+
+def test_the_whole_verdict_fails_a_defect_the_graphs_cannot_see(recipe_bundle, pair_dirs, defective):
+    """gate and up read from each other's names at int4: every row but the weights may pass; validate still exits 1."""
+    bundle, _ = recipe_bundle("demo", "int4")
+    result = CliRunner().invoke(main, ["validate", str(bundle), "--target", str(defective("demo", "mismapped")),
+                                       "--assistant", str(pair_dirs["demo"][1]), "--max-tokens", "4", "--no-litert-lm",
+                                       "--json"])
+    assert result.exit_code == 1, result.output[-2000:]
+    report = json.loads(result.output[result.output.index("{"):])
+    target = next(c for c in report["checks"] if c["kind"] == "weights" and c["subject"] == "target")
+    assert not target["passed"] and "another tensor than the one the bundle names for it" in target["detail"]
+
+
+def test_weights_only_is_the_weights_rows_alone(recipe_bundle, pair_dirs):
+    bundle, _ = recipe_bundle("tiny", "int8")
+    result = CliRunner().invoke(main, ["validate", str(bundle), "--target", str(pair_dirs["tiny"][0]),
+                                       "--assistant", str(pair_dirs["tiny"][1]), "--weights-only", "--json"])
+    assert result.exit_code == 0, result.output[-2000:]
+    report = json.loads(result.output[result.output.index("{"):])
+    assert {c["kind"] for c in report["checks"]} == {"weights"} and len(report["checks"]) == 3
 
 
 def test_every_row_says_which_reference_it_used_and_why_it_passed(recipe_bundle, pair_dirs):

@@ -57,10 +57,15 @@ def test_an_int4_onnx_export_and_its_run_print_only_their_own_lines(tmp_path):
     target = replace(preset_pair("tiny")[0], layer_types=(SLIDING, FULL), num_kv_shared_layers=0)
     write_target(tmp_path / "target", target)
     bundle = tmp_path / "onnx-int4"
-    commands = [["export", "--target", str(tmp_path / "target"), "--no-assistant", "--format", "onnx", "--quant",
-                 "int4", "--context", "64", "--prefill", "8", "--out", str(bundle)],
-                ["run", str(bundle), "--prompt-ids", "2,5,7", "--max-tokens", "4"]]
-    (exported, export_err), (ran, run_err) = _stderr_per_command(commands)
+    export = ["export", "--target", str(tmp_path / "target"), "--no-assistant", "--format", "onnx", "--context", "64",
+              "--prefill", "8"]
+    commands = [export + ["--quant", "int4", "--out", str(bundle)],
+                ["run", str(bundle), "--prompt-ids", "2,5,7", "--max-tokens", "4"],
+                export + ["--quant", "int8", "--out", str(tmp_path / "onnx-int8")]]
+    (exported, export_err), (ran, run_err), (int8, int8_err) = _stderr_per_command(commands)
+    assert int8 == 0, int8_err[-3000:]
+    assert_only_progress(int8_err)
+    assert not [ln for ln in int8_err.splitlines() if ln.startswith("edge-mtp: ")]  # int8 keeps the opset
     assert exported == 0 and (bundle / "manifest.json").is_file(), export_err[-3000:]
     assert_only_progress(export_err)
     assert [ln for ln in export_err.splitlines() if ln.startswith("edge-mtp: ")] == [
