@@ -48,7 +48,7 @@ def _stderr_per_command(commands: list[list[str]]) -> list[tuple[int, str]]:
 def test_an_int4_onnx_export_and_its_run_print_only_their_own_lines(tmp_path):
     """onnxruntime's 4-bit quantizer logs every node at INFO (1,083 lines for the demo pair); what is left is our
     progress and one line of ours for the opset it raises. The cheapest export that reaches it: a two-layer tiny
-    target alone."""
+    target alone; an int8 export of it (the other onnxruntime quantizer) prints its progress alone."""
     from dataclasses import replace
 
     from edge_mtp.spec import FULL, SLIDING, preset_pair
