@@ -61,6 +61,19 @@ def test_a_faithful_bundle_passes_and_every_defect_fails(pair, recipe, recipe_bu
         assert any(NAMED[defect] in problem for problem in target_row.metrics["problems"]), target_row.detail
 
 
+@pytest.mark.parametrize("recipe", ["fp16", "int4-b32", "mixed"])
+def test_the_other_recipes_pass_and_their_weights_catch_noise(recipe, recipe_bundle, pair_dirs, defective):
+    """fp16 casts, blockwise 4-bit (float16 block scales) and mixed (int4 or int8 per piece) are certified too."""
+    bundle, _ = recipe_bundle("tiny", recipe)
+    target, assistant = pair_dirs["tiny"]
+    report = validate(bundle, target, assistant, prompts=PROMPTS, max_tokens=4, use_litert_lm=False)
+    assert report.passed, [(c.subject, c.detail, c.criterion) for c in _failed(report)]
+    stored = {k for c in report.checks if c.kind == "weights" for k in c.metrics["tensors"]}
+    assert {"fp16": "float16", "int4-b32": "int4-b32", "mixed": "int8"}[recipe] in stored
+    noisy = validate(bundle, defective("tiny", "noise"), assistant, weights_only=True)
+    assert not noisy.passed and NAMED["noise"] in " ".join(c.detail for c in _failed(noisy))
+
+
 def test_a_bundle_of_a_defective_checkpoint_fails_against_the_original(synth_pair, pair_dirs, defective, tmp_path):
     """The same mismatch seen from the other side: exported from the noisy copy, validated against the original."""
     from conftest import BUNDLE_CONTEXT, BUNDLE_PREFILL

@@ -121,13 +121,18 @@ def encodings(value: np.ndarray, recipe: str) -> Iterator[tuple[str, TableFormat
 
 
 def same_scales(theirs: np.ndarray | None, ours: np.ndarray | None, fold: float) -> bool:
-    """Scales equal ours, or ours times the scalar the converter folded into the tensor (to float rounding)."""
+    """Scales equal ours, or ours times the scalar the converter folded into the tensor, to the rounding of the
+    scales' own type (one float16 step for block scales; float32 ones to 1e-6)."""
     if ours is None or theirs is None:
         return ours is None and theirs is None
-    theirs, ours = theirs.reshape(-1).astype(np.float64), ours.reshape(-1).astype(np.float64)
+    if theirs.size != ours.size:
+        return False
     if fold == 1.0:
-        return theirs.shape == ours.shape and np.array_equal(theirs, ours)
-    return theirs.shape == ours.shape and bool(np.all(np.abs(theirs - ours * fold) <= 1e-6 * np.abs(ours * fold)))
+        return np.array_equal(theirs.reshape(-1).astype(np.float64), ours.reshape(-1).astype(np.float64))
+    want = ours.reshape(-1).astype(np.float64) * fold
+    step = np.abs(np.spacing(theirs.reshape(-1))).astype(np.float64) if theirs.dtype == np.float16 \
+        else 1e-6 * np.abs(want)
+    return bool(np.all(np.abs(theirs.reshape(-1).astype(np.float64) - want) <= step))
 
 
 def locate(constants: ModelConstants, value: np.ndarray, recipe: str,
