@@ -341,9 +341,10 @@ class _Validator:
                 mtp = list(self.model.generate(ids, max_tokens=max_tokens))
                 self._mtp_vs_plain(f"prompt {i + 1}: bundle MTP vs no MTP", ids, mtp, plain)
 
-    def _tie_limit(self, scale: float) -> tuple[float, str]:
-        """The top-2 gap under which a divergence is a tie: float rounding (fp32) or the measured logit noise."""
-        if self.quantized:
+    def _tie_limit(self, scale: float, quantization: bool = True) -> tuple[float, str]:
+        """The top-2 gap under which a divergence is a tie: the bundle's measured logit noise where its quantization
+        can explain it, else float rounding of the largest logit (`scale`)."""
+        if quantization and self.quantized:
             return NOISE_MARGIN * self.logit_noise, (f"top-2 gap <= {NOISE_MARGIN:g} x the bundle's measured logit "
                                                      f"noise ({self.logit_noise:.2e})")
         return self.t.tie_tolerance * scale, f"top-2 gap <= {self.t.tie_tolerance:g} x the largest logit"
@@ -359,8 +360,7 @@ class _Validator:
         pos = n if pos is None else pos
         gap = self.ref.top2_gap(prompt + truth[:pos])
         scale = float(np.abs(self.ref.forward(prompt + truth[:pos])["logits"][-1]).max()) or 1.0
-        limit, why = self._tie_limit(scale) if bundle_run else (self.t.tie_tolerance * scale, "top-2 gap <= "
-                                                                 f"{self.t.tie_tolerance:g} x the largest logit")
+        limit, why = self._tie_limit(scale, quantization=bundle_run)
         tie = gap <= limit
         kind = ("a quantization tie" if self.quantized and bundle_run else "a near-tie, not a bug") if tie \
             else "a real difference"
