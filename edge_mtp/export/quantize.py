@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgeMtpError
-from ..formats.tflite import mapped_file
+from ..formats.tflite import mapped_file, read_tflite
 from ..quiet import converter_output_quiet
 
 RECIPES = ("fp32", "fp16", "int8", "int4", "int4-b32", "int4-b64", "int4-b128", "mixed")
@@ -118,7 +118,7 @@ def _scopes_reading(path: Path, tensor: str, shape: tuple[int, ...]) -> list[str
     """
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tfl
 
-    model = tfl.read_model(str(path))
+    model = read_tflite(path)  # tfl.read_model leaves its descriptor open: the deleted piece would keep its disk
     scopes = []
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
