@@ -163,8 +163,8 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
         "context": contract.context, "prefill_lengths": list(contract.prefill_lengths),
         "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]", "target": spec_to_dict(source.spec),
         "drafter": spec_to_dict(drafter.spec) if drafter else None, "quantization": quant,
-        "source": {"target": str(source.directory), "assistant": str(source_assistant) if source_assistant else None,
-                   "sha256": {"target": source_files(source.directory), "assistant":
+        "source": {"target": str(source.origin), "assistant": str(source_assistant) if source_assistant else None,
+                   "sha256": {"target": source_files(source.origin), "assistant":
                               source_files(resolve_checkpoint(source_assistant)) if source_assistant else None}},
     }
     target = source.models.target
