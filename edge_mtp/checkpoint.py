@@ -213,7 +213,8 @@ class AdaptedReader(CheckpointReader):
         if name not in self.pairs:
             return value
         a, b = self.pairs[name]
-        return value.float() + (self.lora.rows(b, start, stop).float() @ self.lora.tensor(a).float()) * self.scale
+        delta = self.lora.rows(b, start, stop).float() @ self.lora.tensor(a).float()
+        return delta.mul_(self.scale).add_(value)  # in place: the read rows and one fp32 block are all it holds
 
 
 def shared_layer_leftovers(prefix: str, first_shared: int, num_layers: int) -> list[str]:
