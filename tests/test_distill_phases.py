@@ -64,7 +64,7 @@ def test_shards_hold_the_records_and_state_their_size(shards, synth_pair):
 
 def test_a_stopped_prepare_resumes_after_its_complete_shards(synth_pair, tmp_path, monkeypatch):
     """Stopped after two of its five shards, prepare writes only the other three when run again, and ends with the
-    same shards (sampled continuations too) as a run that was never stopped."""
+    same shards (sampled continuations too) as a run that was never stopped; other settings may not finish them."""
     module = sys.modules["edge_mtp.distill.prepare"]
     monkeypatch.setattr(module, "SHARD_BYTES", 1)  # a shard per batch
     args = PREP | {"num_sequences": 8, "eval_sequences": 2, "batch": 2, "temperature": 0.8}
@@ -83,6 +83,8 @@ def test_a_stopped_prepare_resumes_after_its_complete_shards(synth_pair, tmp_pat
         prepare(synth_pair / "target", tmp_path / "resumed", **args)
     assert not (tmp_path / "resumed" / INDEX).exists() and not list((tmp_path / "resumed").glob(".*partial"))
     stopping.stop = False
+    with pytest.raises(EdgeMtpError, match=r"prepared with other settings \(seed 0, not 1\)"):
+        prepare(synth_pair / "target", tmp_path / "resumed", **(args | {"seed": 1}))
     resumed = prepare(synth_pair / "target", tmp_path / "resumed", **args)
     names = [s["file"] for s in whole["shards"]]
     assert len(names) == 5 and writes == names
