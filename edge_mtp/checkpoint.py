@@ -1,4 +1,5 @@
-"""Reading Hugging Face safetensors checkpoints lazily, tensor by tensor, with errors that name file and tensor."""
+"""Reading Hugging Face safetensors checkpoints lazily, tensor by tensor, with errors that name file and tensor; a
+LoRA adapter directory reads as its base with the adapter applied to each weight as it is read."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError, EdgeMtpError
+from .errors import CheckpointError
 from .layout import MULTIMODAL_PREFIX, TEXT_PREFIX, TensorEntry
+from .locate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base
+from .locate import resolve_checkpoint  # noqa: F401 (re-exported: where every reader of checkpoints finds it)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -21,26 +24,9 @@ IGNORED_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "model.audio_t
                     "lm_head.")
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64,
            "I32": torch.int32}
+PEFT_PREFIX = "base_model.model."  # PEFT's names for the wrapped model's tensors
 SHARED_LAYER_UNUSED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight",
                        "self_attn.v_norm.weight")
-
-
-def resolve_checkpoint(path_or_repo: str | Path) -> Path:
-    """A checkpoint directory from a local path, or from a Hugging Face repo id already in the local cache."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_repo)
-    if path.exists():
-        raise EdgeMtpError(f"{path} is a file; pass the checkpoint directory that holds config.json.")
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-        try:
-            return Path(snapshot_download(repo_id=text, local_files_only=True))
-        except Exception:
-            raise EdgeMtpError(f"'{text}' is neither a directory nor a repo in the local Hugging Face cache; download "
-                               "it first (huggingface-cli download) or pass a checkpoint directory.") from None
-    raise EdgeMtpError(f"Checkpoint directory {path} does not exist.")
 
 
 class CheckpointReader:
@@ -167,6 +153,69 @@ class CheckpointReader:
             raise CheckpointError(f"Unexpected tensor {name} in {self.files[name].name}: the {what} checkpoint does "
                                   "not match its config.json.")
         return entries
+
+
+def open_checkpoint(directory: Path) -> CheckpointReader:
+    """The reader of a checkpoint directory; for a LoRA adapter directory, its base read through the adapter."""
+    base = adapter_base(directory)
+    return CheckpointReader(directory) if base is None else AdaptedReader(base, directory)
+
+
+class AdaptedReader(CheckpointReader):
+    """A base checkpoint read through a PEFT LoRA adapter: each adapted weight is W + scale * B @ A, in fp32,
+    computed when that weight (or rows of it) is read. Peak memory stays bounded by one tensor as for a plain
+    checkpoint (the read rows, their delta, and the adapter's small A and B), and nothing merged is ever stored."""
+
+    def __init__(self, base: Path, adapter: Path):
+        super().__init__(base)
+        self.adapter = adapter
+        self.lora = CheckpointReader(adapter)
+        config = adapter / ADAPTER_CONFIG
+        try:
+            cfg = json.loads(config.read_text())
+            rank = cfg.get("r", 8)
+            alpha = cfg.get("lora_alpha", rank)
+            self.scale = float(alpha) / (rank ** 0.5 if cfg.get("use_rslora") else rank)
+        except (ValueError, TypeError, ZeroDivisionError, AttributeError, RecursionError):
+            raise CheckpointError(f"{config} does not hold a LoRA rank 'r' and 'lora_alpha' as numbers; save the "
+                                  "adapter again with PEFT.") from None
+        self.pairs = self._pairs()
+
+    def _pairs(self) -> dict[str, tuple[str, str]]:
+        """Base tensor name -> (lora_A, lora_B) names, every pair checked against the base's names and shapes."""
+        weights, pairs = self.adapter / ADAPTER_WEIGHTS, {}
+        for name in self.lora.names():
+            module, _, kind = name.rpartition(".lora_")
+            if not module or kind not in ("A.weight", "B.weight"):
+                raise CheckpointError(f"{weights} holds {name}, which is not a LoRA A/B weight; edge-mtp applies "
+                                      "LoRA pairs only (no modules_to_save, embedding or DoRA tensors).")
+            a_name, b_name = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+            if a_name not in self.lora.files or b_name not in self.lora.files:
+                raise CheckpointError(f"{weights} has {name} but not its partner; the adapter is incomplete.")
+            a, b = self.lora.shape(a_name), self.lora.shape(b_name)
+            if len(a) != 2 or len(b) != 2 or b[1] != a[0]:
+                raise CheckpointError(f"{weights}: {b_name} {list(b)} times {a_name} {list(a)} is no matrix "
+                                      "product; the adapter is corrupt.")
+            target = module.removeprefix(PEFT_PREFIX) + ".weight"
+            found = self.shape(target) if target in self.files else None
+            if found != (b[0], a[1]):
+                why = "no such tensor" if found is None else f"{list(found)}, not {[b[0], a[1]]}"
+                raise CheckpointError(f"The adapter in {self.adapter} does not fit the base {self.directory} "
+                                      f"({target}: {why}); point base_model_name_or_path in {ADAPTER_CONFIG} at the "
+                                      "base it was trained on.")
+            pairs[target] = (a_name, b_name)
+        if not pairs:
+            raise CheckpointError(f"{weights} holds no LoRA pairs (lora_A/lora_B weights).")
+        return pairs
+
+    def rows(self, name: str, start: int, stop: int | None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, with the adapter's delta added in fp32 where it adapts that tensor."""
+        value = super().rows(name, start, stop)
+        if name not in self.pairs:
+            return value
+        a, b = self.pairs[name]
+        delta = self.lora.rows(b, start, stop).float() @ self.lora.tensor(a).float()
+        return delta.mul_(self.scale).add_(value)  # in place: the read rows and one fp32 block are all it holds
 
 
 def shared_layer_leftovers(prefix: str, first_shared: int, num_layers: int) -> list[str]:

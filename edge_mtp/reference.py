@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import open_checkpoint, resolve_checkpoint
 from .contract import MASK_HIDDEN
 
 
@@ -19,11 +19,14 @@ class TransformersPair:
     def __init__(self, target_dir: str | Path, assistant_dir: str | Path | None = None):
         import transformers
 
-        target_dir = resolve_checkpoint(target_dir)
-        config = json.loads((target_dir / "config.json").read_text())
+        reader = open_checkpoint(resolve_checkpoint(target_dir))
+        config = json.loads((reader.directory / "config.json").read_text())
         cls = (transformers.Gemma4ForConditionalGeneration if config.get("model_type") == "gemma4"
                else transformers.Gemma4ForCausalLM)
-        self.target = cls.from_pretrained(target_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        self.target = cls.from_pretrained(reader.directory, dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():
+            for name in getattr(reader, "pairs", ()):  # the weights a LoRA adapter changes, read through it
+                self.target.get_parameter(name).copy_(reader.tensor(name))
         self.text = self.target.model.language_model if hasattr(self.target.model, "language_model") else self.target.model
         self.assistant = None
         if assistant_dir is not None:

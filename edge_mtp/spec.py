@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeMtpError, PairMismatchError, UnsupportedModelError
+from .locate import checkpoint_files
 
 SLIDING = "sliding"
 FULL = "full"
@@ -188,8 +189,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 def read_config(path: Path) -> dict[str, Any]:
     """Load config.json of a checkpoint directory (or any JSON object file), with a clear error when it is
-    missing or malformed."""
-    cfg_path = path / "config.json" if path.is_dir() else path
+    missing or malformed. A LoRA adapter directory's config.json is its base's."""
+    cfg_path = checkpoint_files(path) / "config.json" if path.is_dir() else path
     if not cfg_path.is_file():
         raise EdgeMtpError(f"No config.json in {path}: point at a Hugging Face checkpoint directory.")
     try:

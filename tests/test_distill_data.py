@@ -1,5 +1,5 @@
 """distill's data: conversations rendered with the chat template and trained on model turns only, JSONL / Parquet /
-cached Hugging Face datasets read alike, and LoRA adapters merged into the target at load."""
+cached Hugging Face datasets read alike."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from edge_mtp.demo import target_dir as demo_target
 from edge_mtp.distill.data import Renderer, load_examples
@@ -79,51 +78,3 @@ def test_unknown_data_is_one_clear_error(spec, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(EdgeMtpError, match="neither a data file nor a dataset in the local Hugging Face cache"):
         load_examples(demo_target(), spec, ["nobody/nothing"], None, 4, 1, 16, 64, 0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# LoRA adapters
-
-
-def _adapter(directory: Path, base: Path, module: str, a: torch.Tensor, b: torch.Tensor, alpha: int) -> Path:
-    from safetensors.torch import save_file
-
-    directory.mkdir()
-    (directory / "adapter_config.json").write_text(json.dumps(
-        {"base_model_name_or_path": str(base), "peft_type": "LORA", "r": a.shape[0], "lora_alpha": alpha}))
-    save_file({f"base_model.model.{module}.lora_A.weight": a.contiguous(),
-               f"base_model.model.{module}.lora_B.weight": b.contiguous()}, str(directory / "adapter_model.safetensors"))
-    return directory
-
-
-def test_a_lora_adapter_is_merged_into_its_base(synth_pair, tmp_path):
-    from edge_mtp.distill.adapter import load_target_or_adapter, resolve_target
-    from edge_mtp.model.loading import TargetCheckpoint, load_target
-
-    base = synth_pair / "target"
-    checkpoint = TargetCheckpoint(base)
-    entry = next(e for e in checkpoint.entries if e.local == "layers.1.self_attn.q_proj.weight")
-    out_features, in_features = entry.shape
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(4, in_features, generator=gen), torch.randn(out_features, 4, generator=gen)
-    adapter = _adapter(tmp_path / "adapter", base, checkpoint.prefix + entry.name.removesuffix(".weight"), a, b, 8)
-    assert resolve_target(adapter) == (base, adapter)
-    merged = load_target_or_adapter(*resolve_target(adapter))
-    plain = load_target(base)
-    want = plain.target.layers[1].self_attn.q_proj.weight + b @ a * (8 / 4)
-    torch.testing.assert_close(merged.target.layers[1].self_attn.q_proj.weight, want)
-    torch.testing.assert_close(merged.target.layers[2].self_attn.q_proj.weight,
-                               plain.target.layers[2].self_attn.q_proj.weight)
-
-
-def test_an_adapter_for_another_base_is_refused(synth_pair, tmp_path):
-    from edge_mtp.distill.adapter import load_target_or_adapter, resolve_target
-    from edge_mtp.model.loading import TargetCheckpoint
-
-    base = synth_pair / "target"
-    checkpoint = TargetCheckpoint(base)
-    entry = next(e for e in checkpoint.entries if e.local == "layers.1.self_attn.q_proj.weight")
-    a, b = torch.zeros(4, entry.shape[1] + 16), torch.zeros(entry.shape[0], 4)  # a wider base's projection
-    adapter = _adapter(tmp_path / "adapter", base, checkpoint.prefix + entry.name.removesuffix(".weight"), a, b, 8)
-    with pytest.raises(EdgeMtpError, match="does not fit the base .* trained on another base"):
-        load_target_or_adapter(*resolve_target(adapter))

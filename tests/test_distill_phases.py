@@ -62,6 +62,37 @@ def test_shards_hold_the_records_and_state_their_size(shards, synth_pair):
     assert torch.equal(nxt, records["tokens"][:, prompt:].int())
 
 
+def test_a_stopped_prepare_resumes_after_its_complete_shards(synth_pair, tmp_path, monkeypatch):
+    """Stopped after two of its five shards, prepare writes only the other three when run again, and ends with the
+    same shards (sampled continuations too) as a run that was never stopped; other settings may not finish them."""
+    module = sys.modules["edge_mtp.distill.prepare"]
+    monkeypatch.setattr(module, "SHARD_BYTES", 1)  # a shard per batch
+    args = PREP | {"num_sequences": 8, "eval_sequences": 2, "batch": 2, "temperature": 0.8}
+    whole = prepare(synth_pair / "target", tmp_path / "whole", **args)
+    writes, write_shard = [], module.write_shard
+
+    def stopping(path: Path, records: dict) -> None:
+        if len(writes) == 2 and stopping.stop:
+            raise Interrupt
+        writes.append(path.name)
+        write_shard(path, records)
+
+    stopping.stop = True
+    monkeypatch.setattr(module, "write_shard", stopping)
+    with pytest.raises(Interrupt):
+        prepare(synth_pair / "target", tmp_path / "resumed", **args)
+    assert not (tmp_path / "resumed" / INDEX).exists() and not list((tmp_path / "resumed").glob(".*partial"))
+    stopping.stop = False
+    with pytest.raises(EdgeMtpError, match=r"prepared with other settings \(seed 0, not 1\)"):
+        prepare(synth_pair / "target", tmp_path / "resumed", **(args | {"seed": 1}))
+    resumed = prepare(synth_pair / "target", tmp_path / "resumed", **args)
+    names = [s["file"] for s in whole["shards"]]
+    assert len(names) == 5 and writes == names
+    assert resumed["shards"] == whole["shards"]
+    for name in names:
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
 def test_bytes_per_token_at_e2b():
     """bf16 activations (1536) and the two store layers' K+V rows (2x256 + 2x512), plus 64 top logits."""
     target, _ = preset_pair("e2b")

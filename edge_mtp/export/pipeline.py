@@ -14,6 +14,7 @@ from ..chat_template import checkpoint_specials, fit_template
 from ..checkpoint import resolve_checkpoint
 from ..contract import Contract
 from ..errors import EdgeMtpError
+from ..locate import checkpoint_files
 from ..memory import PeakMemory
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_drafter
@@ -50,7 +51,9 @@ class ExportSummary:
 
 
 def tokenizer_files(target_dir: Path) -> tuple[Path, BundleMetadata]:
-    """The checkpoint's tokenizer.json and the start/stop tokens and chat template LiteRT-LM needs."""
+    """The checkpoint's tokenizer.json and the start/stop tokens and chat template LiteRT-LM needs (a LoRA adapter's
+    are its base's)."""
+    target_dir = checkpoint_files(target_dir)
     tokenizer = target_dir / "tokenizer.json"
     if not tokenizer.is_file():
         raise EdgeMtpError(f"No tokenizer.json in {target_dir}; copy the model's tokenizer files next to its weights.")
@@ -163,8 +166,8 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
         "context": contract.context, "prefill_lengths": list(contract.prefill_lengths),
         "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]", "target": spec_to_dict(source.spec),
         "drafter": spec_to_dict(drafter.spec) if drafter else None, "quantization": quant,
-        "source": {"target": str(source.directory), "assistant": str(source_assistant) if source_assistant else None,
-                   "sha256": {"target": source_files(source.directory), "assistant":
+        "source": {"target": str(source.origin), "assistant": str(source_assistant) if source_assistant else None,
+                   "sha256": {"target": source_files(source.origin), "assistant":
                               source_files(resolve_checkpoint(source_assistant)) if source_assistant else None}},
     }
     target = source.models.target

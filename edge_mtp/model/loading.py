@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (CheckpointReader, assign, check_finite, ensure_materialized, resolve_checkpoint,
-                          shared_layer_leftovers)
+from ..checkpoint import (CheckpointReader, assign, check_finite, ensure_materialized, open_checkpoint,
+                          resolve_checkpoint, shared_layer_leftovers)
+from ..locate import checkpoint_files
 from ..layout import TensorEntry, drafter_tensors, target_tensors
 from ..spec import DrafterSpec, TargetSpec, check_pair, drafter_spec_from_config, read_config, target_spec_from_config
 from .drafter import Drafter
@@ -40,6 +41,7 @@ class TargetSource:
 
     def __init__(self, models: TargetModels):
         self.models, self.spec, self.directory = models, models.spec, models.path
+        self.origin = self.directory  # the checkpoint as named: for a LoRA adapter its folder, `directory` its base's
         self.entries = list(target_tensors(self.spec))
         self.modules = {"embedder": models.embedder, "per_layer_embedder": models.per_layer_embedder,
                         "target": models.target}
@@ -63,19 +65,21 @@ class TargetSource:
 
 class TargetCheckpoint(TargetSource):
     """A target checkpoint opened for streaming: the modules start on the meta device and are filled (and emptied
-    again) part by part, so a real-size export never holds the whole model."""
+    again) part by part, so a real-size export never holds the whole model. A LoRA adapter directory reads as its
+    base (config, tokenizer) with the adapter applied to each weight as it is read (checkpoint.AdaptedReader)."""
 
     def __init__(self, path: str | Path):
-        directory = resolve_checkpoint(path)
+        origin = resolve_checkpoint(path)
+        directory = checkpoint_files(origin)
         spec = target_spec_from_config(read_config(directory), where=str(directory / "config.json"))
-        self.reader = CheckpointReader(directory)
+        self.reader = open_checkpoint(origin)
         self.prefix = self.reader.language_prefix()
         leftovers = shared_layer_leftovers(self.prefix, spec.first_shared_layer, spec.num_layers)
         entries = self.reader.check(target_tensors(spec), self.prefix, "target", leftovers)
         models = build_target(spec)
         models.path = directory
         super().__init__(models)
-        self.entries = entries
+        self.entries, self.origin = entries, origin
 
     def _entries(self, owner: str, local_prefix: str) -> list[TensorEntry]:
         return [e for e in self.entries if owner in e.modules and e.local.startswith(local_prefix)]
