@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET
-from ..export.onnx_data import stored_array, stored_bytes
+from ..export.onnx_data import stored_bytes, stored_slice
 from ..export.onnx_stored import StoredWeight, encoding_recipe, recipe_encodings, stored_weight
 from ..export.onnx_tables import HEAD, encoders, per_tensor_scalars
 from ..model.drafter import Drafter
@@ -91,31 +91,6 @@ def check_weight(report: WeightReport, graph: Graph, name: str, label: str, valu
                            f"{label} differs from the checkpoint's ({stored.encoding} rounding) in {stored.name}")
 
 
-def _slice(graph: Graph, init, axis: int, start: int, stop: int, vocab: int) -> bytes:
-    """The bytes of entries start:stop along the vocabulary axis (0, or 1 of a [K, V] matrix) of a stored table
-    initializer, in its own layout, read alone."""
-    import onnx
-
-    if init.data_location != onnx.TensorProto.EXTERNAL or axis not in (0, 1):
-        return np.ascontiguousarray(np.take(stored_array(init, graph.folder), np.arange(start, stop),
-                                            axis=axis)).tobytes()
-    info = {e.key: e.value for e in init.external_data}
-    offset, length = int(info.get("offset", 0)), int(info["length"])
-    path = graph.folder / info["location"]
-    if axis == 0:  # contiguous rows (packed 4-bit ones too)
-        row = length // vocab
-        with open(path, "rb") as f:
-            f.seek(offset + start * row)
-            return f.read((stop - start) * row)
-    item = length // (vocab * int(init.dims[0]))
-    with open(path, "rb") as f:  # [K, V]: one read per row
-        parts = []
-        for k in range(int(init.dims[0])):
-            f.seek(offset + (k * vocab + start) * item)
-            parts.append(f.read((stop - start) * item))
-    return b"".join(parts)
-
-
 def check_table(report: WeightReport, graph: Graph, name: str, label: str, read_rows, vocab: int,
                 recipe: str) -> None:
     """A vocabulary table against the checkpoint's rows, a chunk of rows at a time (int8 lookups: their range
@@ -123,13 +98,16 @@ def check_table(report: WeightReport, graph: Graph, name: str, label: str, read_
     stored = stored_weight(graph.initializers, name)
     if not _allowed(report, label, stored, recipe, vocab * read_rows(0, 1).shape[1]):
         return
+    extent = None
     for encode, per_tensor in _candidates(stored, recipe):
         if per_tensor:
-            lo, hi = np.inf, -np.inf
-            for start in range(0, vocab, TABLE_CHUNK_ROWS):
-                rows = read_rows(start, min(vocab, start + TABLE_CHUNK_ROWS))
-                lo, hi = min(lo, float(rows.min())), max(hi, float(rows.max()))
-            per_tensor["range"] = (np.float32(lo), np.float32(hi))
+            if extent is None:
+                lo, hi = np.inf, -np.inf
+                for start in range(0, vocab, TABLE_CHUNK_ROWS):
+                    rows = read_rows(start, min(vocab, start + TABLE_CHUNK_ROWS))
+                    lo, hi = min(lo, float(rows.min())), max(hi, float(rows.max()))
+                extent = (np.float32(lo), np.float32(hi))
+            per_tensor["range"] = extent
             scalars = per_tensor_scalars(per_tensor, stored.name)
             theirs = {n: stored_bytes(stored.initializers[n], graph.folder) for n in scalars
                       if n in stored.initializers}
@@ -150,7 +128,7 @@ def _same_table(graph: Graph, stored: StoredWeight, encode, read_rows, vocab: in
             if init is None:
                 return False
             axis = next(k for k, d in enumerate(init.dims) if d == vocab and array.shape[k] == stop - start)
-            if _slice(graph, init, axis, start, stop, vocab) != _bytes(np.ascontiguousarray(array), init):
+            if stored_slice(init, graph.folder, axis, start, stop) != _bytes(np.ascontiguousarray(array), init):
                 return False
     return True
 
