@@ -1,9 +1,10 @@
 """`edge-mtp validate`: prove a bundle against the original checkpoints, whatever its quantization recipe.
 
 Four kinds of evidence, each row saying which reference it used and why it passed:
-1. weights (.litertlm): every weight, norm, table and RoPE frequency of the checkpoints, rounded as the bundle's
-   recipe rounds them, found byte for byte in the piece that computes with it (checks/weights.py). This is exact at
-   every recipe, so it is what tells a faithful quantized bundle from one of another checkpoint;
+1. weights: every weight, norm, table and RoPE frequency of the checkpoints, rounded as the bundle's recipe rounds
+   them, found byte for byte in the piece that computes with it, in the tensor named after it (checks/weights.py for
+   .litertlm, checks/onnx_weights.py for ONNX folders). This is exact at every recipe, so it is what tells a
+   faithful quantized bundle from one of another checkpoint;
 2. graphs: every model and signature vs transformers on a prompt set, within float rounding for an fp32 bundle and
    within COST_MARGIN times the error its recipe cost at export (recorded in the manifest) for a quantized one; the
    drafter is judged by what it decides (drafted token, clusters scored), not by its masked logits;
@@ -34,6 +35,7 @@ from .prompts import DEFAULT_PROMPTS
 TRANSFORMERS = "transformers fp32"
 ROUNDED_CHECKPOINT = "the checkpoint rounded by the bundle's recipe"
 OWN_PLAIN = "the bundle's own plain decoding"
+STRICT_MTP = "identical tokens (fp32: verify rows give decode bits, so no divergence is a tie)"
 # A quantized bundle's graphs may differ from transformers by up to this many times what its recipe cost at export
 # (the export's own measurement against the fp32 reference, on its report prompts); the weights are proven exactly.
 COST_MARGIN = 3.0
@@ -145,19 +147,30 @@ class _Validator:
     # -- weights ----------------------------------------------------------------------------------------------
 
     def weights(self, bundle: Path, target_dir: Path, assistant_dir: str | Path | None) -> None:
-        """Every checkpoint tensor, rounded as the bundle's recipe rounds it, found in the bundle (see checks.weights)."""
-        from .checks.weights import WeightReport, check_drafter, check_tables, check_target
+        """Every checkpoint tensor, rounded as the bundle's recipe rounds it, found in the bundle (checks.weights for
+        .litertlm, checks.onnx_weights for ONNX folders)."""
+        from .checks.weights import WeightReport
         from .model.loading import TargetCheckpoint
 
         source = TargetCheckpoint(target_dir)
         recipes = self.costs.get("recipes", {})
-        parts = [("target", lambda r: check_target(bundle, source, recipes, r)),
-                 ("embedding tables", lambda r: check_tables(bundle, source, r))]
+        if bundle.suffix == ".litertlm":
+            from .checks.weights import check_drafter, check_tables, check_target
+
+            tables = lambda r: check_tables(bundle, source, r)  # noqa: E731
+            drafter_recipe = recipes.get("drafter", "fp32")
+        else:
+            from .checks.onnx_weights import check_drafter, check_tables, check_target
+
+            recipes = {"target": self.costs.get("recipe", "fp32")} | recipes
+            tables = lambda r: check_tables(bundle, source, recipes, r)  # noqa: E731
+            drafter_recipe = recipes.get("drafter", self.costs.get("recipe", "fp32"))
+        parts = [("target", lambda r: check_target(bundle, source, recipes, r)), ("embedding tables", tables)]
         if assistant_dir is not None and self.backend.has_drafter:
             from .model.loading import load_drafter
 
             drafter = load_drafter(assistant_dir, source.spec)
-            parts.append(("drafter", lambda r: check_drafter(bundle, drafter, recipes.get("drafter", "fp32"), r)))
+            parts.append(("drafter", lambda r: check_drafter(bundle, drafter, drafter_recipe, r)))
         for name, run in parts:
             found = WeightReport()
             run(found)
@@ -370,20 +383,21 @@ class _Validator:
 
     def _mtp_vs_plain(self, subject: str, prompt: list[int], mtp: list[int], plain: list[int]) -> None:
         """MTP must not change the bundle's own greedy tokens; every divergence is reported with the plain run's top-2
-        gap there (runtime.divergence), and passes only as a quantization tie."""
+        gap there (runtime.divergence). An fp32 bundle's verify rows give the bits of a decode at their position, so
+        it may not diverge at all; a quantized one passes a divergence only as a quantization tie."""
         from .runtime.divergence import divergences
 
         if mtp == plain:
             self.add("greedy", subject, {"tokens": len(plain)}, True, f"{len(plain)} tokens identical", OWN_PLAIN,
-                     "identical tokens")
+                     "identical tokens" if self.quantized else STRICT_MTP)
             return
         found = divergences(self.backend, prompt, len(plain), stop_tokens=self.model.tokenizer.stop_tokens)
-        limit, why = self._tie_limit(1.0)
+        limit, why = self._tie_limit(1.0) if self.quantized else (0.0, "")
         self.add("greedy", subject, {"divergences": [d.to_dict() for d in found], "tie_limit": limit},
-                 bool(found) and all(d.top2_gap <= limit for d in found),
+                 self.quantized and bool(found) and all(d.top2_gap <= limit for d in found),
                  "MTP diverges at " + ", ".join(f"token {d.token} (top-2 gap {d.top2_gap:.2e})" for d in found)
                  if found else f"MTP gives {len(mtp)} tokens where plain decoding gives {len(plain)}",
-                 OWN_PLAIN, f"identical tokens, or divergences with {why}")
+                 OWN_PLAIN, f"identical tokens, or divergences with {why}" if self.quantized else STRICT_MTP)
 
     # -- chat -------------------------------------------------------------------------------------------------
 
@@ -462,7 +476,7 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
              weights_only: bool = False) -> Report:
     """Validate a bundle; raises EdgeMtpError for unusable input, returns a Report with a verdict otherwise.
 
-    `weights_only`: only the byte-for-byte weights rows (.litertlm): seconds where the rest takes minutes, and exact
+    `weights_only`: only the byte-for-byte weights rows: seconds where the rest takes minutes, and exact
     at every recipe, but blind to what the graphs compute with those weights."""
     bundle = Path(bundle)
     on_stage("loading the bundle")
@@ -473,9 +487,6 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
     assistant_dir = assistant_dir or manifest_source.get("assistant")
     if target_dir is None:
         raise EdgeMtpError("Pass --target (and --assistant): the original checkpoints to validate against.")
-    if weights_only and bundle.suffix != ".litertlm":
-        raise EdgeMtpError(f"{bundle} is an ONNX bundle; --weights-only checks .litertlm bundles (validate the ONNX "
-                           "bundle without it).")
     streamed = weights_only or not _transformers_fit(resolve_checkpoint(target_dir))
     ref = None
     if not streamed:
@@ -486,9 +497,8 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
     ids = [model.tokenizer.encode(p) for p in (prompts or DEFAULT_PROMPTS)]
     if not weights_only and any(len(i) + max_tokens >= model.contract.context for i in ids):
         raise EdgeMtpError(f"A prompt plus {max_tokens} tokens exceeds the bundle's context {model.contract.context}.")
-    if bundle.suffix == ".litertlm":
-        on_stage("comparing every weight with the checkpoint")
-        v.weights(bundle, resolve_checkpoint(target_dir), assistant_dir)
+    on_stage("comparing every weight with the checkpoint")
+    v.weights(bundle, resolve_checkpoint(target_dir), assistant_dir)
     if weights_only:
         return report
     if streamed:
@@ -595,6 +605,8 @@ def recorded_costs(manifest: dict) -> dict:
         return max(errors) if errors else None
 
     recipes = {name: record.get("recipe", "fp32") for name, record in components.items()}
+    recipes |= {piece: part["recipe"] for record in components.values()  # the pieces of an ONNX model
+                for piece, part in (record.get("pieces") or {}).items() if "recipe" in part}
     recipe = manifest.get("quantization", "fp32")
     if recipe == "fp32" and any(r != "fp32" for r in recipes.values()):
         recipe = "mixed"

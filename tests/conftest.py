@@ -130,3 +130,22 @@ def gpu_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-gpu") / "demo-gpu.litertlm"
     export_litert(target_dir(), assistant_dir(), out, context=DEMO_CONTEXT, prefill=DEMO_PREFILL, in_place_cache=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def onnx_recipe_bundle(synth_pair, tmp_path_factory):
+    """onnx_recipe_bundle(recipe) -> the synthetic tiny pair exported once per recipe in the session to an ONNX bundle
+    folder (at the tiny_bundle geometry; the export's piece checks are left to the tests of the export)."""
+    from edge_mtp.export.onnx import export_onnx
+
+    made = {}
+
+    def get(recipe: str) -> Path:
+        if recipe not in made:
+            out = tmp_path_factory.mktemp(f"onnx-{recipe}") / f"tiny-{recipe}"
+            export_onnx(synth_pair / "target", synth_pair / "assistant", out, context=BUNDLE_CONTEXT,
+                        prefill=BUNDLE_PREFILL, quant=recipe, check=False)
+            made[recipe] = out
+        return made[recipe]
+
+    return get

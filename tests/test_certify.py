@@ -1,5 +1,6 @@
 """validate certifies what ships: a faithful bundle passes at every recipe, and a bundle validated against a checkpoint
-it does not come from fails at every recipe, whatever the defect (tests/defects.py).
+it does not come from fails at every recipe, whatever the defect (tests/defects.py); .litertlm files and ONNX folders
+alike.
 
 A faithful bundle runs the whole of validate (no LiteRT-LM run, one short prompt); a defect runs its weights rows
 (`weights_only`, a subset of the same verdict, so a full validate fails with them), and the tensor it names is checked,
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 
 from defects import DEFECTS, defective_copy
 from edge_mtp.cli import main
-from edge_mtp.validate import validate
+from edge_mtp.validate import STRICT_MTP, validate
 
 PAIRS_RECIPES = [(pair, recipe) for pair in ("tiny", "demo") for recipe in ("fp32", "int8", "int4")]
 PROMPTS = ["The file is"]
@@ -130,3 +131,49 @@ def test_every_row_says_which_reference_it_used_and_why_it_passed(recipe_bundle,
     assert drafter.metrics["drafted_token_agreement"] >= 0.5 and "decisions" in drafter.subject
     markdown = report.markdown()
     assert "| reference | criterion |" in markdown and "the checkpoint rounded by the bundle's recipe" in markdown
+
+
+ONNX_ENCODINGS = {"fp32": "float32", "int8": "int8", "int4": "int4"}  # what each recipe stores a MatMul weight as
+
+
+@pytest.mark.parametrize("recipe", ONNX_ENCODINGS)
+def test_an_onnx_bundle_passes_and_every_defect_fails(recipe, onnx_recipe_bundle, pair_dirs, defective):
+    """ONNX initializers are named after the checkpoint's weights and hold them as the recipe rounds them: the faithful
+    folder passes the whole verdict, each defect fails its weights rows with the tensor named."""
+    bundle = onnx_recipe_bundle(recipe)
+    target, assistant = pair_dirs["tiny"]
+    report = validate(bundle, target, assistant, prompts=PROMPTS, max_tokens=4)
+    assert report.passed, [(c.subject, c.detail, c.criterion) for c in _failed(report)]
+    weights = {c.subject: c for c in report.checks if c.kind == "weights"}
+    assert set(weights) == {"target", "embedding tables", "drafter"}
+    assert all(c.metrics["tensors"] and not c.metrics["problems"] for c in weights.values())
+    encoding = ONNX_ENCODINGS[recipe]
+    assert encoding in weights["target"].metrics["tensors"] and encoding in weights["drafter"].metrics["tensors"]
+    assert weights["embedding tables"].metrics["tensors"] == {f"{encoding} table (256 rows)": 3}
+    mtp_rows = [c for c in report.checks if "MTP vs no MTP" in c.subject]
+    assert mtp_rows and all(c.passed for c in mtp_rows)
+    if recipe == "fp32":  # verify rows give decode bits: no divergence passes
+        assert {c.criterion for c in mtp_rows} == {STRICT_MTP}
+    for defect in DEFECTS:
+        report = validate(bundle, defective("tiny", defect), assistant, weights_only=True)
+        failed = _failed(report)
+        assert failed and {c.kind for c in report.checks} == {"weights"}, (recipe, defect)
+        target_row = next(c for c in failed if c.subject == "target")
+        assert any(NAMED[defect] in problem for problem in target_row.metrics["problems"]), target_row.detail
+        if defect == "scale" and recipe != "fp32":  # the same codes, other scales
+            assert "other quantization scales" in target_row.detail
+
+
+def test_weights_only_certifies_an_onnx_folder_from_the_cli(onnx_recipe_bundle, pair_dirs, defective, monkeypatch):
+    """The weights rows alone, the tables compared in chunks of rows that do not divide the vocabulary."""
+    from edge_mtp.checks import onnx_weights
+
+    monkeypatch.setattr(onnx_weights, "TABLE_CHUNK_ROWS", 37)
+    bundle = onnx_recipe_bundle("int8")
+    args = ["validate", str(bundle), "--assistant", str(pair_dirs["tiny"][1]), "--weights-only", "--json"]
+    result = CliRunner().invoke(main, args + ["--target", str(pair_dirs["tiny"][0])])
+    assert result.exit_code == 0, result.output[-2000:]
+    report = json.loads(result.output[result.output.index("{"):])
+    assert {c["kind"] for c in report["checks"]} == {"weights"} and len(report["checks"]) == 3
+    result = CliRunner().invoke(main, args + ["--target", str(defective("tiny", "noise"))])
+    assert result.exit_code == 1 and NAMED["noise"] in result.output

@@ -68,3 +68,42 @@ def test_onnx_bundle_validates(tmp_path):
     assert report.passed, _failed(report)
     acceptance = next(c for c in report.checks if c.kind == "acceptance")
     assert acceptance.metrics["pytorch"] > 0.3 and acceptance.metrics["bundle"] == acceptance.metrics["pytorch"]
+
+
+def test_mtp_may_not_diverge_from_plain_on_an_fp32_bundle(onnx_recipe_bundle, monkeypatch):
+    """fp32 verify rows give decode bits: MTP equal to plain passes, and one verify logit nudged past its row's best
+    fails the row however small the plain run's top-2 gap there, where a quantized bundle would call it a tie."""
+    import numpy as np
+
+    from edge_mtp.runtime.api import load
+    from edge_mtp.runtime.speculative import SpeculativeDecoder
+    from edge_mtp.validate import STRICT_MTP, Report, Thresholds, _Validator
+
+    model = load(onnx_recipe_bundle("fp32"))
+    ids = model.tokenizer.encode(PROMPTS[0])
+    plain = list(model.generate(ids, max_tokens=8, mtp=False))
+
+    def row(costs: dict, noise: float = 0.0):
+        report = Report("bundle", Thresholds())
+        validator = _Validator(model, None, report.thresholds, report, costs)
+        validator.logit_noise = noise
+        validator._mtp_vs_plain("MTP vs no MTP", ids, list(model.generate(ids, max_tokens=8)), plain)
+        return report.checks[0]
+
+    faithful = row({"recipe": "fp32"})
+    assert faithful.passed and faithful.criterion == STRICT_MTP
+    verify = SpeculativeDecoder._verify
+
+    def nudged(self, drafts, position):
+        out = dict(verify(self, drafts, position))
+        logits = out["logits"] = out["logits"].copy()
+        first = logits[0, 0]
+        first[np.argsort(first)[-2]] = np.nextafter(first.max(), np.inf)  # the runner-up wins by one ulp
+        return out
+
+    monkeypatch.setattr(SpeculativeDecoder, "_verify", nudged)
+    diverged = row({"recipe": "fp32"})
+    assert not diverged.passed and diverged.criterion == STRICT_MTP
+    gaps = [d["top2_gap"] for d in diverged.metrics["divergences"]]
+    assert gaps and "MTP diverges at token" in diverged.detail
+    assert row({"recipe": "int8"}, noise=max(gaps)).passed  # the same divergence is a tie within quantization noise

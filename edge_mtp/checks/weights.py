@@ -62,7 +62,7 @@ def _check(report: WeightReport, constants: ModelConstants, name: str, value: to
         report.add(encoding)
 
 
-def _target_parts(spec) -> list[tuple[str, str, list[str]]]:
+def target_parts(spec) -> list[tuple[str, str, list[str]]]:
     """(piece, checkpoint prefix to load, module paths it holds) of the target's decoder pieces."""
     prelude = ["inv_freq_sliding", "inv_freq_full"]
     if spec.ple_dim:
@@ -84,7 +84,7 @@ def check_target(bundle: Path, source: TargetCheckpoint, recipes: dict[str, str]
     folds = converter_folds(source.spec.hidden_size)
     with open(bundle, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
         constants = _section_constants(raw, bundle, TARGET)
-        for piece, prefix, paths in _target_parts(source.spec):
+        for piece, prefix, paths in target_parts(source.spec):
             source.load(TARGET, prefix)
             tensors = dict(target.named_parameters()) | dict(target.named_buffers())
             for name, value in tensors.items():

@@ -50,6 +50,7 @@ from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude
 from .onnx_quantize import check_onnx_recipe, graph_bytes, quantize_graph, remove_graph, weight_bytes
 from .onnx_requantize import requantize_graph
 from .onnx_stitch import PIECE_OUTPUT_SUFFIX, GraphStitcher
+from .onnx_stored import name_weights
 from .onnx_tables import HEAD, locate_table, write_table
 from .quantize import mixed_choice, relative_error
 from .signatures import SignatureModule, compare_outputs, sample_inputs
@@ -230,11 +231,14 @@ class StreamedOnnxExport(PieceOrder):
     # -- one piece: export, check, quantize ---------------------------------------------------------------------------
 
     def _piece(self, name: str, module: torch.nn.Module, samples: PieceSamples, model: str,
-               inputs: list[str] | None = None, out: Path | None = None, keep_fp32: bool = False) -> Path:
-        """Export a piece, check it against PyTorch, quantize it (to `out` when given); returns the graph to use
-        (its fp32 export stays at scratch/<name>.onnx with `keep_fp32`)."""
+               weights: dict[str, torch.Tensor], inputs: list[str] | None = None, out: Path | None = None,
+               keep_fp32: bool = False) -> Path:
+        """Export a piece, name the initializers of its checkpoint `weights` after them (onnx_stored.name_weights:
+        validate finds each weight there), check it against PyTorch, quantize it (to `out` when given); returns the
+        graph to use (its fp32 export stays at scratch/<name>.onnx with `keep_fp32`)."""
         start = time.time()
         fp32 = export_piece(module, samples, self.scratch / f"{name}.onnx", inputs)
+        name_weights(fp32, {n: t.detach().float().numpy() for n, t in weights.items() if t.is_floating_point()})
         worst = enforce_tolerance(name, check_piece(fp32, module, samples)) if self.check else 0.0
         recipe, error, int4_error = self.quant, None, None
         if recipe == "mixed":
@@ -275,7 +279,8 @@ class StreamedOnnxExport(PieceOrder):
             src.load(TARGET, part)
         prelude = Prelude(src.models.target)
         inputs = PieceInputs(contract, prelude, SEEDS)
-        piece = self._piece("prelude", prelude, inputs.prelude(), TARGET)
+        piece = self._piece("prelude", prelude, inputs.prelude(), TARGET,
+                            dict(prelude.named_parameters()) | dict(prelude.named_buffers()))
         stitcher.add(piece, "prelude")
         remove_graph(piece)
         for part in parts:
@@ -285,7 +290,8 @@ class StreamedOnnxExport(PieceOrder):
         for i in range(spec.num_layers):
             src.load(TARGET, f"layers.{i}.")
             piece = LayerPiece(src.models.target, i, available)
-            done = self._piece(f"layer_{i}", piece, inputs.layer(piece), TARGET)
+            done = self._piece(f"layer_{i}", piece, inputs.layer(piece), TARGET,
+                               {f"layers.{i}.{n.removeprefix('layer.')}": t for n, t in piece.state_dict().items()})
             stitcher.add(done, f"layer_{i}", layer_rename(src.models.target, i, piece))
             remove_graph(done)
             src.release(TARGET, f"layers.{i}.")
@@ -308,15 +314,16 @@ class StreamedOnnxExport(PieceOrder):
                 s.num_kv_heads, s.num_heads, *{s.layer_intermediate_size(i) for i in range(s.num_layers)}}
 
     def _table(self, name: str, module: torch.nn.Module, holder: torch.nn.Module, local: str, owner: str,
-               samples: PieceSamples, model: str, stitcher: GraphStitcher, inputs: list[str] | None = None) -> None:
-        """A table's piece on a few rows, then the whole table quantized in row chunks into the stitched graph."""
+               samples: PieceSamples, model: str, stitcher: GraphStitcher, weights: dict[str, torch.Tensor]) -> None:
+        """A table's piece on a few rows, then the whole table quantized in row chunks into the stitched graph;
+        `weights`: the piece's other checkpoint weights."""
         src = self.source
         entry = src.entry(local, owner)
         vocab, width = entry.shape
         small = small_vocab(self._dimensions(), vocab)
         rows = src.rows(entry, 0, small)
         with swapped(holder, local, rows):
-            path = self._piece(name, module, samples, model, inputs, keep_fp32=True)
+            path = self._piece(name, module, samples, model, weights | {local: rows}, keep_fp32=True)
         fp32 = self.scratch / f"{name}.onnx"
         table = locate_table(fp32, path, small, rows.numpy(), self.reports[name].recipe)
         self.on_stage(f"quantizing the {name.replace('_', ' ')} table ({vocab} x {width})")
@@ -332,7 +339,8 @@ class StreamedOnnxExport(PieceOrder):
         """The LM head, exported on a few rows of the tied embedding and widened to the whole vocabulary."""
         self.source.load(TARGET, "norm")
         target = self.source.models.target
-        self._table(HEAD, Head(target), target, "embed_tokens.weight", TARGET, inputs.head(), TARGET, stitcher)
+        self._table(HEAD, Head(target), target, "embed_tokens.weight", TARGET, inputs.head(), TARGET, stitcher,
+                    {"norm.weight": target.norm.weight})
         self.source.release(TARGET, "norm")
         self._step(HEAD)
 
@@ -349,7 +357,7 @@ class StreamedOnnxExport(PieceOrder):
                                                  for _ in SEEDS]})
         self.on_stage(f"exporting the {name.replace('_', ' ')}")
         stitcher = GraphStitcher(self.out / f"{model_file(name)}.data")
-        self._table(name, SignatureModule(holder, signature), holder, local, name, samples, name, stitcher)
+        self._table(name, SignatureModule(holder, signature), holder, local, name, samples, name, stitcher, {})
         path = stitcher.finish(self.out / model_file(name), _value_infos(self.contract, signature, False, False),
                                _value_infos(self.contract, signature, True, False),
                                {o.name: o.name for o in signature.outputs})
@@ -364,7 +372,8 @@ class StreamedOnnxExport(PieceOrder):
         module = SignatureModule(self.drafter, sig, ("activations", "input_pos", "mask"))
         samples = PieceSamples({sig.name: [sample_inputs(sig, self.contract, seed=s) for s in SEEDS]})
         out = self.out / model_file(DRAFTER)
-        path = self._piece(DRAFTER, module, samples, DRAFTER, [s.name for s in sig.inputs], out=out)
+        path = self._piece(DRAFTER, module, samples, DRAFTER, dict(self.drafter.named_parameters()),
+                           [s.name for s in sig.inputs], out=out)
         _check_graph_names(path, [s.name for s in sig.inputs],
                            [onnx_output_name(self.contract, s.name) for s in sig.outputs], DRAFTER)
         self._step("drafter")

@@ -65,6 +65,28 @@ def stored_array(init, folder: Path) -> np.ndarray:
     return np.frombuffer(stored_bytes(init, folder), dtype).reshape(list(init.dims))
 
 
+def stored_slice(init, folder: Path, axis: int, start: int, stop: int) -> bytes:
+    """The bytes of entries start:stop along `axis` of an initializer, in its own layout (axis 0 of any rank, packed
+    4-bit rows included, or axis 1 of a 2-D one), reading only them from external data."""
+    import onnx
+
+    if init.data_location != onnx.TensorProto.EXTERNAL:
+        return np.ascontiguousarray(np.take(stored_array(init, folder), np.arange(start, stop), axis=axis)).tobytes()
+    path, offset, length = _location(init, folder)
+    entries = int(init.dims[axis])
+    with open(path, "rb") as f:
+        if axis == 0:
+            row = length // entries
+            f.seek(offset + start * row)
+            return f.read((stop - start) * row)
+        item = length // (entries * int(init.dims[0]))
+        parts = []
+        for k in range(int(init.dims[0])):  # [K, V]: one read per row
+            f.seek(offset + (k * entries + start) * item)
+            parts.append(f.read((stop - start) * item))
+    return b"".join(parts)
+
+
 def stored_rows(init, folder: Path, axis: int, start: int, stop: int) -> np.ndarray:
     """Entries start:stop along `axis` (0 or 1) of an external 2-D initializer, as [stop - start, other] rows
     (axis 1 is read column block by column block, so a [W, V] table gives the same rows as its [V, W] twin)."""

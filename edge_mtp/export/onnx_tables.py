@@ -59,7 +59,9 @@ def locate_table(fp32: Path, quantized: Path, small: int, rows: np.ndarray, reci
                            "it cannot be widened. Please report it with the checkpoint's config.json.")
     found = {n: i for n, i in _initializers(quantized).items() if n.startswith(table.name) and small in i.dims}
     theirs = {n: stored_bytes(i, quantized.parent) for n, i in found.items()}
-    for encode, per_tensor in _candidates(recipe, table.name, axis, found, quantized):
+    qname = f"{table.name}_quantized"
+    qtype = found[qname].data_type if qname in found else None
+    for encode, per_tensor in encoders(recipe, table.name, axis, qtype):
         ours = encode(rows)
         if set(ours) == set(theirs) and all(ours[n].tobytes() == theirs[n] for n in ours):
             stored = {n: (list(found[n].dims), list(ours[n].shape).index(small)) for n in ours}
@@ -68,8 +70,10 @@ def locate_table(fp32: Path, quantized: Path, small: int, rows: np.ndarray, reci
                        f"('{recipe}', {quantized.name}); please report it with your package versions.")
 
 
-def _candidates(recipe: str, name: str, axis: int, found: dict, quantized: Path):
-    """(encoder, per-tensor arguments) pairs that may reproduce the quantizer's format for `recipe`."""
+def encoders(recipe: str, name: str, axis: int, qtype: int | None = None):
+    """(encoder, per-tensor arguments) pairs that may reproduce the quantizer's format for `recipe` of a tensor
+    stored as initializer `name`: its rows [n, W] as they are (axis 0: a lookup table) or transposed (axis 1: the
+    weight B of a MatMul). `qtype`: the ONNX type of the int8 recipe's `<name>_quantized` (int8 or uint8)."""
     from .onnx_quantize import INT4_BLOCKS, fp16_name
 
     def oriented(r: np.ndarray) -> np.ndarray:
@@ -85,7 +89,6 @@ def _candidates(recipe: str, name: str, axis: int, found: dict, quantized: Path)
         from onnxruntime.quantization.quant_utils import quantize_data
 
         qname = f"{name}_quantized"
-        qtype = found[qname].data_type if qname in found else None
         for symmetric, reduce_range in itertools.product((False, True), repeat=2):
             if axis == 0:  # Gather: one scale and zero point for the whole table (set from its range later)
                 args = {"qtype": qtype, "symmetric": symmetric, "reduce_range": reduce_range, "range": None}
@@ -175,16 +178,8 @@ def write_table(table: OnnxTable, data: DataFile, read_rows: Callable[[int, int]
                 for k in range(array.shape[0]):
                     os.pwrite(data.fd, array[k].tobytes(), placed[name].offset + (k * full + a) * item)
         on_rows(b - a)
-    scalars = {}
-    if table.per_tensor:
-        from onnxruntime.quantization.quant_utils import quantize_data
-
-        lo, hi = table.per_tensor["range"]
-        zero, scale, _ = quantize_data(np.array([lo, hi], np.float32), table.per_tensor["qtype"],
-                                       table.per_tensor["symmetric"], table.per_tensor["reduce_range"],
-                                       rmin_override=lo, rmax_override=hi)
-        stem = next(iter(table.stored))[:-len("_quantized")]
-        scalars = {f"{stem}_scale": np.asarray(scale), f"{stem}_zero_point": np.asarray(zero)}
+    scalars = per_tensor_scalars(table.per_tensor, next(iter(table.stored))[:-len("_quantized")]) \
+        if table.per_tensor else {}
 
     def edit(model) -> None:
         """Widen every vocabulary-sized dimension of the small graph (shapes, attributes, shape constants)."""
@@ -207,6 +202,17 @@ def write_table(table: OnnxTable, data: DataFile, read_rows: Callable[[int, int]
                 if dim.HasField("dim_value") and dim.dim_value == small:
                     dim.dim_value = full
     return placed, edit
+
+
+def per_tensor_scalars(per_tensor: dict, name: str) -> dict[str, np.ndarray]:
+    """The scale and zero point (by initializer name) the int8 recipe gives a lookup table `name` of the range
+    per_tensor["range"]."""
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    lo, hi = per_tensor["range"]
+    zero, scale, _ = quantize_data(np.array([lo, hi], np.float32), per_tensor["qtype"], per_tensor["symmetric"],
+                                   per_tensor["reduce_range"], rmin_override=lo, rmax_override=hi)
+    return {f"{name}_scale": np.asarray(scale), f"{name}_zero_point": np.asarray(zero)}
 
 
 def _chunks(rows: int, width: int):
