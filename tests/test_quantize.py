@@ -17,7 +17,8 @@ from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export.onnx import export_onnx, quantize_onnx_bundle
 from edge_mtp.bundle.onnx import MANIFEST, read_manifest
 from edge_mtp.export.onnx_quantize import graph_bytes, weight_bytes
-from edge_mtp.export.quantize import INT8_KV_REASON, MIXED_SENSITIVITY, RECIPES, check_recipe
+from edge_mtp.export.options import INT8_KV_REASON, RECIPES, check_recipe
+from edge_mtp.export.quantize import MIXED_SENSITIVITY
 from edge_mtp.bundle import open_bundle
 from edge_mtp.runtime.backends.onnx import OnnxBackend
 from edge_mtp.runtime.speculative import SpeculativeDecoder, generate_tokens
