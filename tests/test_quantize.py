@@ -266,3 +266,12 @@ def _weight_types(bundle) -> set[str]:
 
 def test_every_recipe_name_is_exercised():
     assert set(RECIPES) - {"fp32"} <= set(ONNX_RECIPES) | set(LITERT_RECIPES)
+
+
+def test_auto_is_int4_from_one_billion_target_parameters():
+    from edge_mtp.export.options import AUTO, resolve_recipe
+    from edge_mtp.spec import preset_pair
+
+    assert resolve_recipe(AUTO, preset_pair("e2b")[0]) == "int4"
+    assert resolve_recipe(AUTO, preset_pair("tiny")[0]) == "int8"
+    assert resolve_recipe("int4-b64", preset_pair("e2b")[0]) == "int4-b64"

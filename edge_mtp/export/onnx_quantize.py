@@ -1,6 +1,6 @@
 """Quantization recipes for ONNX graphs (onnxruntime.quantization), applied one graph file at a time.
 
-The recipe names are LiteRT's (export/quantize.py) and mean the same thing:
+The recipe names are export/options.py's, shared with LiteRT, and mean the same thing:
   fp32        no quantization
   fp16        fp16 weights on disk, each followed by a Cast to fp32 (compute stays fp32, as LiteRT's fp16)
   int8        channelwise int8 MatMul weights with dynamic int8 activations (quantize_dynamic, MatMulConstBOnly);
