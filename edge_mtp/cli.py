@@ -32,6 +32,15 @@ def _say(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _options(*options):
+    """Apply click options in the order listed."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
 class _Group(click.Group):
     """Keeps native-library chatter off the terminal (unless --verbose) and turns EdgeMtpError, and click's own
     usage errors, into one `error:` line on stderr and exit 2, never a traceback; that line is always the last one."""
@@ -193,27 +202,22 @@ def export_progress():
         yield stage, progress
 
 
-def _loop_options(command):
-    """The options of the draft/verify loop that `run` and `chat` share: bundle, backend, drafting, sampling."""
-    options = [
-        click.argument("bundle", required=False, type=click.Path(path_type=Path)),
-        click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None,
-                     help="Default: the bundle's own format."),
-        click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu", "xnnpack", "nnapi", "coreml", "qnn"]),
-                     default="cpu", show_default=True,
-                     help="LiteRT: cpu/gpu/npu; ONNX Runtime: cpu/xnnpack/nnapi/coreml/qnn."),
-        click.option("--draft-len", type=click.IntRange(min=1), default=None, help="Default: the bundle's."),
-        click.option("--no-mtp", is_flag=True, help="Plain decoding (no drafter)."),
-        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-k", default=0, show_default=True),
-        click.option("--top-p", default=1.0, show_default=True),
-        click.option("--seed", type=SEED, default=None),
-        click.option("--no-verify", is_flag=True,
-                     help="Skip checking the bundle against its recorded sha256 (faster start)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+_LOOP_OPTIONS = (  # what `run` and `chat` share: bundle, backend, drafting, sampling
+    click.argument("bundle", required=False, type=click.Path(path_type=Path)),
+    click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None,
+                 help="Default: the bundle's own format."),
+    click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu", "xnnpack", "nnapi", "coreml", "qnn"]),
+                 default="cpu", show_default=True,
+                 help="LiteRT: cpu/gpu/npu; ONNX Runtime: cpu/xnnpack/nnapi/coreml/qnn."),
+    click.option("--draft-len", type=click.IntRange(min=1), default=None, help="Default: the bundle's."),
+    click.option("--no-mtp", is_flag=True, help="Plain decoding (no drafter)."),
+    click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
+    click.option("--top-k", default=0, show_default=True),
+    click.option("--top-p", default=1.0, show_default=True),
+    click.option("--seed", type=SEED, default=None),
+    click.option("--no-verify", is_flag=True,
+                 help="Skip checking the bundle against its recorded sha256 (faster start)."),
+)
 
 
 def gpu_delegation(model) -> dict | None:
@@ -222,7 +226,7 @@ def gpu_delegation(model) -> dict | None:
 
 
 @main.command()
-@_loop_options
+@_options(*_LOOP_OPTIONS)
 @click.option("--prompt", default="Once upon a time", show_default=True)
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids instead of --prompt.")
 @click.option("--max-tokens", default=64, show_default=True)
@@ -271,7 +275,7 @@ CHAT_HELP = "/stats: the last reply's acceptance and speed; /reset: new conversa
 
 
 @main.command()
-@_loop_options
+@_options(*_LOOP_OPTIONS)
 @click.option("--max-tokens", default=256, show_default=True, help="Most tokens per reply.")
 def chat(bundle: Path | None, backend: str | None, accelerator: str, max_tokens: int, draft_len: int | None,
          no_mtp: bool, temperature: float, top_k: int, top_p: float, seed: int | None, no_verify: bool) -> None:
@@ -447,15 +451,6 @@ def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: P
         if sim.diverged_prompts:
             click.echo(f"  {sim.diverged_prompts} prompt(s) left the recorded plain continuation (a near-tie between "
                        "verify and decode kernels), which lowers the realised acceptance")
-
-
-def _options(*options):
-    """Apply click options in the order listed."""
-    def apply(f):
-        for option in reversed(options):
-            f = option(f)
-        return f
-    return apply
 
 
 _PREPARE_OPTIONS = (

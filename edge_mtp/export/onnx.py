@@ -42,7 +42,7 @@ from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_d
 from ..quiet import converter_output_quiet
 from .driver import PieceOrder, PieceReport, Progress, enforce_tolerance, export_resource_errors
 from ..bundle.onnx import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
-                          contract_from_manifest, is_onnx_bundle, model_file, onnx_output_name,
+                          contract_from_manifest, model_file, onnx_output_name,
                           read_manifest, tokenizer_info)
 from .options import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, DEFAULT_RECIPE, ONNX, check_context,
                       check_export_options, check_quantize_options, resolve_recipe)
