@@ -15,7 +15,7 @@ from .atomic import check_output, interrupt_on_sigterm
 from .demo import default_bundle, default_pair
 from .errors import EdgeMtpError
 from .export.options import (COMMAND_RECIPE, DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_OUT, DEFAULT_PREFILL, FORMATS,
-                             LITERT, ONNX)
+                             LITERT, ONNX, check_export_options, export_assistant, parse_prefill)
 from .prompts import DEFAULT_PROMPTS, read_prompts
 from .quiet import native_output_captured, verbose_requested
 
@@ -89,27 +89,19 @@ def synth(preset: str, out: Path, seed: int, dtype: str | None, multimodal_layou
     """Write a random-weight target and its assistant in the exact Hugging Face layout."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-    from .layout import drafter_tensors, target_tensors
-    from .spec import preset_pair, with_dtype
-    from .synth import check_synth_out, total_bytes, write_drafter, write_target
+    from .synth import write_pair
 
-    target, drafter = preset_pair(preset)
-    check_output(out, folder=True)
-    for sub in ("target", "assistant"):
-        check_synth_out(out / sub)
-    if dtype:
-        name = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
-        target, drafter = with_dtype(target, name), with_dtype(drafter, name)
-    shard = shard_size << 20
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   transient=not sys.stderr.isatty(), console=None) as bar:
-        for label, spec, entries, write in (
-                ("target", target, target_tensors(target),
-                 lambda p: write_target(out / "target", target, seed, multimodal_layout, shard, p)),
-                ("assistant", drafter, drafter_tensors(drafter),
-                 lambda p: write_drafter(out / "assistant", drafter, target, seed + 1, shard, p))):
-            task = bar.add_task(f"writing {label}", total=total_bytes(spec, entries))
-            write(lambda done, task=task: bar.update(task, completed=done))
+        tasks: dict[str, int] = {}
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(f"writing {what}", total=total)
+            bar.update(tasks[what], completed=done)
+
+        target = write_pair(out, preset, seed, dtype and {"bf16": "bfloat16", "fp32": "float32"}[dtype],
+                            multimodal_layout, shard_size << 20, progress)
     click.echo(f"wrote {out / 'target'} and {out / 'assistant'} ({preset}, {target.dtype})")
 
 
@@ -140,7 +132,6 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
            draft_len: int, context: int, prefill: str, quant: str, allow_template_mismatch: bool, gpu: bool,
            as_json: bool) -> None:
     """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
-    from .export.options import check_export_options, export_assistant, parse_prefill
     from .export.pipeline import export_litert
 
     out = out or DEFAULT_OUT[fmt]
