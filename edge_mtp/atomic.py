@@ -35,6 +35,22 @@ def writable_parent(path: Path) -> Path:
     return parent
 
 
+def check_output(path: Path, folder: bool, option: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be written (nothing is created here)."""
+    if folder and path.exists() and not path.is_dir():
+        raise EdgeMtpError(f"{option} {path} is a file; name a folder (new or empty) instead.")
+    if not folder and path.is_dir():
+        raise EdgeMtpError(f"{option} {path} is an existing folder; name a file inside it instead.")
+    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not parent.is_dir():
+        raise EdgeMtpError(f"Cannot create output folder {path.parent} for {option} {path}: {parent} is a file, "
+                           "not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        what = f"{option} {path} cannot be written" if parent == path.parent else \
+            f"Cannot create output folder {path.parent} for {option} {path}"
+        raise EdgeMtpError(f"{what}: {parent} is not writable; choose another location.")
+
+
 @contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `path`, on any error it is removed."""

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import click
 
-from .atomic import interrupt_on_sigterm
-from .cache import cache_root
+from .atomic import check_output, interrupt_on_sigterm
+from .demo import default_bundle, default_pair
 from .errors import EdgeMtpError
+from .export.options import (COMMAND_RECIPE, DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_OUT, DEFAULT_PREFILL, FORMATS,
+                             LITERT, ONNX, check_export_options, export_assistant, parse_prefill)
+from .prompts import DEFAULT_PROMPTS, read_prompts
 from .quiet import native_output_captured, verbose_requested
 
 
@@ -25,31 +28,17 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _check_output(path: Path, folder: bool, option: str = "--out") -> None:
-    """Refuse, before any work, an output path that cannot be written (nothing is created here)."""
-    if folder and path.exists() and not path.is_dir():
-        raise EdgeMtpError(f"{option} {path} is a file; name a folder (new or empty) instead.")
-    if not folder and path.is_dir():
-        raise EdgeMtpError(f"{option} {path} is an existing folder; name a file inside it instead.")
-    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
-    if not parent.is_dir():
-        raise EdgeMtpError(f"{option} {path} cannot be created: {parent} is a file, not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise EdgeMtpError(f"{option} {path} cannot be created: {parent} is not writable; choose another location.")
+def _say(message: str) -> None:
+    click.echo(message, err=True)
 
 
-def _read_prompts(path: Path | None) -> list[str] | None:
-    """The non-empty lines of a --prompts file (None without one)."""
-    if path is None:
-        return None
-    try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgeMtpError(f"--prompts {path} cannot be read as UTF-8 text ({type(e).__name__}); pass a text file "
-                           "with one prompt per line.") from None
-    if not lines:
-        raise EdgeMtpError(f"--prompts {path} holds no prompt; write one prompt per line.")
-    return lines
+def _options(*options):
+    """Apply click options in the order listed."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
 
 
 class _Group(click.Group):
@@ -100,70 +89,37 @@ def synth(preset: str, out: Path, seed: int, dtype: str | None, multimodal_layou
     """Write a random-weight target and its assistant in the exact Hugging Face layout."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-    from .layout import drafter_tensors, target_tensors
-    from .spec import preset_pair, with_dtype
-    from .synth import check_synth_out, total_bytes, write_drafter, write_target
+    from .synth import write_pair
 
-    target, drafter = preset_pair(preset)
-    _check_output(out, folder=True)
-    for sub in ("target", "assistant"):
-        check_synth_out(out / sub)
-    if dtype:
-        name = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
-        target, drafter = with_dtype(target, name), with_dtype(drafter, name)
-    shard = shard_size << 20
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   transient=not sys.stderr.isatty(), console=None) as bar:
-        for label, spec, entries, write in (
-                ("target", target, target_tensors(target),
-                 lambda p: write_target(out / "target", target, seed, multimodal_layout, shard, p)),
-                ("assistant", drafter, drafter_tensors(drafter),
-                 lambda p: write_drafter(out / "assistant", drafter, target, seed + 1, shard, p))):
-            task = bar.add_task(f"writing {label}", total=total_bytes(spec, entries))
-            write(lambda done, task=task: bar.update(task, completed=done))
+        tasks: dict[str, int] = {}
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(f"writing {what}", total=total)
+            bar.update(tasks[what], completed=done)
+
+        target = write_pair(out, preset, seed, dtype and {"bf16": "bfloat16", "fp32": "float32"}[dtype],
+                            multimodal_layout, shard_size << 20, progress)
     click.echo(f"wrote {out / 'target'} and {out / 'assistant'} ({preset}, {target.dtype})")
-
-
-def _parse_lengths(text: str) -> tuple[int, ...]:
-    try:
-        lengths = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError:
-        raise EdgeMtpError(f"--prefill takes comma-separated token counts such as 32,128, not '{text}'.") from None
-    if not lengths or min(lengths) < 1:
-        raise EdgeMtpError("--prefill needs at least one positive length.")
-    return lengths
-
-
-def default_pair() -> tuple[Path, Path]:
-    """The built-in demo pair; until one is shipped, a synthetic tiny pair written once to the user cache."""
-    root = Path(__file__).parent / "demo"
-    if (root / "target" / "config.json").is_file() and (root / "assistant" / "config.json").is_file():
-        return root / "target", root / "assistant"
-    from .spec import preset_pair
-    from .synth import write_drafter, write_target
-
-    cache = cache_root() / "synthetic-tiny"
-    target, drafter = preset_pair("tiny")
-    if not (cache / "target" / "config.json").is_file():
-        write_target(cache / "target", target, seed=0)
-    if not (cache / "assistant" / "config.json").is_file():
-        write_drafter(cache / "assistant", drafter, target, seed=1)
-    click.echo(f"no demo pair shipped: using the synthetic tiny pair in {cache}", err=True)
-    return cache / "target", cache / "assistant"
 
 
 @main.command()
 @click.option("--target", "target_dir", help="Target checkpoint directory or cached HF repo id (default: demo pair).")
 @click.option("--assistant", "assistant_dir", help="Assistant checkpoint directory or cached HF repo id.")
 @click.option("--no-assistant", is_flag=True, help="Export the target alone (no MTP drafter).")
-@click.option("--format", "fmt", type=click.Choice(["litert", "onnx"]), default="litert", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=LITERT, show_default=True,
               help="litert: one .litertlm file; onnx: a bundle folder (graphs, tokenizer, manifest.json).")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
-              help="A .litertlm file (default model.litertlm) or, with --format onnx, a folder (default model-onnx).")
-@click.option("--draft-len", default=3, show_default=True, help="Draft tokens per verify (verify takes G+1).")
-@click.option("--context", default=4096, show_default=True, help="KV cache length C (max tokens on device).")
-@click.option("--prefill", default="32,128", show_default=True, help="Prefill signature lengths.")
-@click.option("--quant", default="auto", show_default=True,
+              help=f"A .litertlm file (default {DEFAULT_OUT[LITERT]}) or, with --format onnx, a folder "
+                   f"(default {DEFAULT_OUT[ONNX]}).")
+@click.option("--draft-len", default=DEFAULT_DRAFT_LEN, show_default=True,
+              help="Draft tokens per verify (verify takes G+1).")
+@click.option("--context", default=DEFAULT_CONTEXT, show_default=True, help="KV cache length C (max tokens on device).")
+@click.option("--prefill", default=",".join(map(str, DEFAULT_PREFILL)), show_default=True,
+              help="Prefill signature lengths.")
+@click.option("--quant", default=COMMAND_RECIPE, show_default=True,
               help="auto (int4 from 1 B parameters, int8 below), fp32, fp16, int8, int4 (channelwise in LiteRT, "
                    "blocks of 32 in ONNX), int4-b32, int4-b64, int4-b128 or mixed; the bundle records what it cost.")
 @click.option("--allow-template-mismatch", is_flag=True,
@@ -176,36 +132,25 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
            draft_len: int, context: int, prefill: str, quant: str, allow_template_mismatch: bool, gpu: bool,
            as_json: bool) -> None:
     """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
-
     from .export.pipeline import export_litert
-    from .export.quantize import AUTO, auto_recipe
 
-    if out is None:
-        out = Path("model.litertlm" if fmt == "litert" else "model-onnx")
-    _check_export_options(out, fmt, draft_len, context, prefill, quant)
-    if gpu and fmt != "litert":
-        raise EdgeMtpError("--gpu is for LiteRT-LM bundles: drop it, or use --format litert.")
+    out = out or DEFAULT_OUT[fmt]
+    lengths = parse_prefill(prefill)
+    check_export_options(out, fmt, draft_len, context, lengths, quant, in_place_cache=gpu)
     if target_dir is None:
-        target_dir, demo_assistant = default_pair()
+        target_dir, demo_assistant = default_pair(_say)
         assistant_dir = assistant_dir or demo_assistant
-    if no_assistant:
-        assistant_dir = None
-    elif assistant_dir is None:
-        raise EdgeMtpError("--assistant is required with --target (or pass --no-assistant to export without MTP).")
-    _check_context(target_dir, context, _parse_lengths(prefill))
-    if quant == AUTO:
-        quant = auto_recipe(target_dir)
+    assistant_dir = export_assistant(assistant_dir, no_assistant)
     with export_progress() as (stage, progress):
-        if fmt == "onnx":
+        if fmt == ONNX:
             from .export.onnx import export_onnx
 
             summary = export_onnx(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
-                                  prefill=_parse_lengths(prefill), quant=quant, on_stage=stage, on_progress=progress)
+                                  prefill=lengths, quant=quant, on_stage=stage, on_progress=progress)
         else:
             summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
-                                    prefill=_parse_lengths(prefill), quant=quant, on_stage=stage,
-                                    on_progress=progress, allow_template_mismatch=allow_template_mismatch,
-                                    in_place_cache=gpu)
+                                    prefill=lengths, quant=quant, on_stage=stage, on_progress=progress,
+                                    allow_template_mismatch=allow_template_mismatch, in_place_cache=gpu)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -219,42 +164,11 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
     click.echo(f"  every converted piece vs PyTorch: max rel. error {worst:.1e}")
     if summary.quantization:
         q = summary.quantization
-        line = (f"  bundle vs {q.get('reference', 'fp32')} ({quant}): logit rel. error {q['logit_relative_error']:.3g}, "
-                f"top-1 agreement {q['top1_agreement']:.3f}")
+        line = (f"  bundle vs {q.get('reference', 'fp32')} ({summary.recipe}): logit rel. error "
+                f"{q['logit_relative_error']:.3g}, top-1 agreement {q['top1_agreement']:.3f}")
         if q.get("drafter_top1_agreement") is not None:
             line += f", drafter top-1 agreement {q['drafter_top1_agreement']:.3f}"
         click.echo(line)
-
-
-def _check_export_options(out: Path, fmt: str, draft_len: int, context: int, prefill: str, quant: str) -> None:
-    """export's option checks that need no model (run before anything is loaded or converted)."""
-    from .export.pipeline import check_shapes
-
-    check_shapes(draft_len, context, _parse_lengths(prefill), quant)
-    if fmt == "litert" and out.suffix != ".litertlm":
-        raise EdgeMtpError(f"--out {out} should end in .litertlm (or pass --format onnx for a bundle folder).")
-    _check_output(out, folder=fmt == "onnx")
-
-
-def _check_context(target_dir: str, context: int, prefill: tuple[int, ...]) -> None:
-    """Refuse, before any work, a --context beyond the checkpoint's positions or beyond what its KV caches and
-    masks (fp32, as exported) leave room for in memory."""
-    from .checkpoint import resolve_checkpoint
-    from .memory import available_bytes
-    from .spec import max_positions, read_config, target_spec_from_config
-
-    folder = resolve_checkpoint(target_dir)
-    config = read_config(folder)
-    limit = max_positions(config, f"{folder}/config.json")
-    if limit is not None and context > limit:
-        raise EdgeMtpError(f"--context {context} exceeds the {limit} positions the target supports "
-                           f"(max_position_embeddings in {folder}/config.json); lower --context.")
-    spec = target_spec_from_config(config, f"{folder}/config.json")
-    need = context * (spec.kv_bytes_per_token(4) + 4 * max(prefill))  # every K/V cache, the widest mask
-    free = available_bytes()
-    if free and need > free:
-        raise EdgeMtpError(f"--context {context} needs at least {need / 2**30:.1f} GiB for the KV caches and masks, "
-                           f"more than the {free / 2**30:.1f} GiB of memory available; lower --context.")
 
 
 @contextmanager
@@ -279,40 +193,22 @@ def export_progress():
         yield stage, progress
 
 
-def default_bundle() -> Path:
-    """The demo pair's bundle, exported once into the user cache on first use."""
-    from .export.pipeline import export_litert
-
-    target, assistant = default_pair()
-    cache = cache_root()
-    bundle = cache / f"demo-{target.parent.name}.litertlm"
-    if not bundle.is_file():
-        click.echo(f"exporting the demo pair once to {bundle} ...", err=True)
-        export_litert(target, assistant, bundle, context=1024, prefill=(32, 128))
-    return bundle
-
-
-def _loop_options(command):
-    """The options of the draft/verify loop that `run` and `chat` share: bundle, backend, drafting, sampling."""
-    options = [
-        click.argument("bundle", required=False, type=click.Path(path_type=Path)),
-        click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None,
-                     help="Default: the bundle's own format."),
-        click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu", "xnnpack", "nnapi", "coreml", "qnn"]),
-                     default="cpu", show_default=True,
-                     help="LiteRT: cpu/gpu/npu; ONNX Runtime: cpu/xnnpack/nnapi/coreml/qnn."),
-        click.option("--draft-len", type=click.IntRange(min=1), default=None, help="Default: the bundle's."),
-        click.option("--no-mtp", is_flag=True, help="Plain decoding (no drafter)."),
-        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-k", default=0, show_default=True),
-        click.option("--top-p", default=1.0, show_default=True),
-        click.option("--seed", type=SEED, default=None),
-        click.option("--no-verify", is_flag=True,
-                     help="Skip checking the bundle against its recorded sha256 (faster start)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+_LOOP_OPTIONS = (  # what `run` and `chat` share: bundle, backend, drafting, sampling
+    click.argument("bundle", required=False, type=click.Path(path_type=Path)),
+    click.option("--backend", type=click.Choice(["litert", "onnx", "torch"]), default=None,
+                 help="Default: the bundle's own format."),
+    click.option("--accelerator", type=click.Choice(["cpu", "gpu", "npu", "xnnpack", "nnapi", "coreml", "qnn"]),
+                 default="cpu", show_default=True,
+                 help="LiteRT: cpu/gpu/npu; ONNX Runtime: cpu/xnnpack/nnapi/coreml/qnn."),
+    click.option("--draft-len", type=click.IntRange(min=1), default=None, help="Default: the bundle's."),
+    click.option("--no-mtp", is_flag=True, help="Plain decoding (no drafter)."),
+    click.option("--temperature", default=0.0, show_default=True, help="0 = greedy."),
+    click.option("--top-k", default=0, show_default=True),
+    click.option("--top-p", default=1.0, show_default=True),
+    click.option("--seed", type=SEED, default=None),
+    click.option("--no-verify", is_flag=True,
+                 help="Skip checking the bundle against its recorded sha256 (faster start)."),
+)
 
 
 def gpu_delegation(model) -> dict | None:
@@ -321,7 +217,7 @@ def gpu_delegation(model) -> dict | None:
 
 
 @main.command()
-@_loop_options
+@_options(*_LOOP_OPTIONS)
 @click.option("--prompt", default="Once upon a time", show_default=True)
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids instead of --prompt.")
 @click.option("--max-tokens", default=64, show_default=True)
@@ -342,7 +238,7 @@ def run(bundle: Path | None, backend: str | None, accelerator: str, prompt: str,
             raise EdgeMtpError(f"--prompt-ids takes comma-separated integers, not '{prompt_ids}'.") from None
         if min(source) < 0:
             raise EdgeMtpError(f"--prompt-ids holds the negative id {min(source)}; token ids start at 0.")
-    model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator, verify=not no_verify)
+    model = load(bundle or default_bundle(_say), backend=backend, accelerator=accelerator, verify=not no_verify)
     tokens: list[int] = []
     shown = ""
     for token in model.generate(source, max_tokens=max_tokens, draft_len=draft_len, mtp=not no_mtp,
@@ -370,7 +266,7 @@ CHAT_HELP = "/stats: the last reply's acceptance and speed; /reset: new conversa
 
 
 @main.command()
-@_loop_options
+@_options(*_LOOP_OPTIONS)
 @click.option("--max-tokens", default=256, show_default=True, help="Most tokens per reply.")
 def chat(bundle: Path | None, backend: str | None, accelerator: str, max_tokens: int, draft_len: int | None,
          no_mtp: bool, temperature: float, top_k: int, top_p: float, seed: int | None, no_verify: bool) -> None:
@@ -383,7 +279,7 @@ def chat(bundle: Path | None, backend: str | None, accelerator: str, max_tokens:
     from .runtime.sampling import SamplingConfig
 
     check_generation(max_tokens, temperature, top_k, top_p)
-    model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator, verify=not no_verify)
+    model = load(bundle or default_bundle(_say), backend=backend, accelerator=accelerator, verify=not no_verify)
     session = ChatSession(model, TurnOptions(max_tokens, draft_len, not no_mtp,
                                              SamplingConfig(temperature, top_k, top_p, seed)))
     click.echo(CHAT_HELP, err=True)
@@ -467,9 +363,9 @@ def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, pr
                         ("min_acceptance_ratio", min_acceptance_ratio)):
         if value is not None:
             limits = replace(limits, **{name: value})
-    texts = _read_prompts(prompts)
+    texts = read_prompts(prompts)
     if report_path is not None:
-        _check_output(report_path, folder=False, option="--report")
+        check_output(report_path, folder=False, option="--report")
     console = Console(stderr=True)
     with console.status("validating") as status:
         report = run_validation(bundle, target_dir, assistant_dir, texts, max_tokens, limits,
@@ -507,12 +403,11 @@ def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: P
     from .bench import bench as run_bench
     from .bench import plot
     from .runtime.api import load
-    from .validate import DEFAULT_PROMPTS
 
-    texts = _read_prompts(prompts) or DEFAULT_PROMPTS
+    texts = read_prompts(prompts) or DEFAULT_PROMPTS
     if plot_path is not None:
-        _check_output(plot_path, folder=False, option="--plot")
-    model = load(bundle or default_bundle(), backend=backend, accelerator=accelerator)
+        check_output(plot_path, folder=False, option="--plot")
+    model = load(bundle or default_bundle(_say), backend=backend, accelerator=accelerator)
     result = run_bench(model.backend, [model.tokenizer.encode(t) for t in texts], max_tokens, simulate_acceptance)
     if plot_path:
         plot(result, str(plot_path))
@@ -547,15 +442,6 @@ def bench(bundle: Path | None, backend: str | None, accelerator: str, prompts: P
         if sim.diverged_prompts:
             click.echo(f"  {sim.diverged_prompts} prompt(s) left the recorded plain continuation (a near-tie between "
                        "verify and decode kernels), which lowers the realised acceptance")
-
-
-def _options(*options):
-    """Apply click options in the order listed."""
-    def apply(f):
-        for option in reversed(options):
-            f = option(f)
-        return f
-    return apply
 
 
 _PREPARE_OPTIONS = (
@@ -659,7 +545,7 @@ def distill(ctx: click.Context, target_dir: str | None, out_dir: Path | None, sh
         raise click.UsageError("distill needs --target and --out (or a subcommand: prepare, train)")
     from .distill import distill as run_distill
 
-    _check_output(out_dir, folder=True)
+    check_output(out_dir, folder=True)
     num_sequences, eval_sequences = options.pop("num_sequences"), options.pop("eval_sequences")
     with _distill_progress() as (prepared, trained):
         result = run_distill(target_dir, out_dir, data=list(data) or None, prompts=prompts, seq_len=seq_len,
@@ -677,7 +563,7 @@ def distill_prepare(target_dir: str | None, shards_dir: Path, data: tuple[str, .
 
     if not target_dir:
         raise click.UsageError("distill prepare needs --target")
-    _check_output(shards_dir, folder=True, option="--shards")
+    check_output(shards_dir, folder=True, option="--shards")
     with _distill_progress() as (prepared, _):
         index = prepare(target_dir, shards_dir, data=list(data) or None, progress=prepared, **options)
     click.echo(f"wrote {shards_dir}: {index['train_sequences']} + {index['eval_sequences']} held-out sequences of "
@@ -693,7 +579,7 @@ def distill_train(shards_dir: Path, out_dir: Path, as_json: bool, **options) -> 
     from .distill import train
     from .distill.shards import ShardSet
 
-    _check_output(out_dir, folder=True)
+    check_output(out_dir, folder=True)
     seq_len = ShardSet.open(shards_dir).index["seq_len"]
     with _distill_progress() as (_, trained):
         result = train(shards_dir, out_dir, progress=trained(options["batch"] * seq_len), **options)
@@ -706,10 +592,6 @@ def distill_train(shards_dir: Path, out_dir: Path, as_json: bool, **options) -> 
 @click.option("--quant", required=True, help="fp16, int8, int4[-b64|-b128] or mixed.")
 def quantize(bundle: Path, out: Path, quant: str) -> None:
     """Quantize a finished fp32 ONNX bundle folder into a new folder (no re-export), with its quantization report."""
-    if not bundle.is_dir():
-        raise EdgeMtpError(f"{bundle} is a file: quantize takes ONNX bundle folders, and LiteRT bundles are quantized "
-                           "at export (edge-mtp export --quant int8, int4, ...).")
-    _check_output(out, folder=True)
     from .export.onnx import quantize_onnx_bundle
 
     with export_progress() as (stage, progress):

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, check_output
 from .errors import EdgeMtpError
 from .hf_config import drafter_config, generation_config, target_config
 from .layout import MULTIMODAL_PREFIX, NORM, ORDERING, SCALAR, TEXT_PREFIX, TensorEntry, drafter_tensors, target_tensors
@@ -150,3 +150,24 @@ def total_bytes(spec: TargetSpec | DrafterSpec, entries: Iterable[TensorEntry]) 
     """Bytes the safetensors data of a spec takes."""
     dtype = getattr(torch, spec.dtype)
     return sum(e.numel * _dtype_for(e, dtype).itemsize for e in entries)
+
+
+def write_pair(out: Path, preset: str, seed: int = 0, dtype: str | None = None, multimodal: bool = False,
+               shard_bytes: int = 2 << 30,
+               progress: Callable[[str, int, int], None] = lambda what, done, total: None) -> TargetSpec:
+    """A random target and its assistant of a preset at out/target and out/assistant (`dtype`: a torch dtype name,
+    default the preset's); `progress(what, bytes written, bytes in all)`. Returns the target's spec."""
+    from .spec import preset_pair, with_dtype
+
+    target, drafter = preset_pair(preset)
+    check_output(out, folder=True)
+    for sub in ("target", "assistant"):
+        check_synth_out(out / sub)
+    if dtype:
+        target, drafter = with_dtype(target, dtype), with_dtype(drafter, dtype)
+    total = total_bytes(target, target_tensors(target))
+    write_target(out / "target", target, seed, multimodal, shard_bytes, lambda done: progress("target", done, total))
+    total = total_bytes(drafter, drafter_tensors(drafter))
+    write_drafter(out / "assistant", drafter, target, seed + 1, shard_bytes,
+                  lambda done: progress("assistant", done, total))
+    return target

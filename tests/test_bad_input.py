@@ -4,6 +4,7 @@ one `error:` sentence as the last line on stderr, no traceback, and leaves nothi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -164,6 +165,7 @@ CASES = [
     ("quantize-not-a-bundle", "quantize {not-a-bundle-dir} --out {out} --quant int8", "has no manifest.json"),
     ("quantize-unknown-recipe", "quantize {not-a-bundle-dir} --out {out} --quant int3",
      "Unknown quantization recipe 'int3'"),
+    ("quantize-auto", "quantize {not-a-bundle-dir} --out {out} --quant auto", "Recipe 'auto' is for export"),
     ("quantize-out-is-a-file", "quantize {not-a-bundle-dir} --out {a-file} --quant int8", "is a file"),
     # synth
     ("synth-unknown-preset", "synth --preset huge --out {out}", "Unknown preset 'huge'"),
@@ -238,3 +240,50 @@ def test_the_catalogue_covers_every_command_and_40_cases():
     commands = {c[1].split(" ")[0] for c in CASES}
     assert commands == {"run", "inspect", "validate", "bench", "distill", "quantize", "synth", "export"}
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+LIBRARY_CASES = {  # the sentences the export cases of the catalogue above assert
+    "draft-len": ({"draft_len": 0}, "--draft-len must be at least 1"),
+    "context": ({"context": 8, "prefill": (32, 128)}, "--context 8 is smaller than the longest prefill"),
+    "prefill": ({"prefill": ()}, "--prefill needs at least one positive length"),
+    "quant": ({"quant": "int3"}, "Unknown quantization recipe 'int3'"),
+    "quant-int8-kv": ({"quant": "int8-kv"}, "int8-kv"),
+    "context-beyond-the-checkpoint": ({"context": 100_000_000},
+                                      "--context 100000000 exceeds the 131072 positions the target supports"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["litert", "onnx"])
+@pytest.mark.parametrize("options,fragment", LIBRARY_CASES.values(), ids=LIBRARY_CASES.keys())
+def test_the_library_refuses_what_the_command_refuses(fmt, options, fragment, synth_pair, tmp_path, monkeypatch):
+    """export_litert / export_onnx give the command's sentence for a bad option before any checkpoint is opened."""
+    from edge_mtp.errors import EdgeMtpError
+    from edge_mtp.export.onnx import export_onnx
+    from edge_mtp.export.pipeline import export_litert
+    from edge_mtp.model.loading import TargetCheckpoint
+
+    def opened(*args, **kwargs):
+        raise AssertionError("the checkpoint was opened before the options were checked")
+
+    monkeypatch.setattr(TargetCheckpoint, "__init__", opened)
+    export, out = (export_litert, tmp_path / "m.litertlm") if fmt == "litert" else (export_onnx, tmp_path / "m")
+    kwargs = {"context": 256, "prefill": (8,), **options}
+    with pytest.raises(EdgeMtpError, match=re.escape(fragment)):
+        export(synth_pair / "target", synth_pair / "assistant", out, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["litert", "onnx"])
+def test_exports_of_models_in_memory_check_their_options_too(fmt, tmp_path):
+    """export_litert_models / export_onnx_models refuse a bad option before touching the models they are given."""
+    from edge_mtp.errors import EdgeMtpError
+    from edge_mtp.export.onnx import export_onnx_models
+    from edge_mtp.export.pipeline import export_litert_models
+
+    export, out = ((export_litert_models, tmp_path / "m.litertlm") if fmt == "litert"
+                   else (export_onnx_models, tmp_path / "m"))
+    with pytest.raises(EdgeMtpError, match="--draft-len must be at least 1, not 0"):
+        export(None, None, out, draft_len=0, context=64, prefill=(8,))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(EdgeMtpError, match="a-file is a file, not a folder"):
+        export(None, None, tmp_path / "a-file" / out.name, context=64, prefill=(8,))

@@ -17,7 +17,8 @@ from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export.onnx import export_onnx, quantize_onnx_bundle
 from edge_mtp.bundle.onnx import MANIFEST, read_manifest
 from edge_mtp.export.onnx_quantize import graph_bytes, weight_bytes
-from edge_mtp.export.quantize import INT8_KV_REASON, MIXED_SENSITIVITY, RECIPES, check_recipe
+from edge_mtp.export.options import INT8_KV_REASON, RECIPES, check_recipe
+from edge_mtp.export.quantize import MIXED_SENSITIVITY
 from edge_mtp.bundle import open_bundle
 from edge_mtp.runtime.backends.onnx import OnnxBackend
 from edge_mtp.runtime.speculative import SpeculativeDecoder, generate_tokens
@@ -265,3 +266,12 @@ def _weight_types(bundle) -> set[str]:
 
 def test_every_recipe_name_is_exercised():
     assert set(RECIPES) - {"fp32"} <= set(ONNX_RECIPES) | set(LITERT_RECIPES)
+
+
+def test_auto_is_int4_from_one_billion_target_parameters():
+    from edge_mtp.export.options import AUTO, resolve_recipe
+    from edge_mtp.spec import preset_pair
+
+    assert resolve_recipe(AUTO, preset_pair("e2b")[0]) == "int4"
+    assert resolve_recipe(AUTO, preset_pair("tiny")[0]) == "int8"
+    assert resolve_recipe("int4-b64", preset_pair("e2b")[0]) == "int4-b64"

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..atomic import atomic_directory, writable_parent
+from ..atomic import atomic_directory
 from ..checkpoint import swapped
 from ..contract import (DECODE, DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, VERIFY, Contract, Signature,
                         kv_output_name)
@@ -42,12 +42,13 @@ from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_d
 from ..quiet import converter_output_quiet
 from .driver import PieceOrder, PieceReport, Progress, enforce_tolerance, export_resource_errors
 from ..bundle.onnx import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
-                          contract_from_manifest, is_onnx_bundle, model_file, onnx_output_name,
+                          contract_from_manifest, model_file, onnx_output_name,
                           read_manifest, tokenizer_info)
-from .pipeline import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, ExportSummary, _signature_names,
-                       check_shapes, tokenizer_files)
+from .options import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, DEFAULT_RECIPE, ONNX, check_context,
+                      check_export_options, check_quantize_options, resolve_recipe)
+from .pipeline import ExportSummary, _signature_names, tokenizer_files
 from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_rename
-from .onnx_quantize import check_onnx_recipe, graph_bytes, quantize_graph, remove_graph, weight_bytes
+from .onnx_quantize import graph_bytes, quantize_graph, remove_graph, weight_bytes
 from .onnx_requantize import requantize_graph
 from .onnx_stitch import PIECE_OUTPUT_SUFFIX, GraphStitcher
 from .onnx_stored import name_weights
@@ -488,13 +489,10 @@ def quantize_onnx_bundle(src_dir: str | Path, out_dir: str | Path, quant: str,
     """Quantize a finished fp32 ONNX bundle folder into a new bundle folder (no re-export), one weight group at a
     time, and measure it against the source; returns the new manifest (with its quantization_report)."""
     src, out = Path(src_dir), Path(out_dir)
-    check_onnx_recipe(quant)
+    check_quantize_options(src, out, quant)
     source = read_manifest(src)
     if source.get("quantization", "fp32") != "fp32":
         raise EdgeMtpError(f"{src} is already quantized ({source['quantization']}); quantize an fp32 bundle.")
-    if out.resolve() == src.resolve():
-        raise EdgeMtpError("Write the quantized bundle to another folder; the fp32 source is measured against.")
-    _prepare_out(out)
     contract = contract_from_manifest(source, str(src / MANIFEST))
     records = json.loads(json.dumps(source["models"]))
     with export_resource_errors(out), atomic_directory(out) as work, \
@@ -517,29 +515,16 @@ def quantize_onnx_bundle(src_dir: str | Path, out_dir: str | Path, quant: str,
     return manifest
 
 
-def _prepare_out(out: Path) -> None:
-    if out.suffix == ".litertlm":
-        raise EdgeMtpError(f"Output {out} names a .litertlm file; an ONNX bundle is a folder (use --format litert "
-                           "for a .litertlm).")
-    if out.exists() and not out.is_dir():
-        raise EdgeMtpError(f"Output {out} is a file; an ONNX bundle is a folder, choose another --out.")
-    if out.is_dir() and any(out.iterdir()) and not is_onnx_bundle(out):
-        raise EdgeMtpError(f"Output folder {out} is not empty and is not an edge-mtp ONNX bundle; choose an empty "
-                           "or new folder so nothing of yours is overwritten.")
-    writable_parent(out)
-
-
 def export_onnx(target_dir: str | Path, assistant_dir: str | Path | None, out_dir: str | Path, *,
                 draft_len: int = DEFAULT_DRAFT_LEN, context: int = DEFAULT_CONTEXT,
-                prefill: tuple[int, ...] = DEFAULT_PREFILL, check: bool = True, quant: str = "fp32",
+                prefill: tuple[int, ...] = DEFAULT_PREFILL, check: bool = True, quant: str = DEFAULT_RECIPE,
                 on_stage: Callable[[str], None] = lambda s: None,
                 on_progress: Progress = lambda what, done, total: None) -> ExportSummary:
     """Export a target (and its assistant) to an ONNX bundle folder `out_dir`, streaming the checkpoint piece by
     piece; every piece is checked against PyTorch (`check`) and the bundle against the streamed reference."""
     out = Path(out_dir)
-    _prepare_out(out)
-    check_shapes(draft_len, context, tuple(prefill), quant)
-    check_onnx_recipe(quant)
+    check_export_options(out, ONNX, draft_len, context, tuple(prefill), quant)
+    check_context(target_dir, context, tuple(prefill))
     source = TargetCheckpoint(target_dir)
     drafter = load_drafter(assistant_dir, source.spec) if assistant_dir is not None else None
     return export_onnx_models(source, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
@@ -548,7 +533,7 @@ def export_onnx(target_dir: str | Path, assistant_dir: str | Path | None, out_di
 
 def export_onnx_models(source: TargetSource | TargetModels, drafter: Drafter | None, out: Path, *,
                        draft_len: int = DEFAULT_DRAFT_LEN, context: int = DEFAULT_CONTEXT,
-                       prefill: tuple[int, ...] = DEFAULT_PREFILL, check: bool = True, quant: str = "fp32",
+                       prefill: tuple[int, ...] = DEFAULT_PREFILL, check: bool = True, quant: str = DEFAULT_RECIPE,
                        on_stage: Callable[[str], None] = lambda s: None,
                        on_progress: Progress = lambda what, done, total: None) -> ExportSummary:
     """Export a target source (a checkpoint opened for streaming, or modules in memory) to an ONNX bundle `out`."""
@@ -558,8 +543,10 @@ def export_onnx_models(source: TargetSource | TargetModels, drafter: Drafter | N
 
     start = time.time()
     out = Path(out)
+    check_export_options(out, ONNX, draft_len, context, tuple(prefill), quant)
     if isinstance(source, TargetModels):
         source = TargetSource(source)
+    quant = resolve_recipe(quant, source.spec)
     contract = Contract(source.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)))
     tokenizer, meta = tokenizer_files(source.directory)
     target = source.models.target
@@ -614,4 +601,4 @@ def export_onnx_models(source: TargetSource | TargetModels, drafter: Drafter | N
                    "bytes": f["bytes"]} for name, f in files.items()],
         signatures={u: [s.name for s in sigs] for u, sigs in _signature_names(contract).items()},
         checks={name: r.fp32_error for name, r in job.reports.items()}, wall_seconds=time.time() - start,
-        peak_rss_mib=memory.peak_mib, stages=stages, quantization=report)
+        peak_rss_mib=memory.peak_mib, stages=stages, quantization=report, recipe=quant)

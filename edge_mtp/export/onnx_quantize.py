@@ -1,6 +1,6 @@
 """Quantization recipes for ONNX graphs (onnxruntime.quantization), applied one graph file at a time.
 
-The recipe names are LiteRT's (export/quantize.py) and mean the same thing:
+The recipe names are export/options.py's, shared with LiteRT, and mean the same thing:
   fp32        no quantization
   fp16        fp16 weights on disk, each followed by a Cast to fp32 (compute stays fp32, as LiteRT's fp16)
   int8        channelwise int8 MatMul weights with dynamic int8 activations (quantize_dynamic, MatMulConstBOnly);
@@ -22,18 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeMtpError
-from .quantize import check_recipe
+from .options import check_recipe
 
 INT4_BLOCKS = {"int4": 32, "int4-b32": 32, "int4-b64": 64, "int4-b128": 128}
 FP16_MIN_ELEMENTS = 256  # smaller float initializers (norm scales, rope tables) stay fp32
 INLINE_BYTES = 1024  # onnx.save_model keeps a tensor inline below this (its size_threshold, on sys.getsizeof)
 MATMUL_OPS = ("MatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "Gemm")
 GATHER_OPS = ("Gather", "GatherBlockQuantized")
-
-def check_onnx_recipe(name: str) -> None:
-    """Refuse an unknown (or not yet available) recipe before any export work."""
-    check_recipe(name)
-
 
 def data_file(path: Path) -> Path:
     """The external-data file of a graph (`x.onnx` -> `x.onnx.data`)."""
@@ -81,7 +76,7 @@ def quantize_graph(src: Path, recipe: str, dst: Path) -> Path:
     elif recipe in INT4_BLOCKS:
         _int4(src, dst, INT4_BLOCKS[recipe])
     else:
-        check_onnx_recipe(recipe)
+        check_recipe(recipe)
         raise EdgeMtpError(f"Recipe '{recipe}' is decided per component; quantize_graph takes fp32, fp16, int8 or "
                            "int4[-bN].")
     _publish(dst)

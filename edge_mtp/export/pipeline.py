@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import atomic_file, writable_parent
+from ..atomic import atomic_file
 from ..chat_template import checkpoint_specials, fit_template
 from ..checkpoint import resolve_checkpoint
 from ..contract import Contract
@@ -23,11 +23,9 @@ from ..bundle.tokenizer import Tokenizer
 from .bundle_check import enforce, litert_bundle_report
 from .driver import Progress, StreamedExport, export_resource_errors
 from ..bundle.litertlm import BundleMetadata, read_litertlm, source_files, write_litertlm
-from .quantize import DEFAULT_RECIPE, check_recipe
+from .options import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, DEFAULT_RECIPE, LITERT, check_context,
+                      check_export_options, resolve_recipe)
 
-DEFAULT_CONTEXT = 4096
-DEFAULT_PREFILL = (32, 128)
-DEFAULT_DRAFT_LEN = 3
 MANIFEST_VERSION = 1
 
 
@@ -44,6 +42,7 @@ class ExportSummary:
     peak_rss_mib: float
     stages: list[str] = field(default_factory=list)
     quantization: dict | None = None
+    recipe: str = DEFAULT_RECIPE  # the quantization recipe applied (what `auto` chose)
 
     def to_dict(self) -> dict:
         """JSON-friendly form (for --json)."""
@@ -110,35 +109,14 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
 
     `in_place_cache`: the bundle also drafts on LiteRT-LM's GPU executor (see export_litert_models)."""
     out = Path(out)
-    check_options(out, draft_len, context, prefill, quant)
+    check_export_options(out, LITERT, draft_len, context, prefill, quant, in_place_cache)
+    check_context(target_dir, context, prefill)
     source = TargetCheckpoint(target_dir)
     drafter = load_drafter(assistant_dir, source.spec) if assistant_dir is not None else None
     return export_litert_models(source, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
                                 quant=quant, on_stage=on_stage, on_progress=on_progress,
                                 source_assistant=assistant_dir, allow_template_mismatch=allow_template_mismatch,
                                 in_place_cache=in_place_cache)
-
-
-def check_shapes(draft_len: int, context: int, prefill: tuple[int, ...], quant: str) -> None:
-    """Refuse a bad --draft-len, --context, --prefill or --quant (either format) before any expensive work."""
-    if draft_len < 1:
-        raise EdgeMtpError(f"--draft-len must be at least 1, not {draft_len}.")
-    if not prefill or min(prefill) < 1:
-        raise EdgeMtpError("--prefill needs positive lengths.")
-    if max(prefill) > context or draft_len + 2 > context:
-        raise EdgeMtpError(f"--context {context} is smaller than the longest prefill ({max(prefill)}) or the verify "
-                           f"window ({draft_len + 1} tokens plus one); raise --context.")
-    check_recipe(quant)
-
-
-def check_options(out: Path, draft_len: int, context: int, prefill: tuple[int, ...], quant: str) -> None:
-    """Refuse a bad --out or any other bad option of a LiteRT export before any expensive work."""
-    if out.suffix != ".litertlm":
-        raise EdgeMtpError(f"--out {out} should end in .litertlm (or pass --format onnx for a bundle folder).")
-    if out.is_dir():
-        raise EdgeMtpError(f"--out {out} is a directory; name a .litertlm file to write.")
-    check_shapes(draft_len, context, prefill, quant)
-    writable_parent(out)
 
 
 def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter | None, out: Path, *,
@@ -154,9 +132,10 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
     LiteRT-LM's GPU executor needs for MTP."""
     start = time.time()
     out = Path(out)
-    check_options(out, draft_len, context, prefill, quant)
+    check_export_options(out, LITERT, draft_len, context, prefill, quant, in_place_cache)
     if isinstance(source, TargetModels):
         source = TargetSource(source)
+    quant = resolve_recipe(quant, source.spec)
     contract = Contract(source.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)),
                         param_tensor=in_place_cache)
     tokenizer, meta = tokenizer_files(source.directory)
@@ -216,7 +195,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
         sections=[{"type": s.data_type, "model_type": s.model_type, "bytes": s.end - s.begin} for s in bundle.sections],
         signatures={u: [s.name for s in sigs] for u, sigs in _signature_names(contract).items()},
         checks={name: r.fp32_error for name, r in job.reports.items()}, wall_seconds=time.time() - start,
-        peak_rss_mib=memory.peak_mib, stages=stages, quantization=manifest.get("quantization_report"))
+        peak_rss_mib=memory.peak_mib, stages=stages, quantization=manifest.get("quantization_report"), recipe=quant)
 
 
 def _signature_names(contract: Contract) -> dict:

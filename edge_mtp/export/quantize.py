@@ -1,17 +1,5 @@
-"""Quantization recipes for LiteRT models (ai-edge-quantizer), applied one converted model at a time.
-
-Recipe names (shared with the ONNX exporter where they mean the same thing):
-  fp32        no quantization
-  fp16        fp16 weights, fp32 compute
-  int8        channelwise int8 weights, dynamic int8 activations
-  int4        channelwise 4-bit weights (one scale per output row), dynamic int8 activations: the layout of Google's
-              own Gemma 4 recipe (ai-edge-quantizer's gemma4_mixed48) and the one XNNPACK multiplies fast at every
-              row count (measured: the note on INT4_LAYOUT); int4-b32 / int4-b64 / int4-b128 are blockwise 4-bit (one scale per
-              block of the row: less rounding error, far slower verify and prefill on LiteRT's CPU)
-  mixed       4-bit (channelwise) for the embedding tables and the target, 8-bit for the drafter and for any
-              component whose 4-bit error, measured on random inputs, exceeds MIXED_SENSITIVITY
-  int8-kv     (named, refused) a per-tensor int8 KV cache: see INT8_KV_REASON
-"""
+"""Quantization for LiteRT models (ai-edge-quantizer), applied one converted model at a time; the recipe names and
+their checks are in export/options.py."""
 
 from __future__ import annotations
 
@@ -25,9 +13,8 @@ import numpy as np
 from ..errors import EdgeMtpError
 from ..formats.tflite import mapped_file, read_tflite
 from ..quiet import converter_output_quiet
+from .options import RECIPES, check_recipe
 
-RECIPES = ("fp32", "fp16", "int8", "int4", "int4-b32", "int4-b64", "int4-b128", "mixed")
-DEFAULT_RECIPE = "fp32"
 # Relative output error (max |error| / max |output|, random inputs) above which 'mixed' keeps a component at 8 bits.
 # A 4-bit symmetric grid's half-step is 1/14 ~ 0.071 of a block's largest weight, so a bare table lookup already
 # shows ~0.06-0.07 (measured on the demo pair: embedder 0.060 / 0.071, per-layer embedder 0.062 / 0.068 in ONNX /
@@ -40,15 +27,6 @@ MIXED_SENSITIVITY = 0.1
 # 1.11 / 1.21 / 2.66, int8 2.94 / 1.81 / 3.41. A verify of G+1 rows and every prefill pay that factor: it is what
 # made a verify(4) of E2B int4 (block 32) cost 2.2 decodes.
 INT4_LAYOUT = "CHANNELWISE"
-KV_RECIPES = ("int8-kv",)
-INT8_KV_REASON = (
-    "Recipe 'int8-kv' (a per-tensor int8 KV cache) is not available in either format yet. The cache is one buffer "
-    "shared by the target and the drafter and written in place, so int8 rows need a fixed per-tensor scale "
-    "calibrated at export time plus quantize-on-write / dequantize-on-read inside every target signature and the "
-    "drafter (the exported graphs take and return fp32 caches). ONNX could express it (ScatterElements writes "
-    "int8 in place), LiteRT-LM 0.18.1 allocates the cache buffers from the graph's own tensor types and fills "
-    "prefill padding itself, which a fixed scale must survive; neither is built. Use one of the weight recipes: "
-    + ", ".join(RECIPES) + ".")
 
 
 def _weights(num_bits: int, granularity: str) -> list[dict]:
@@ -66,8 +44,7 @@ def _fp16() -> list[dict]:
 
 def component_recipe(name: str) -> list[dict] | None:
     """The ai-edge-quantizer recipe of a uniform recipe name (None for fp32)."""
-    if name in KV_RECIPES:
-        raise EdgeMtpError(INT8_KV_REASON)
+    check_recipe(name)
     if name == "fp32":
         return None
     if name == "fp16":
@@ -79,31 +56,6 @@ def component_recipe(name: str) -> list[dict] | None:
     if name in ("int4-b32", "int4-b64", "int4-b128"):
         return _weights(4, f"BLOCKWISE_{name.split('-b')[1]}")
     raise EdgeMtpError(f"Unknown quantization recipe '{name}'; choose one of {', '.join(RECIPES)}.")
-
-
-AUTO = "auto"
-AUTO_INT4_PARAMETERS = 1_000_000_000  # E2B in int8 is a 4.8 GiB phone bundle; int4 2.45 GiB
-
-
-def auto_recipe(target_dir: str | Path) -> str:
-    """What --quant auto means for a target: int4 from 1 B parameters (E2B, E4B), int8 below (measured default)."""
-    from ..checkpoint import resolve_checkpoint
-    from ..layout import parameter_count, target_tensors
-    from ..spec import read_config, target_spec_from_config
-
-    directory = resolve_checkpoint(target_dir)
-    spec = target_spec_from_config(read_config(directory), where=str(directory / "config.json"))
-    return "int4" if parameter_count(target_tensors(spec)) >= AUTO_INT4_PARAMETERS else "int8"
-
-
-def check_recipe(name: str) -> None:
-    """Refuse an unknown recipe before any conversion work."""
-    if name == AUTO:
-        return
-    if name in KV_RECIPES:
-        raise EdgeMtpError(INT8_KV_REASON)
-    if name not in RECIPES:
-        raise EdgeMtpError(f"Unknown quantization recipe '{name}'; choose one of {AUTO}, {', '.join(RECIPES)}.")
 
 
 _NOT_DIVISIBLE = re.compile(r"parameters for tensor: (.+?)\. Error: Quantized dimension \d+ in tensor shape "
