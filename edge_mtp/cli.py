@@ -106,7 +106,7 @@ def synth(preset: str, out: Path, seed: int, dtype: str | None, multimodal_layou
 
 
 @main.command()
-@click.option("--target", "target_dir", help="Target checkpoint directory or cached HF repo id (default: demo pair).")
+@click.option("--target", "target_dir", help="Target checkpoint directory, cached HF repo id, or LoRA adapter folder (default: demo pair).")
 @click.option("--assistant", "assistant_dir", help="Assistant checkpoint directory or cached HF repo id.")
 @click.option("--no-assistant", is_flag=True, help="Export the target alone (no MTP drafter).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=LITERT, show_default=True,
@@ -331,7 +331,7 @@ def _chat_stats(session) -> str:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--target", "target_dir", help="Original target checkpoint (default: the one recorded at export).")
+@click.option("--target", "target_dir", help="Original target checkpoint or LoRA adapter folder (default: the one recorded at export).")
 @click.option("--assistant", "assistant_dir", help="Original assistant checkpoint (default: recorded at export).")
 @click.option("--prompts", type=click.Path(exists=True, path_type=Path), help="Text file, one prompt per line.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=24, show_default=True,
@@ -343,7 +343,7 @@ def _chat_stats(session) -> str:
               help="Default 0.8 of the PyTorch drafter's.")
 @click.option("--no-litert-lm", is_flag=True, help="Skip running Google's LiteRT-LM runtime.")
 @click.option("--weights-only", is_flag=True,
-              help="Only find every checkpoint tensor byte for byte in the bundle (.litertlm): fast, exact, no graphs.")
+              help="Only find every checkpoint tensor byte for byte in the bundle: fast, exact, no graphs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write a markdown report.")
 def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, prompts: Path | None, max_tokens: int,

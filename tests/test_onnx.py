@@ -30,14 +30,10 @@ PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on
 
 
 @pytest.fixture(scope="module")
-def onnx_bundle(synth_pair, tmp_path_factory):
-    """The synthetic tiny pair exported once to an ONNX bundle folder: (path, export summary)."""
-    out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
-    steps = []
-    summary = export_onnx(synth_pair / "target", synth_pair / "assistant", out, context=CONTEXT, prefill=PREFILL,
-                          on_progress=lambda what, done, total: steps.append((done, total)))
-    summary.progress = steps
-    return out, summary
+def onnx_bundle(onnx_recipe_bundle):
+    """The synthetic tiny pair exported once to an ONNX bundle folder, every check on: (path, export summary)."""
+    out = onnx_recipe_bundle("fp32")
+    return out, onnx_recipe_bundle.made_with[out]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import DEMO_CONTEXT, DEMO_PREFILL
+from conftest import DEMO_CONTEXT
 from helpers import assert_verify_rows_are_decodes
 from test_onnx import DEMO_CONTEXT as CONTEXT, PREFILL, demo_fp32_bundle
 from edge_mtp import demo
