@@ -48,7 +48,7 @@ def main() -> None:
     """Convert the layer for 1 and 4 query tokens and time it under both flag settings."""
     import litert_torch
 
-    from edge_mtp.quiet import converter_output_quiet
+    from edge_mtp.util.quiet import converter_output_quiet
     from edge_mtp.runtime.backends.litert import XNNPACK_FLAGS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

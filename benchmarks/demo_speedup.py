@@ -14,8 +14,8 @@ from pathlib import Path
 
 from edge_mtp.demo import assistant_dir, target_dir
 from edge_mtp.export.pipeline import export_litert
-from edge_mtp.prompts import DEFAULT_PROMPTS
 from edge_mtp.runtime.litertlm_engine import run_litertlm
+from edge_mtp.util.prompts import DEFAULT_PROMPTS
 
 
 def main() -> None:

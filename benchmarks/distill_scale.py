@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from edge_mtp.memory import PeakMemory
+from edge_mtp.util.memory import PeakMemory
 
 
 def main() -> None:
     """Synth (once), prepare, train; print what each phase cost."""
     from edge_mtp.distill import prepare, train
-    from edge_mtp.spec import preset_pair
-    from edge_mtp.synth import write_target
+    from edge_mtp.checkpoint.spec import preset_pair
+    from edge_mtp.checkpoint.synth import write_target
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="e2b")

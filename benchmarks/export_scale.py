@@ -17,11 +17,11 @@ import json
 import time
 from pathlib import Path
 
-from edge_mtp.atomic import interrupt_on_sigterm
-from edge_mtp.cache import cache_root
-from edge_mtp.memory import PeakMemory, PeakSampler, disk_used_bytes
-from edge_mtp.spec import preset_pair
-from edge_mtp.synth import write_drafter, write_target
+from edge_mtp.checkpoint.spec import preset_pair
+from edge_mtp.checkpoint.synth import write_drafter, write_target
+from edge_mtp.util.atomic import interrupt_on_sigterm
+from edge_mtp.util.cache import cache_root
+from edge_mtp.util.memory import PeakMemory, PeakSampler, disk_used_bytes
 
 
 def synthesised(preset: str, root: Path) -> Path:
@@ -37,7 +37,7 @@ def synthesised(preset: str, root: Path) -> Path:
 
 def run_bundle(bundle: Path, max_tokens: int) -> dict:
     """Open a bundle as `edge-mtp run` does (default threads) and generate greedily with MTP off, then on."""
-    from edge_mtp.memory import tree_rss_bytes
+    from edge_mtp.util.memory import tree_rss_bytes
     from edge_mtp.runtime.api import load
 
     before = tree_rss_bytes()

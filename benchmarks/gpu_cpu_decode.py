@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_mtp.prompts import DEFAULT_PROMPTS
 from edge_mtp.runtime.litertlm_engine import run_litertlm
+from edge_mtp.util.prompts import DEFAULT_PROMPTS
 
 
 def main() -> None:

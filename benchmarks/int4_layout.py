@@ -58,7 +58,7 @@ def main() -> None:
     import litert_torch
 
     from edge_mtp.export.quantize import component_recipe, quantize_file
-    from edge_mtp.quiet import converter_output_quiet
+    from edge_mtp.util.quiet import converter_output_quiet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1536)

@@ -21,10 +21,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edge_mtp.bundle import open_bundle
-from edge_mtp.contract import DECODE, VERIFY, causal_mask, drafter_mask
-from edge_mtp.prompts import DEFAULT_PROMPTS
+from edge_mtp.model.contract import DECODE, VERIFY, causal_mask, drafter_mask
 from edge_mtp.runtime.backends.base import Backend
 from edge_mtp.runtime.speculative import generate_tokens
+from edge_mtp.util.prompts import DEFAULT_PROMPTS
 
 
 def signature_ms(backend: Backend, calls: int = 200, position: int = 16,

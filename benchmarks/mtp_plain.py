@@ -21,9 +21,9 @@ from pathlib import Path
 
 from benchmarks.loop_speed import signature_ms
 from edge_mtp.bundle import open_bundle
-from edge_mtp.prompts import DEFAULT_PROMPTS
 from edge_mtp.runtime.backends.litert import LiteRTBackend
 from edge_mtp.runtime.divergence import divergences
+from edge_mtp.util.prompts import DEFAULT_PROMPTS
 
 PROMPTS = DEFAULT_PROMPTS + [
     # the demo pair's domain: Python's documentation

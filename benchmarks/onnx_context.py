@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_mtp.contract import DECODE, Contract, causal_mask, kv_output_name
+from edge_mtp.checkpoint.spec import TARGET_PRESETS
 from edge_mtp.export.onnx import export_target_graph
+from edge_mtp.model.contract import DECODE, Contract, causal_mask, kv_output_name
 from edge_mtp.model.target import Target
-from edge_mtp.spec import TARGET_PRESETS
 
 GEOMETRIES = {
     # 12 layers, 6 of them own a cache (5 sliding hd64 + 1 full hd128), 2 KV heads: KV at 4096 ~ 11% of the weights.

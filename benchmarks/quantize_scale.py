@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from edge_mtp.memory import PeakMemory
+from edge_mtp.util.memory import PeakMemory
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.loop_speed import compare_loops, print_costs, print_loops, signature_ms
 from edge_mtp.bench import bench, predict, simulate
 from edge_mtp.bundle import open_bundle
-from edge_mtp.prompts import DEFAULT_PROMPTS
+from edge_mtp.util.prompts import DEFAULT_PROMPTS
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from edge_mtp.memory import PeakMemory, tree_rss_bytes
-from edge_mtp.prompts import DEFAULT_PROMPTS
+from edge_mtp.util.memory import PeakMemory, tree_rss_bytes
+from edge_mtp.util.prompts import DEFAULT_PROMPTS
 
 
 def main() -> None:

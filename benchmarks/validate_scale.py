@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge_mtp.memory import PeakSampler, tree_rss_bytes
+from edge_mtp.util.memory import PeakSampler, tree_rss_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from defects import DEFECTS, defective_copy  # noqa: E402

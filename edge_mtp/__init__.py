@@ -1,6 +1,6 @@
 """edge-mtp: Gemma 4 + MTP assistant -> phone-ready bundles, validated and benchmarked."""
 
-from .errors import EdgeMtpError
+from .util.errors import EdgeMtpError
 
 
 def load(path, backend=None, accelerator="cpu"):

@@ -21,10 +21,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .contract import LOGITS
-from .errors import EdgeMtpError
+from .model.contract import LOGITS
 from .runtime.backends.base import Backend
 from .runtime.speculative import Stats, generate_tokens
+from .util.errors import EdgeMtpError
 
 MAX_GAMMA = 8
 
@@ -264,7 +264,7 @@ def plot(result: BenchResult, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import EdgeMtpError
+        from .util.errors import EdgeMtpError
 
         raise EdgeMtpError("--plot needs matplotlib: pip install matplotlib.") from None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))

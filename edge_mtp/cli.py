@@ -11,13 +11,13 @@ from pathlib import Path
 
 import click
 
-from .atomic import check_output, interrupt_on_sigterm
 from .demo import default_bundle, default_pair
-from .errors import EdgeMtpError
 from .export.options import (COMMAND_RECIPE, DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_OUT, DEFAULT_PREFILL, FORMATS,
                              LITERT, ONNX, check_export_options, export_assistant, parse_prefill)
-from .prompts import DEFAULT_PROMPTS, read_prompts
-from .quiet import native_output_captured, verbose_requested
+from .util.atomic import check_output, interrupt_on_sigterm
+from .util.errors import EdgeMtpError
+from .util.prompts import DEFAULT_PROMPTS, read_prompts
+from .util.quiet import native_output_captured, verbose_requested
 
 
 SEED = click.IntRange(0, 2**32 - 1)  # what every random generator we seed accepts
@@ -89,7 +89,7 @@ def synth(preset: str, out: Path, seed: int, dtype: str | None, multimodal_layou
     """Write a random-weight target and its assistant in the exact Hugging Face layout."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-    from .synth import write_pair
+    from .checkpoint.synth import write_pair
 
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   transient=not sys.stderr.isatty(), console=None) as bar:
@@ -355,8 +355,8 @@ def validate(bundle: Path, target_dir: str | None, assistant_dir: str | None, pr
     from rich.console import Console
     from rich.table import Table
 
-    from .validate import Thresholds
-    from .validate import validate as run_validation
+    from .checks.validate import Thresholds
+    from .checks.validate import validate as run_validation
 
     limits = Thresholds()
     for name, value in (("max_relative_error", max_rel_error), ("min_top1_agreement", min_top1),
@@ -606,10 +606,10 @@ def quantize(bundle: Path, out: Path, quant: str) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip checking a bundle's sections against their recorded sha256.")
 def inspect(path: str, as_json: bool, gpu_check: bool, no_verify: bool) -> None:
     """Describe a checkpoint directory (geometry, parameters, KV sharing) or a .litertlm bundle."""
-    from .inspect_checkpoint import describe_bundle, describe_checkpoint
+    from .checks.inspect import describe_bundle, describe_checkpoint
 
     if gpu_check:
-        from .gpu_check import check_bundle, describe, report_dict
+        from .runtime.gpu_check import check_bundle, describe, report_dict
 
         reports = check_bundle(Path(path))
         click.echo(json.dumps(report_dict(reports), indent=2) if as_json else describe(reports))

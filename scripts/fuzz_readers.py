@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from edge_mtp.errors import EdgeMtpError  # noqa: E402
+from edge_mtp.util.errors import EdgeMtpError  # noqa: E402
 from fuzz_targets import frozen_heap, run_guarded, targets  # noqa: E402
 
 

@@ -25,7 +25,7 @@ def main() -> None:
     from dataclasses import replace
 
     from edge_mtp.distill import STATE_FILE, default_drafter_spec, distill
-    from edge_mtp.spec import FULL, SLIDING, read_config, target_spec_from_config
+    from edge_mtp.checkpoint.spec import FULL, SLIDING, read_config, target_spec_from_config
     from train_demo_target import corpus
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,7 +72,7 @@ def show_samples(target: Path, assistant: Path, max_tokens: int = 40) -> None:
     """Greedy MTP continuations of a few prompts, decoded, with the acceptance of each."""
     from tokenizers import Tokenizer
 
-    from edge_mtp.contract import Contract
+    from edge_mtp.model.contract import Contract
     from edge_mtp.model.loading import load_drafter, load_target
     from edge_mtp.runtime.backends.torch import TorchBackend
     from edge_mtp.runtime.speculative import generate_tokens

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from edge_mtp.atomic import atomic_directory
-from edge_mtp.hf_config import generation_config, target_config
-from edge_mtp.layout import TEXT_PREFIX, target_tensors
-from edge_mtp.spec import FULL, SLIDING, TargetSpec
+from edge_mtp.checkpoint.hf_config import generation_config, target_config
+from edge_mtp.checkpoint.layout import TEXT_PREFIX, target_tensors
+from edge_mtp.checkpoint.spec import FULL, SLIDING, TargetSpec
+from edge_mtp.util.atomic import atomic_directory
 
 S, F = SLIDING, FULL
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # ids 0..5

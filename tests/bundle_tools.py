@@ -6,9 +6,9 @@ import struct
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_mtp.contract import Contract
 from edge_mtp.bundle.litertlm import MODEL_TYPES, SECTIONS_KEY, BundleMetadata, read_litertlm, write_litertlm
-from edge_mtp.spec import preset_pair, spec_to_dict
+from edge_mtp.checkpoint.spec import preset_pair, spec_to_dict
+from edge_mtp.model.contract import Contract
 
 
 def rewrap(src: Path, out: Path, edit: Callable[[dict[str, Any]], None] = lambda m: None) -> Path:
@@ -31,7 +31,7 @@ def rewrap(src: Path, out: Path, edit: Callable[[dict[str, Any]], None] = lambda
 
 
 def _specs(manifest: dict[str, Any]):
-    from edge_mtp.spec import DrafterSpec, TargetSpec, spec_from_dict
+    from edge_mtp.checkpoint.spec import DrafterSpec, TargetSpec, spec_from_dict
 
     drafter = spec_from_dict(DrafterSpec, manifest["drafter"]) if manifest.get("drafter") else None
     return spec_from_dict(TargetSpec, manifest["target"]), drafter

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 os.environ["EDGE_MTP_CACHE"] = tempfile.mkdtemp(prefix="edge-mtp-test-cache-")
 atexit.register(shutil.rmtree, os.environ["EDGE_MTP_CACHE"], ignore_errors=True)
 
-from edge_mtp.spec import preset_pair  # noqa: E402
+from edge_mtp.checkpoint.spec import preset_pair  # noqa: E402
 
 GEOMETRIES = ["tiny", "tiny-mqa"]
 BUNDLE_CONTEXT, BUNDLE_PREFILL = 64, (8, 16)
@@ -45,7 +45,7 @@ def hf_pairs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def synth_pair(tmp_path_factory) -> Path:
     """The tiny preset written by our streaming synth writer (target/ and assistant/)."""
-    from edge_mtp.synth import write_drafter, write_target
+    from edge_mtp.checkpoint.synth import write_drafter, write_target
 
     root = tmp_path_factory.mktemp("synth-tiny")
     target, drafter = preset_pair("tiny")

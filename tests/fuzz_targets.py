@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 from hypothesis import strategies as st
 
-from edge_mtp.errors import EdgeMtpError
+from edge_mtp.util.errors import EdgeMtpError
 
 SECONDS_PER_INPUT = 1.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -176,9 +176,9 @@ class Seeds:
     """Valid inputs every strategy starts from, made once per process in a private folder."""
 
     def __init__(self):
-        from edge_mtp.hf_config import drafter_config, target_config
-        from edge_mtp.spec import preset_pair
-        from edge_mtp.tokenizer_files import write_char_tokenizer
+        from edge_mtp.checkpoint.hf_config import drafter_config, target_config
+        from edge_mtp.checkpoint.spec import preset_pair
+        from edge_mtp.checkpoint.tokenizer_files import write_char_tokenizer
 
         self.root = Path(tempfile.mkdtemp(prefix="edge-mtp-fuzz-seeds-"))
         target, drafter = preset_pair("tiny")
@@ -198,7 +198,7 @@ class Seeds:
         return stand_in_bundle(self.root / "seed.litertlm", self.root / "tokenizer.json").read_bytes()
 
     def _onnx_manifest(self, target, drafter) -> dict:
-        from edge_mtp.contract import Contract
+        from edge_mtp.model.contract import Contract
         from edge_mtp.bundle.onnx import build_manifest, model_file
 
         folder = self.root / "onnx"
@@ -243,7 +243,7 @@ def read_onnx_manifest(folder: Path, manifest: bytes) -> None:
 
 def read_checkpoint_config(folder: Path, config: bytes) -> None:
     """config.json of a target or assistant checkpoint, as export, distill and inspect read it."""
-    from edge_mtp.spec import drafter_spec_from_config, read_config, target_spec_from_config
+    from edge_mtp.checkpoint.spec import drafter_spec_from_config, read_config, target_spec_from_config
 
     (folder / "config.json").write_bytes(config)
     cfg = read_config(folder)
@@ -269,7 +269,7 @@ def read_tokenizer(folder: Path, value: tuple[bytes, str]) -> None:
 
 def read_safetensors(folder: Path, data: bytes) -> None:
     """A checkpoint shard: the header, every tensor's shape and data."""
-    from edge_mtp.checkpoint import CheckpointReader
+    from edge_mtp.checkpoint.reading import CheckpointReader
 
     (folder / "model.safetensors").write_bytes(data)
     reader = CheckpointReader(folder)

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import torch
 
-from edge_mtp.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
 from edge_mtp.export.driver import TOLERANCE
 from edge_mtp.export.signatures import ExportUnit, SignatureModule
+from edge_mtp.model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
 from edge_mtp.model.drafter import Drafter
 from edge_mtp.model.loading import TargetModels
 
@@ -50,7 +50,7 @@ def export_units(models: TargetModels, drafter: Drafter | None, contract: Contra
 def assert_verify_rows_are_decodes(backend, positions, prompts: list[list[int]], max_tokens: int) -> None:
     """Each row of a verify gives the bits of a decode of its token from the same cache, at every position given,
     and greedy MTP emits exactly the plain tokens for every prompt."""
-    from edge_mtp.contract import DECODE, LOGITS, VERIFY
+    from edge_mtp.model.contract import DECODE, LOGITS, VERIFY
     from edge_mtp.runtime.speculative import SpeculativeDecoder, generate_tokens
 
     decoder, rng, vocab = SpeculativeDecoder(backend), np.random.default_rng(0), backend.contract.target.vocab_size

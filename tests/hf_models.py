@@ -8,8 +8,8 @@ import torch
 from transformers import (Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4Config, Gemma4ForCausalLM,
                           Gemma4ForConditionalGeneration, Gemma4TextConfig)
 
-from edge_mtp.hf_config import drafter_config, target_config
-from edge_mtp.spec import DrafterSpec, TargetSpec
+from edge_mtp.checkpoint.hf_config import drafter_config, target_config
+from edge_mtp.checkpoint.spec import DrafterSpec, TargetSpec
 
 
 def _text_kwargs(cfg: dict) -> dict:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_mtp.contract import Contract
+from edge_mtp.checkpoint.spec import preset_pair
+from edge_mtp.model.contract import Contract
 from edge_mtp.runtime.backends.base import Backend
-from edge_mtp.spec import preset_pair
 
 V = 64
 

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from edge_mtp.cli import main
 from edge_mtp.bundle.litertlm import read_litertlm
-from edge_mtp.spec import preset_pair
-from edge_mtp.synth import write_drafter
+from edge_mtp.checkpoint.spec import preset_pair
+from edge_mtp.checkpoint.synth import write_drafter
+from edge_mtp.cli import main
 
 from bundle_tools import flip, rewrap, with_container_version
 
@@ -257,7 +257,7 @@ LIBRARY_CASES = {  # the sentences the export cases of the catalogue above asser
 @pytest.mark.parametrize("options,fragment", LIBRARY_CASES.values(), ids=LIBRARY_CASES.keys())
 def test_the_library_refuses_what_the_command_refuses(fmt, options, fragment, synth_pair, tmp_path, monkeypatch):
     """export_litert / export_onnx give the command's sentence for a bad option before any checkpoint is opened."""
-    from edge_mtp.errors import EdgeMtpError
+    from edge_mtp.util.errors import EdgeMtpError
     from edge_mtp.export.onnx import export_onnx
     from edge_mtp.export.pipeline import export_litert
     from edge_mtp.model.loading import TargetCheckpoint
@@ -276,7 +276,7 @@ def test_the_library_refuses_what_the_command_refuses(fmt, options, fragment, sy
 @pytest.mark.parametrize("fmt", ["litert", "onnx"])
 def test_exports_of_models_in_memory_check_their_options_too(fmt, tmp_path):
     """export_litert_models / export_onnx_models refuse a bad option before touching the models they are given."""
-    from edge_mtp.errors import EdgeMtpError
+    from edge_mtp.util.errors import EdgeMtpError
     from edge_mtp.export.onnx import export_onnx_models
     from edge_mtp.export.pipeline import export_litert_models
 

@@ -61,7 +61,7 @@ def test_simulated_acceptance_is_the_chosen_probability():
 def test_simulated_acceptance_on_the_demo_pair(demo_bundle, tmp_path):
     """A = 1: every draft accepted (G+1 tokens per verify); A = 0: none (1); 0.6 within 4 standard deviations."""
     import edge_mtp
-    from edge_mtp.prompts import DEFAULT_PROMPTS
+    from edge_mtp.util.prompts import DEFAULT_PROMPTS
 
     model = edge_mtp.load(demo_bundle)
     g = model.contract.draft_len

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from defects import DEFECTS, defective_copy
+from edge_mtp.checks.validate import STRICT_MTP, validate
 from edge_mtp.cli import main
-from edge_mtp.validate import STRICT_MTP, validate
 
 PAIRS_RECIPES = [(pair, recipe) for pair in ("tiny", "demo") for recipe in ("fp32", "int8", "int4")]
 PROMPTS = ["The file is"]

@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 import edge_mtp
 from edge_mtp.cli import main
-from edge_mtp.errors import EdgeMtpError
 from edge_mtp.runtime.chat import ChatSession, TurnOptions
+from edge_mtp.util.errors import EdgeMtpError
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_validate_chat_row_passes_the_demo_bundle_and_catches_a_template_that_di
     import shutil
 
     from edge_mtp.demo import target_dir
-    from edge_mtp.validate import validate_chat
+    from edge_mtp.checks.validate import validate_chat
 
     report = validate_chat(demo_bundle, target_dir(), max_tokens=8)
     rows = {c.subject: c for c in report.checks}
@@ -95,7 +95,7 @@ def test_validate_chat_row_passes_the_demo_bundle_and_catches_a_template_that_di
 
 
 def test_chat_on_a_pseudo_terminal_shows_prompts_streams_and_leaves_on_ctrl_d(demo_bundle):
-    """On a terminal native output is captured (edge_mtp/quiet.py): the prompt and reply must still get through."""
+    """On a terminal native output is captured (edge_mtp/util/quiet.py): the prompt and reply must still get through."""
     import os
     import select
     import subprocess

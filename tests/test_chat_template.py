@@ -1,4 +1,4 @@
-"""Chat templates LiteRT-LM renders byte for byte as transformers does (edge_mtp/chat_template.py).
+"""Chat templates LiteRT-LM renders byte for byte as transformers does (edge_mtp/checkpoint/chat_template.py).
 
 The templates below are written for these tests with the constructs real Gemma templates use: a system turn folded
 into the first user turn, `is string` tests on content, content parts, role mapping, `| trim`, `loop.first`,
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from edge_mtp.chat_template import CONVERSATIONS, fit_template, litertlm_conversations
-from edge_mtp.errors import EdgeMtpError
+from edge_mtp.checkpoint.chat_template import CONVERSATIONS, fit_template, litertlm_conversations
+from edge_mtp.util.errors import EdgeMtpError
 
 from conftest import BUNDLE_CONTEXT, DEMO_CONTEXT
 from helpers import assert_only_progress

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from edge_mtp.errors import CheckpointError, EdgeMtpError, PairMismatchError
+from edge_mtp.checkpoint.spec import preset_pair
+from edge_mtp.checkpoint.synth import write_target
 from edge_mtp.model.loading import load_drafter, load_target
-from edge_mtp.spec import preset_pair
-from edge_mtp.synth import write_target
+from edge_mtp.util.errors import CheckpointError, EdgeMtpError, PairMismatchError
 
 
 def _copy(src, dst):
@@ -34,7 +34,7 @@ def test_sharded_bf16_and_single_file_fp32_give_the_same_modules(tmp_path):
         assert torch.allclose(pa, b.target.state_dict()[name], rtol=2 ** -8, atol=0), name
     ids = torch.tensor([[3, 4, 5]], dtype=torch.int32)
     assert torch.allclose(a.embedder(ids)["embeddings"], b.embedder(ids)["embeddings"], rtol=2 ** -7)
-    from edge_mtp.contract import Contract, causal_mask
+    from edge_mtp.model.contract import Contract, causal_mask
     kv = {s.name: torch.zeros(s.shape) for s in Contract(target, None, 8, prefill_lengths=(3,)).kv_tensors()}
     pos, mask = torch.arange(3, dtype=torch.int32), torch.from_numpy(causal_mask(0, 3, 8))
     out = [m.target(m.embedder(ids)["embeddings"], m.per_layer_embedder(ids)["per_layer_embeddings"], pos, mask, **kv)
@@ -147,7 +147,7 @@ def _lora(directory, base, pairs: dict, alpha: int = 8, rank: int = 4):
 @pytest.fixture(scope="module")
 def adapted(synth_pair, tmp_path_factory):
     """An adapter on the tiny target's layer-1 q_proj, and its base tensor name, A, B and scale (alpha / r)."""
-    from edge_mtp.checkpoint import CheckpointReader
+    from edge_mtp.checkpoint.reading import CheckpointReader
 
     base = synth_pair / "target"
     name = CheckpointReader(base).language_prefix() + Q_PROJ
@@ -159,7 +159,7 @@ def adapted(synth_pair, tmp_path_factory):
 
 
 def test_reading_through_an_adapter_gives_base_plus_delta_and_untouched_tensors_as_stored(synth_pair, adapted):
-    from edge_mtp.checkpoint import AdaptedReader, CheckpointReader, open_checkpoint
+    from edge_mtp.checkpoint.reading import AdaptedReader, CheckpointReader, open_checkpoint
 
     adapter, name, a, b, scale = adapted
     plain, through = CheckpointReader(synth_pair / "target"), open_checkpoint(adapter)
@@ -177,9 +177,9 @@ def test_an_adapter_reads_as_its_explicitly_merged_checkpoint_everywhere_the_exp
                                                                                            tmp_path):
     """Export, validate and the torch backend read targets through TargetCheckpoint (and validate's reference
     through transformers): every tensor and row block they read from the adapter equals the merged checkpoint's."""
-    from edge_mtp.checkpoint import CheckpointReader
+    from edge_mtp.checkpoint.reading import CheckpointReader
     from edge_mtp.model.loading import TargetCheckpoint
-    from edge_mtp.reference import TransformersPair
+    from edge_mtp.checks.reference import TransformersPair
 
     adapter, name, a, b, scale = adapted
     merged = _copy(synth_pair / "target", tmp_path / "merged")
@@ -231,8 +231,8 @@ def test_an_adapter_without_its_base_or_for_another_base_is_one_error_line(synth
 _READ_CHILD = r"""
 import json, sys
 from pathlib import Path
-from edge_mtp.checkpoint import open_checkpoint
-from edge_mtp.memory import PeakMemory, tree_rss_bytes
+from edge_mtp.checkpoint.reading import open_checkpoint
+from edge_mtp.util.memory import PeakMemory, tree_rss_bytes
 reader = open_checkpoint(Path(sys.argv[1]))
 names = reader.names()
 reader.tensor(names[0])  # allocator and BLAS warmed up

@@ -7,12 +7,12 @@ import torch
 
 from helpers import Interrupt, stop_at
 
-from edge_mtp.contract import causal_mask, drafter_mask
+from edge_mtp.checkpoint.spec import check_pair
 from edge_mtp.distill import (STATE_FILE, cluster_of_tokens, cluster_tokens, default_drafter_spec, distill,
                               draft_rows, greedy_continue, head_argmax, teacher_records)
 from edge_mtp.distill.teacher import kv_zeros, run_target
+from edge_mtp.model.contract import causal_mask, drafter_mask
 from edge_mtp.model.loading import load_drafter, load_target
-from edge_mtp.spec import check_pair
 
 ARGS = dict(steps=30, batch=6, seq_len=24, prompt_len=6, num_sequences=96, eval_prompts=3, save_every=10, lr=5e-3)
 
@@ -92,7 +92,7 @@ def test_batched_rows_equal_one_step_drafter_calls(synth_pair):
 
 
 def test_greedy_continue_matches_plain_decoding(synth_pair):
-    from edge_mtp.contract import Contract
+    from edge_mtp.model.contract import Contract
     from edge_mtp.runtime.backends.torch import TorchBackend
     from edge_mtp.runtime.speculative import generate_tokens
 
@@ -132,14 +132,14 @@ def test_clusters_group_tokens_with_similar_embeddings():
 
 def test_committed_demo_pair_meets_the_acceptance_bar():
     """Greedy, draft length 3, on 9 prompts (3 from held-out documents): acceptance >= 0.6, >= 2.2 tokens/verify."""
-    from edge_mtp.contract import Contract
+    from edge_mtp.model.contract import Contract
     from edge_mtp.demo import assistant_dir, target_dir
     from edge_mtp.model.loading import load_drafter, load_target
-    from edge_mtp.prompts import DEFAULT_PROMPTS
+    from edge_mtp.util.prompts import DEFAULT_PROMPTS
     from edge_mtp.bundle.tokenizer import Tokenizer
     from edge_mtp.runtime.backends.torch import TorchBackend
     from edge_mtp.runtime.speculative import generate_tokens
-    from edge_mtp.spec import check_pair
+    from edge_mtp.checkpoint.spec import check_pair
 
     models = load_target(target_dir())
     drafter = load_drafter(assistant_dir(), models.spec)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from edge_mtp.checkpoint.spec import read_config, target_spec_from_config
 from edge_mtp.demo import target_dir as demo_target
 from edge_mtp.distill.data import Renderer, load_examples
-from edge_mtp.errors import EdgeMtpError
-from edge_mtp.spec import read_config, target_spec_from_config
+from edge_mtp.util.errors import EdgeMtpError
 
 CHAT = [{"role": "user", "content": "What does len return?"},
         {"role": "assistant", "content": "The number of items in a container."},

@@ -16,11 +16,11 @@ from safetensors import safe_open
 
 from helpers import Interrupt, stop_at
 
+from edge_mtp.checkpoint.spec import preset_pair
 from edge_mtp.distill import bytes_per_token, prepare, train
 from edge_mtp.distill.shards import INDEX, TRAIN, ShardSet
 from edge_mtp.distill.train import LOG_FILE, STATE_FILE
-from edge_mtp.errors import EdgeMtpError
-from edge_mtp.spec import preset_pair
+from edge_mtp.util.errors import EdgeMtpError
 
 PREP = dict(num_sequences=16, eval_sequences=2, seq_len=16, prompt_len=5, device="cpu")
 TRAIN_ARGS = dict(steps=6, batch=4, lr=5e-3, save_every=3, eval_every=3, device="cpu")
@@ -162,7 +162,7 @@ def test_a_world_size_that_does_not_divide_the_data_is_refused(synth_pair, shard
 
 
 def test_shards_of_another_target_are_refused(shards, tmp_path):
-    from edge_mtp.synth import write_target
+    from edge_mtp.checkpoint.synth import write_target
 
     target, _ = preset_pair("tiny")
     write_target(tmp_path / "other", target, seed=5)

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_mtp.contract import causal_mask, drafter_mask, prefill_name
-from edge_mtp.errors import EdgeMtpError
 from edge_mtp.bundle.litertlm import read_litertlm
-from edge_mtp.gpu_check import check_model
+from edge_mtp.model.contract import causal_mask, drafter_mask, prefill_name
 from edge_mtp.runtime.backends.litert import LiteRTBackend, accelerator_unavailable, vulkan_devices
+from edge_mtp.runtime.gpu_check import check_model
 from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
+from edge_mtp.util.errors import EdgeMtpError
 
 from conftest import BUNDLE_CONTEXT as CONTEXT
 from conftest import DEMO_CONTEXT

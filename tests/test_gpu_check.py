@@ -1,4 +1,4 @@
-"""The static GPU-delegability check (edge_mtp.gpu_check), and that our bundles pass it; no GPU needed.
+"""The static GPU-delegability check (edge_mtp.runtime.gpu_check), and that our bundles pass it; no GPU needed.
 
 That the check agrees with the real delegate is tested on the software Vulkan device in test_gpu.py.
 """
@@ -10,7 +10,7 @@ import json
 from click.testing import CliRunner
 
 from edge_mtp.cli import main
-from edge_mtp.gpu_check import check_bundle, check_model
+from edge_mtp.runtime.gpu_check import check_bundle, check_model
 
 from gpu_legacy import legacy_attention_model
 

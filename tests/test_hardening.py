@@ -11,9 +11,9 @@ import sys
 import pytest
 
 import edge_mtp
-from edge_mtp.errors import EdgeMtpError
 from edge_mtp.bundle.litertlm import SECTIONS_KEY, read_litertlm
 from edge_mtp.bundle.tokenizer import Tokenizer
+from edge_mtp.util.errors import EdgeMtpError
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -134,7 +134,7 @@ def test_chat_template_from_a_bundle_is_rendered_sandboxed(tiny_bundle):
 
 def test_validate_passes_a_prompt_holding_the_pad_id(tiny_bundle, synth_pair):
     """transformers must attend to every prompt token, as the device does, even one equal to pad (id 0)."""
-    from edge_mtp.validate import validate
+    from edge_mtp.checks.validate import validate
 
     prompt = "Hello <pad> world<pad>"
     assert 0 in edge_mtp.load(tiny_bundle[0]).tokenizer.encode(prompt)
@@ -167,7 +167,7 @@ def test_run_cli_sampling_is_seeded_and_torch_backend_and_chat_work(tiny_bundle)
 def test_a_tokenizer_that_loads_but_cannot_encode_is_one_clear_error(tmp_path):
     """Found by scripts/fuzz_readers.py: a BPE model whose unk token is missing from its vocabulary loads, then
     tokenizers raises a plain Exception on the first unknown character."""
-    from edge_mtp.tokenizer_files import write_char_tokenizer
+    from edge_mtp.checkpoint.tokenizer_files import write_char_tokenizer
 
     write_char_tokenizer(tmp_path, 256)
     data = json.loads((tmp_path / "tokenizer.json").read_text())

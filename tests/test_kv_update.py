@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_mtp.contract import causal_mask, param_values
+from edge_mtp.model.contract import causal_mask, param_values
 from edge_mtp.model.kv_update import attend_in_place, write_rows
 from edge_mtp.model.layers import attend, sliding_window_mask, write_cache
 
@@ -79,7 +79,7 @@ def _matches(got: dict, want: dict) -> None:
 def test_converted_in_place_layer_is_the_gpu_composites_and_matches_pytorch(converted):
     from edge_mtp.export.litert import TfliteRunner
 
-    from edge_mtp.gpu_check import check_model
+    from edge_mtp.runtime.gpu_check import check_model
 
     path, inputs, want = converted
     assert _composites(path.read_bytes()) == ["odml.cache_update", "odml.runtime_bmm", "odml.runtime_bmm"]

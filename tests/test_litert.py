@@ -9,15 +9,15 @@ import pytest
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from edge_mtp.cli import main
-from edge_mtp.contract import Contract
-from edge_mtp.errors import EdgeMtpError, PairMismatchError
 from edge_mtp.bundle.litertlm import read_litertlm
+from edge_mtp.cli import main
 from edge_mtp.export.pipeline import export_litert
+from edge_mtp.model.contract import Contract
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
+from edge_mtp.util.errors import EdgeMtpError, PairMismatchError
 
 from helpers import assert_streamed_export, assert_verify_rows_are_decodes
 from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge_mtp.contract import Contract, k_name, v_name
 from edge_mtp.demo import assistant_dir, target_dir
 from edge_mtp.export.pipeline import export_litert_models
+from edge_mtp.model.contract import Contract, k_name, v_name
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.runtime.api import load
 from edge_mtp.runtime.backends.torch import TorchBackend

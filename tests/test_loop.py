@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_mtp.contract import causal_mask, drafter_mask
-from edge_mtp.errors import EdgeMtpError
+from edge_mtp.model.contract import causal_mask, drafter_mask
 from edge_mtp.runtime.speculative import SpeculativeDecoder, Stats, generate_tokens
+from edge_mtp.util.errors import EdgeMtpError
 
 from scripted_backend import ScriptedBackend, plain_reference
 

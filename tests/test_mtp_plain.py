@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scripted_backend import V, ScriptedBackend, plain_reference, rule
-from edge_mtp.contract import VERIFY
+from edge_mtp.model.contract import VERIFY
 from edge_mtp.runtime.divergence import divergences, plain_with_gaps, top2_gap
 
 PROMPT = [5, 9, 2, 7]

@@ -13,13 +13,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
-from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export import onnx as onnx_export
 from edge_mtp.export import onnx_data, onnx_tables
 from edge_mtp.export.onnx import export_onnx
 from edge_mtp.export.onnx_quantize import quantize_graph
 from edge_mtp.export.onnx_stitch import GraphStitcher
 from edge_mtp.export.onnx_tables import locate_table, write_table
+from edge_mtp.util.errors import EdgeMtpError
 
 VOCAB, WIDTH, SMALL, CHUNK_ROWS = 150, 64, 13, 7
 
@@ -83,7 +83,7 @@ def test_tables_quantized_in_row_chunks_equal_the_quantizer_on_the_whole_table(t
 
 
 def test_joined_target_streams_every_layer_into_one_data_file(synth_pair, tmp_path):
-    from edge_mtp.contract import Contract
+    from edge_mtp.model.contract import Contract
     from edge_mtp.model.loading import load_target
 
     models = load_target(synth_pair / "target")
@@ -243,7 +243,7 @@ from pathlib import Path
 import onnx
 from edge_mtp.export.onnx_data import stored_nbytes
 from edge_mtp.export.onnx_requantize import requantize_graph
-from edge_mtp.memory import PeakMemory, tree_rss_bytes
+from edge_mtp.util.memory import PeakMemory, tree_rss_bytes
 src, recipe = Path(sys.argv[1]), sys.argv[2]
 largest = max(stored_nbytes(i) for i in onnx.load(str(src), load_external_data=False).graph.initializer)
 with tempfile.TemporaryDirectory() as out:
@@ -268,11 +268,11 @@ def test_quantizing_the_wide_preset_holds_one_weight_group_not_the_graph(tmp_pat
     import subprocess
     import sys
 
-    from edge_mtp.contract import Contract
+    from edge_mtp.model.contract import Contract
     from edge_mtp.export.onnx import export_target_graph
     from edge_mtp.model.loading import load_target
-    from edge_mtp.spec import preset_pair
-    from edge_mtp.synth import write_target
+    from edge_mtp.checkpoint.spec import preset_pair
+    from edge_mtp.checkpoint.synth import write_target
 
     target, _ = preset_pair("wide")
     write_target(tmp_path / "target", target, seed=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from edge_mtp.contract import Contract, causal_mask, drafter_mask, k_name, v_name
+from edge_mtp.model.contract import Contract, causal_mask, drafter_mask, k_name, v_name
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.speculative import generate_tokens
@@ -80,7 +80,7 @@ def test_incremental_decode_crosses_the_sliding_window(hf_pairs, ours, name):
 @torch.no_grad()
 def test_multimodal_wrapper_text_path(tmp_path):
     from hf_models import hf_target, save
-    from edge_mtp.spec import TARGET_PRESETS
+    from edge_mtp.checkpoint.spec import TARGET_PRESETS
 
     ref_model = hf_target(TARGET_PRESETS["tiny"], seed=5, multimodal=True)
     models = load_target(save(ref_model, tmp_path / "mm"))
@@ -93,7 +93,7 @@ def test_multimodal_wrapper_text_path(tmp_path):
 def _drafter_case(hf_pairs, ours, name: str, dense: bool, tmp_path):
     """Our drafter and transformers' assistant on identical K/V (from a real prefill) and identical visibility."""
     from hf_models import hf_assistant, save
-    from edge_mtp.spec import DRAFTER_PRESETS
+    from edge_mtp.checkpoint.spec import DRAFTER_PRESETS
     from dataclasses import replace
 
     models = ours[name]

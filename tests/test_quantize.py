@@ -13,15 +13,15 @@ from conftest import DEMO_CONTEXT
 from helpers import assert_verify_rows_are_decodes
 from test_onnx import DEMO_CONTEXT as CONTEXT, PREFILL, demo_fp32_bundle
 from edge_mtp import demo
-from edge_mtp.errors import EdgeMtpError
-from edge_mtp.export.onnx import export_onnx, quantize_onnx_bundle
+from edge_mtp.bundle import open_bundle
 from edge_mtp.bundle.onnx import MANIFEST, read_manifest
+from edge_mtp.export.onnx import export_onnx, quantize_onnx_bundle
 from edge_mtp.export.onnx_quantize import graph_bytes, weight_bytes
 from edge_mtp.export.options import INT8_KV_REASON, RECIPES, check_recipe
 from edge_mtp.export.quantize import MIXED_SENSITIVITY
-from edge_mtp.bundle import open_bundle
 from edge_mtp.runtime.backends.onnx import OnnxBackend
 from edge_mtp.runtime.speculative import SpeculativeDecoder, generate_tokens
+from edge_mtp.util.errors import EdgeMtpError
 
 PROMPTS = ["The quick brown fox", "def main():", "import os"]
 ONNX_BY_QUANTIZING = ("fp16", "int8", "int4-b32", "int4-b64", "int4-b128", "mixed")  # from the fp32 bundle, no re-export
@@ -270,7 +270,7 @@ def test_every_recipe_name_is_exercised():
 
 def test_auto_is_int4_from_one_billion_target_parameters():
     from edge_mtp.export.options import AUTO, resolve_recipe
-    from edge_mtp.spec import preset_pair
+    from edge_mtp.checkpoint.spec import preset_pair
 
     assert resolve_recipe(AUTO, preset_pair("e2b")[0]) == "int4"
     assert resolve_recipe(AUTO, preset_pair("tiny")[0]) == "int8"

@@ -51,8 +51,8 @@ def test_an_int4_onnx_export_and_its_run_print_only_their_own_lines(tmp_path):
     target alone; an int8 export of it (the other onnxruntime quantizer) prints its progress alone."""
     from dataclasses import replace
 
-    from edge_mtp.spec import FULL, SLIDING, preset_pair
-    from edge_mtp.synth import write_target
+    from edge_mtp.checkpoint.spec import FULL, SLIDING, preset_pair
+    from edge_mtp.checkpoint.synth import write_target
 
     target = replace(preset_pair("tiny")[0], layer_types=(SLIDING, FULL), num_kv_shared_layers=0)
     write_target(tmp_path / "target", target)
@@ -76,7 +76,7 @@ def test_an_int4_onnx_export_and_its_run_print_only_their_own_lines(tmp_path):
 def _crash_after_library_output(monkeypatch, own_handler: logging.Handler) -> None:
     """Make `inspect` log like libraries do (a logger with its own handler and no propagation, as transformers sets
     up; an INFO record; a Python warning), write a native line to fd 2, then fail with a bug."""
-    import edge_mtp.inspect_checkpoint as inspect_checkpoint
+    import edge_mtp.checks.inspect as inspect_checkpoint
 
     library = logging.getLogger("edge_mtp_test_library")
     monkeypatch.setattr(library, "handlers", [own_handler])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from edge_mtp.errors import PairMismatchError, UnsupportedModelError
-from edge_mtp.hf_config import drafter_config, target_config
-from edge_mtp.layout import drafter_tensors, parameter_count, target_tensors
-from edge_mtp.spec import (DRAFTER_PRESETS, TARGET_PRESETS, check_pair, drafter_spec_from_config, preset_pair,
-                           target_spec_from_config)
+from edge_mtp.checkpoint.hf_config import drafter_config, target_config
+from edge_mtp.checkpoint.layout import drafter_tensors, parameter_count, target_tensors
+from edge_mtp.checkpoint.spec import (DRAFTER_PRESETS, TARGET_PRESETS, check_pair, drafter_spec_from_config,
+                                      preset_pair, target_spec_from_config)
+from edge_mtp.util.errors import PairMismatchError, UnsupportedModelError
 
 
 @pytest.mark.parametrize("name,target_params,assistant_params", [

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_mtp.errors import EdgeMtpError
 from edge_mtp.export import driver as driver_module
 from edge_mtp.export.pipeline import export_litert
 from edge_mtp.export.quantize import component_recipe, quantize_file
 from edge_mtp.export.tables import TableFormat, check_format, find_table
 from edge_mtp.formats.tflite import read_tflite
+from edge_mtp.util.errors import EdgeMtpError
 
 from conftest import BUNDLE_CONTEXT as CONTEXT
 
@@ -132,7 +132,7 @@ from pathlib import Path
 import numpy as np, torch
 from edge_mtp.export.litert import TfliteRunner, convert_module
 from edge_mtp.export.pipeline import export_litert
-from edge_mtp.memory import PeakMemory, tree_rss_bytes
+from edge_mtp.util.memory import PeakMemory, tree_rss_bytes
 root = Path(sys.argv[1])
 warm = convert_module({"f": torch.nn.Linear(8, 8)}, {"f": [{"input": np.ones((1, 8), np.float32)}]}, root / "w.tflite")
 TfliteRunner(warm)("f", {"input": np.ones((1, 8), np.float32)})  # converter, interpreter and XNNPACK initialised
@@ -157,8 +157,8 @@ def test_exporting_the_wide_preset_holds_pieces_not_the_model(tmp_path):
     import subprocess
     import sys
 
-    from edge_mtp.spec import preset_pair
-    from edge_mtp.synth import write_drafter, write_target
+    from edge_mtp.checkpoint.spec import preset_pair
+    from edge_mtp.checkpoint.synth import write_drafter, write_target
 
     target, drafter = preset_pair("wide")
     write_target(tmp_path / "target", target, seed=0)
@@ -203,7 +203,7 @@ def test_a_second_export_takes_layer_templates_from_the_cache(tiny_bundle, synth
     from conftest import BUNDLE_PREFILL
     from edge_mtp.export import template_cache
     from edge_mtp.export.pieces import layer_kind
-    from edge_mtp.spec import preset_pair
+    from edge_mtp.checkpoint.spec import preset_pair
 
     converted, fetched = [], []
     real_convert, real_fetch = driver_module.convert_module, template_cache.fetch
@@ -234,7 +234,7 @@ def test_a_second_export_takes_layer_templates_from_the_cache(tiny_bundle, synth
 
 def test_storing_a_layer_template_removes_those_of_other_code_versions(tmp_path):
     """A template made by other code can never be fetched again; the cache must not keep it (E4B's fill the disk)."""
-    from edge_mtp.cache import cache_root
+    from edge_mtp.util.cache import cache_root
     from edge_mtp.export import template_cache
 
     stale = cache_root() / "templates" / "000000000000-0123.tflite"
@@ -256,12 +256,12 @@ def test_the_drafter_head_at_gemma_vocabulary_size_holds_its_inverse_ordering_as
 
     import torch
 
-    from edge_mtp.contract import Contract
+    from edge_mtp.model.contract import Contract
     from edge_mtp.export.litert import check_module, convert_module, unit_samples
     from edge_mtp.export.signatures import ExportUnit, SignatureModule
     from edge_mtp.formats.tflite import op_name
     from edge_mtp.model.drafter import Drafter
-    from edge_mtp.spec import preset_pair
+    from edge_mtp.checkpoint.spec import preset_pair
 
     target, small = preset_pair("tiny")
     spec = dataclasses.replace(small, vocab_size=262144, num_centroids=2048, centroid_top_k=4)

@@ -8,16 +8,16 @@ import sys
 
 from click.testing import CliRunner
 
+from edge_mtp.checkpoint.layout import target_tensors
+from edge_mtp.checkpoint.spec import preset_pair
+from edge_mtp.checkpoint.synth import total_bytes
 from edge_mtp.cli import main
-from edge_mtp.layout import target_tensors
-from edge_mtp.spec import preset_pair
-from edge_mtp.synth import total_bytes
 
 _CHILD = """
 import resource, sys
 from pathlib import Path
-from edge_mtp.spec import preset_pair
-from edge_mtp.synth import write_target
+from edge_mtp.checkpoint.spec import preset_pair
+from edge_mtp.checkpoint.synth import write_target
 if sys.argv[1] == "write":
     write_target(Path(sys.argv[2]), preset_pair("wide")[0])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -67,7 +67,7 @@ def test_synth_tokenizer_round_trips(tmp_path):
 
 
 def test_e2b_inspect_reports_published_counts(tmp_path):
-    from edge_mtp.hf_config import drafter_config, target_config
+    from edge_mtp.checkpoint.hf_config import drafter_config, target_config
     target, drafter = preset_pair("e2b")
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "config.json").write_text(json.dumps(target_config(target, multimodal=True)))

@@ -6,10 +6,10 @@ import json
 
 from click.testing import CliRunner
 
+from edge_mtp.checks.validate import validate
 from edge_mtp.cli import main
 from edge_mtp.export.pipeline import export_litert_models
 from edge_mtp.model.loading import load_drafter, load_target
-from edge_mtp.validate import validate
 
 from helpers import ShiftedCaches
 from conftest import BUNDLE_CONTEXT
@@ -77,7 +77,7 @@ def test_mtp_may_not_diverge_from_plain_on_an_fp32_bundle(onnx_recipe_bundle, mo
 
     from edge_mtp.runtime.api import load
     from edge_mtp.runtime.speculative import SpeculativeDecoder
-    from edge_mtp.validate import STRICT_MTP, Report, Thresholds, _Validator
+    from edge_mtp.checks.validate import STRICT_MTP, Report, Thresholds, _Validator
 
     model = load(onnx_recipe_bundle("fp32"))
     ids = model.tokenizer.encode(PROMPTS[0])

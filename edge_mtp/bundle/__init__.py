@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contract import EMBEDDER, TARGET, Contract
-from ..errors import EdgeMtpError
+from ..model.contract import EMBEDDER, TARGET, Contract
+from ..util.errors import EdgeMtpError
 from .litertlm import SECTION_MODEL_TYPES, LitertlmFile, Section, read_litertlm
 from .manifest import checked_contract
 from .onnx import MANIFEST, contract_from_manifest, read_manifest, tokenizer_info

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, k_name, v_name
-from ..errors import EdgeMtpError
+from ..model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, k_name, v_name
+from ..util.errors import EdgeMtpError
 from .manifest import check_format_version, file_blocks, sha256_file
 
 MAGIC = b"LITERTLM"

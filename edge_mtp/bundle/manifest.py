@@ -10,9 +10,9 @@ import hashlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..contract import Contract, contract_from_dict
-from ..errors import EdgeMtpError
-from ..spec import check_pair
+from ..checkpoint.spec import check_pair
+from ..model.contract import Contract, contract_from_dict
+from ..util.errors import EdgeMtpError
 
 MAX_CONTEXT = 1 << 20  # tokens; far beyond Gemma 4's 128k, below what would allocate absurd caches
 MAX_DRAFT_LEN = 64

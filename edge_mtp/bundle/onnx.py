@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..contract import (DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, Signature, TensorSpec,
-                        kv_output_name)
-from ..errors import EdgeMtpError
-from ..spec import spec_to_dict
+from ..checkpoint.spec import spec_to_dict
+from ..model.contract import (DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, Signature, TensorSpec,
+                              kv_output_name)
+from ..util.errors import EdgeMtpError
 from .manifest import check_format_version, checked_contract, sha256_file
 
 FORMAT = "edge-mtp-onnx"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 from .litertlm import LitertlmFile
 
 
@@ -43,7 +43,7 @@ class Tokenizer:
         """The user message wrapped in the model's chat template (plain text when it has none)."""
         if not self.chat_template:
             return message
-        from ..chat_template import render  # transformers' sandboxed renderer, with LiteRT-LM's empty specials
+        from ..checkpoint.chat_template import render  # transformers' sandboxed renderer, LiteRT-LM's empty specials
 
         return render(self.chat_template, [{"role": "user", "content": message}])
 

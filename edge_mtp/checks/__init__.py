@@ -1,2 +1,1 @@
-"""What proves a finished bundle for validate, above the export: the checkpoint's weights found in the bundle
-(weights). The export's own verification (bundle_check, quality) lives in export/."""
+"""What proves a finished bundle and reports on a checkpoint: validate, reference, weights, inspect."""

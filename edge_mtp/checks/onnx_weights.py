@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET
 from ..export.onnx_data import stored_bytes, stored_slice
 from ..export.onnx_stored import StoredWeight, encoding_recipe, recipe_encodings, stored_weight
 from ..export.onnx_tables import HEAD, encoders, per_tensor_scalars
+from ..model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint
 from .weights import TABLE_CHUNK_ROWS, WeightReport, target_parts

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from ..bundle.litertlm import SECTION_MODEL_TYPES, read_litertlm
-from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET
 from ..export.stored import Constant, ModelConstants, converter_folds, locate, same_scales
 from ..export.tables import FLOAT_TYPES, TableFormat
+from ..model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint
 

@@ -29,9 +29,9 @@ def default_pair(say: Callable[[str], None] = lambda s: None) -> tuple[Path, Pat
     written once to the user cache (`say` tells which)."""
     if (target_dir() / "config.json").is_file() and (assistant_dir() / "config.json").is_file():
         return target_dir(), assistant_dir()
-    from ..cache import cache_root
-    from ..spec import preset_pair
-    from ..synth import write_drafter, write_target
+    from ..util.cache import cache_root
+    from ..checkpoint.spec import preset_pair
+    from ..checkpoint.synth import write_drafter, write_target
 
     cache = cache_root() / "synthetic-tiny"
     target, drafter = preset_pair("tiny")
@@ -45,7 +45,7 @@ def default_pair(say: Callable[[str], None] = lambda s: None) -> tuple[Path, Pat
 
 def default_bundle(say: Callable[[str], None] = lambda s: None) -> Path:
     """The bundle commands use without one: the default pair's, exported once into the user cache on first use."""
-    from ..cache import cache_root
+    from ..util.cache import cache_root
     from ..export.options import DEFAULT_PREFILL, DEMO_CONTEXT
     from ..export.pipeline import export_litert
 

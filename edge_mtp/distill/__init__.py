@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import EdgeMtpError
-from ..spec import DrafterSpec
+from ..checkpoint.spec import DrafterSpec
+from ..util.errors import EdgeMtpError
 from .evaluate import measure_acceptance, replay_acceptance
 from .geometry import cluster_tokens, default_drafter_spec
 from .prepare import prepare

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import EdgeMtpError
-from ..spec import TargetSpec
+from ..checkpoint.spec import TargetSpec
+from ..util.errors import EdgeMtpError
 
 MODEL_ROLES = ("assistant", "model")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -122,7 +122,7 @@ class Renderer:
                 yield Example([self.spec.bos_token_id] + window)
 
     def _conversation(self, messages: list[dict], where: Path) -> Iterator[Example]:
-        from ..chat_template import checkpoint_specials, render
+        from ..checkpoint.chat_template import checkpoint_specials, render
 
         if self._template is None:
             from ..export.pipeline import tokenizer_files

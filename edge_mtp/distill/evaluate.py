@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..contract import Contract
+from ..model.contract import Contract
 from ..model.drafter import Drafter
 from ..model.embedder import Embedder
 from ..model.loading import TargetModels

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..spec import FULL, SLIDING, DrafterSpec, TargetSpec
+from ..checkpoint.spec import FULL, SLIDING, DrafterSpec, TargetSpec
 
 
 def default_drafter_spec(target: TargetSpec, draft_len: int = 3) -> DrafterSpec:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

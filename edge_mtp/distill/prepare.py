@@ -15,12 +15,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..atomic import atomic_file
-from ..checkpoint import open_checkpoint, resolve_checkpoint
-from ..errors import EdgeMtpError
-from ..locate import checkpoint_files
+from ..checkpoint.locate import checkpoint_files, resolve_checkpoint
+from ..checkpoint.reading import open_checkpoint
+from ..checkpoint.spec import read_config, target_spec_from_config
 from ..model.loading import load_target
-from ..spec import read_config, target_spec_from_config
+from ..util.atomic import atomic_file
+from ..util.errors import EdgeMtpError
 from .data import Example, load_examples
 from .parallel import accelerated, join, resolve_device, world_size
 from .shards import (EMBEDDINGS, EVAL, FORMAT, INDEX, TARGET_CONFIG, TRAIN, bytes_per_token, fingerprint,

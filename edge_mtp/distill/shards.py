@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_file
-from ..errors import EdgeMtpError
-from ..spec import TargetSpec, target_spec_from_config
+from ..checkpoint.spec import TargetSpec, target_spec_from_config
+from ..util.atomic import atomic_file
+from ..util.errors import EdgeMtpError
 from .teacher import store_layers
 
 INDEX = "index.json"

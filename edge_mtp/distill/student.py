@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_file
-from ..contract import k_name, v_name
-from ..hf_config import drafter_config, generation_config
-from ..layout import ORDERING, drafter_tensors
+from ..checkpoint.hf_config import drafter_config, generation_config
+from ..checkpoint.layout import ORDERING, drafter_tensors
+from ..checkpoint.spec import DrafterSpec, TargetSpec
+from ..model.contract import k_name, v_name
 from ..model.drafter import Drafter
 from ..model.embedder import Embedder
-from ..spec import DrafterSpec, TargetSpec
+from ..util.atomic import atomic_file
 from .geometry import cluster_tokens
 from .teacher import block_mask, shift_keys
 

@@ -10,10 +10,10 @@ from typing import Sequence
 
 import torch
 
-from ..contract import MASK_HIDDEN, MASK_VISIBLE, Contract, k_name, v_name
-from ..model.loading import TargetModels
+from ..checkpoint.spec import TargetSpec
+from ..model.contract import MASK_HIDDEN, MASK_VISIBLE, Contract, k_name, v_name
 from ..model.layers import rope_cos_sin, rope_inv_freq
-from ..spec import TargetSpec
+from ..model.loading import TargetModels
 
 
 def device_of(models: TargetModels) -> torch.device:

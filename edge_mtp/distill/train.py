@@ -19,11 +19,11 @@ from typing import Callable
 
 import torch
 
-from ..errors import EdgeMtpError
+from ..checkpoint.spec import DrafterSpec, check_pair
 from ..model.drafter import Drafter
 from ..model.embedder import Embedder
 from ..model.loading import load_drafter
-from ..spec import DrafterSpec, check_pair
+from ..util.errors import EdgeMtpError
 from .evaluate import replay_acceptance
 from .geometry import default_drafter_spec
 from .parallel import World, accelerated, join, resolve_device, world_size
@@ -165,7 +165,7 @@ def train(shards_dir: str | Path, out_dir: str | Path, *, steps: int = 200, draf
     seq_len = shards.index["seq_len"]
 
     def save(step: int) -> None:
-        from ..atomic import atomic_file
+        from ..util.atomic import atomic_file
 
         with atomic_file(state_path) as tmp:
             torch.save({"step": step, "draft_len": draft_len, "spec": asdict(drafter.spec),

@@ -16,12 +16,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..contract import EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, causal_mask, drafter_mask, k_name, v_name
 from ..bundle.tokenizer import Tokenizer
-from ..errors import EdgeMtpError
+from ..model.contract import EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, causal_mask, drafter_mask, k_name, v_name
 from ..model.drafter import Drafter
 from ..model.loading import TargetSource
 from ..runtime.backends.base import Backend
+from ..util.errors import EdgeMtpError
 
 REPORT_MAX_TOKENS = 16
 HEAD_ROWS = 16384  # vocabulary rows of the tied head held at a time
@@ -36,7 +36,7 @@ def streamed_reference(source: TargetSource, contract: Contract,
                        sequences: Sequence[Sequence[int]]) -> list[dict[str, np.ndarray]]:
     """Per sequence: teacher-forced `logits` [T,V], `activations` [T,H], `embeddings` [T,H] and the caches of the
     target, computed in one pass over the layers with only one layer's weights loaded at a time."""
-    from ..checkpoint import swapped
+    from ..checkpoint.reading import swapped
 
     spec, target = contract.target, source.models.target
     order = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]))

@@ -21,20 +21,20 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..checkpoint import assign, swapped
-from ..contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
-from ..errors import EdgeMtpError
+from ..checkpoint.reading import assign, swapped
 from ..formats.tflite import read_tflite
+from ..model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint
+from ..util.errors import EdgeMtpError
 from . import template_cache
+from .joiner import GraphJoiner, WeightSlot, locate_weights, refill_weights
 from .litert import TfliteRunner, check_module, convert_module
 from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_kind, layer_rename
 from .quantize import MIXED_SENSITIVITY, component_recipe, quantize_file
 from .signatures import ExportUnit, SignatureModule, run_reference
-from .tables import QuantizedTable, check_format, find_table, folded_factor, small_vocab, widen
-from .joiner import GraphJoiner, WeightSlot, locate_weights, refill_weights
 from .stored import converter_folds, name_weights
+from .tables import QuantizedTable, check_format, find_table, folded_factor, small_vocab, widen
 
 TOLERANCE = 1e-4  # max abs error / reference magnitude, per output of every converted signature
 Progress = Callable[[str, int, int], None]  # (what, done, total)

@@ -19,10 +19,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..contract import Signature, TensorSpec
-from ..errors import EdgeMtpError
 from ..formats.tflite import ALIGN, op_name, pack, read_tflite, signature_io, signature_keys, tensor_name, write_model
 from ..formats.tflite import schema as tflite_schema
+from ..model.contract import Signature, TensorSpec
+from ..util.errors import EdgeMtpError
 
 _TYPES = {"float32": 0, "float16": 1, "int32": 2, "int64": 4, "bool": 6, "int8": 9}
 # Ops whose options name other subgraphs: a piece holding one cannot be joined by renumbering tensors alone.

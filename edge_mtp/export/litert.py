@@ -8,9 +8,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..contract import Contract
-from ..errors import EdgeMtpError
-from ..quiet import converter_output_quiet
+from ..model.contract import Contract
+from ..util.errors import EdgeMtpError
+from ..util.quiet import converter_output_quiet
 from .signatures import ExportUnit, compare_outputs, run_reference, sample_inputs
 
 Samples = Mapping[str, Sequence[Mapping[str, np.ndarray]]]  # signature -> inputs per seed

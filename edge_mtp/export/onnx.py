@@ -31,28 +31,28 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..atomic import atomic_directory
-from ..checkpoint import swapped
-from ..contract import (DECODE, DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, VERIFY, Contract, Signature,
-                        kv_output_name)
-from ..errors import EdgeMtpError
-from ..memory import PeakMemory
+from ..bundle.onnx import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
+                           contract_from_manifest, model_file, onnx_output_name,
+                           read_manifest, tokenizer_info)
+from ..checkpoint.reading import swapped
+from ..model.contract import (DECODE, DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, VERIFY, Contract, Signature,
+                              kv_output_name)
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_drafter
-from ..quiet import converter_output_quiet
+from ..util.atomic import atomic_directory
+from ..util.errors import EdgeMtpError
+from ..util.memory import PeakMemory
+from ..util.quiet import converter_output_quiet
 from .driver import PieceOrder, PieceReport, Progress, enforce_tolerance, export_resource_errors
-from ..bundle.onnx import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
-                          contract_from_manifest, model_file, onnx_output_name,
-                          read_manifest, tokenizer_info)
-from .options import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, DEFAULT_RECIPE, ONNX, check_context,
-                      check_export_options, check_quantize_options, resolve_recipe)
-from .pipeline import ExportSummary, _signature_names, tokenizer_files
-from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_rename
 from .onnx_quantize import graph_bytes, quantize_graph, remove_graph, weight_bytes
 from .onnx_requantize import requantize_graph
 from .onnx_stitch import PIECE_OUTPUT_SUFFIX, GraphStitcher
 from .onnx_stored import name_weights
 from .onnx_tables import HEAD, locate_table, write_table
+from .options import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, DEFAULT_RECIPE, ONNX, check_context,
+                      check_export_options, check_quantize_options, resolve_recipe)
+from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_rename
+from .pipeline import ExportSummary, _signature_names, tokenizer_files
 from .quantize import mixed_choice, relative_error
 from .signatures import SignatureModule, compare_outputs, sample_inputs
 from .tables import small_vocab

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 
 _ALIGN_LARGE, _ALIGN, _LARGE = 1 << 16, 64, 1 << 20  # large weights page-aligned, so onnxruntime can map them
 

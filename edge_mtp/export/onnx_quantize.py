@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 from .options import check_recipe
 
 INT4_BLOCKS = {"int4": 32, "int4-b32": 32, "int4-b64": 64, "int4-b128": 128}

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 from .onnx_data import DataFile, stored_array, stored_nbytes, stored_rows
 from .onnx_quantize import (FP16_MIN_ELEMENTS, INLINE_BYTES, data_file, fp16_cast, fp16_name, quantize_graph,
                             remove_graph, save_graph)
@@ -308,7 +308,7 @@ class _Rewrite:
 @contextmanager
 def _quantizer_logs_off():
     previous = logging.root.manager.disable
-    logging.disable(logging.INFO)  # a record per node; its warnings (the opset 21 upgrade) reach edge_mtp.quiet
+    logging.disable(logging.INFO)  # a record per node; its warnings (the opset 21 upgrade) reach edge_mtp.util.quiet
     try:
         yield
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 from .onnx_data import DataFile, Placed
 
 PIECE_OUTPUT_SUFFIX = "_out"  # a piece output named like one of its inputs (h, k_cache) carries this suffix

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 from .onnx_data import stored_bytes
 from .onnx_quantize import FP16_MIN_ELEMENTS, INT4_BLOCKS, fp16_name
 

@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..contract import EMBEDDER, PER_LAYER_EMBEDDER
-from ..errors import EdgeMtpError
+from ..model.contract import EMBEDDER, PER_LAYER_EMBEDDER
+from ..util.errors import EdgeMtpError
 from .onnx_data import DataFile, Placed, stored_bytes
 from .tables import ROW_CHUNK_BYTES
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import check_output, writable_parent
-from ..errors import EdgeMtpError
-from ..spec import TargetSpec
+from ..checkpoint.spec import TargetSpec
+from ..util.atomic import check_output, writable_parent
+from ..util.errors import EdgeMtpError
 
 LITERT, ONNX = "litert", "onnx"
 FORMATS = (LITERT, ONNX)
@@ -60,7 +60,7 @@ def check_recipe(name: str) -> None:
 
 def resolve_recipe(name: str, spec: TargetSpec) -> str:
     """The recipe `name` means for a target: `auto` becomes int4 from 1 B parameters (E2B, E4B), int8 below."""
-    from ..layout import parameter_count, target_tensors
+    from ..checkpoint.layout import parameter_count, target_tensors
 
     if name != AUTO:
         return name
@@ -116,9 +116,9 @@ def check_export_options(out: Path, fmt: str, draft_len: int, context: int, pref
 def check_context(target_dir: str | Path, context: int, prefill: tuple[int, ...]) -> None:
     """Refuse a --context beyond the checkpoint's positions, or beyond what its KV caches and masks (fp32, as
     exported) leave room for in memory; reads only the checkpoint's config.json."""
-    from ..checkpoint import resolve_checkpoint
-    from ..memory import available_bytes
-    from ..spec import max_positions, read_config, target_spec_from_config
+    from ..checkpoint.locate import resolve_checkpoint
+    from ..util.memory import available_bytes
+    from ..checkpoint.spec import max_positions, read_config, target_spec_from_config
 
     folder = resolve_checkpoint(target_dir)
     config = read_config(folder)

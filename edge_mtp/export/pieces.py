@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..contract import INPUT_POS, MASK, Contract, Signature, k_name, v_name
+from ..checkpoint.spec import FULL, SLIDING, TargetSpec
+from ..model.contract import INPUT_POS, MASK, Contract, Signature, k_name, v_name
 from ..model.target import Target
-from ..spec import FULL, SLIDING, TargetSpec
 
 HIDDEN = "h"
 

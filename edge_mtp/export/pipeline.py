@@ -9,20 +9,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import atomic_file
-from ..chat_template import checkpoint_specials, fit_template
-from ..checkpoint import resolve_checkpoint
-from ..contract import Contract
-from ..errors import EdgeMtpError
-from ..locate import checkpoint_files
-from ..memory import PeakMemory
+from ..bundle.litertlm import BundleMetadata, read_litertlm, source_files, write_litertlm
+from ..bundle.tokenizer import Tokenizer
+from ..checkpoint.chat_template import checkpoint_specials, fit_template
+from ..checkpoint.locate import checkpoint_files, resolve_checkpoint
+from ..checkpoint.spec import spec_to_dict
+from ..model.contract import Contract
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_drafter
-from ..spec import spec_to_dict
-from ..bundle.tokenizer import Tokenizer
+from ..util.atomic import atomic_file
+from ..util.errors import EdgeMtpError
+from ..util.memory import PeakMemory
 from .bundle_check import enforce, litert_bundle_report
 from .driver import Progress, StreamedExport, export_resource_errors
-from ..bundle.litertlm import BundleMetadata, read_litertlm, source_files, write_litertlm
 from .options import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, DEFAULT_RECIPE, LITERT, check_context,
                       check_export_options, resolve_recipe)
 

@@ -9,10 +9,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..contract import DECODE
-from ..prompts import DEFAULT_PROMPTS
+from ..model.contract import DECODE
 from ..runtime.backends.base import Backend
 from ..runtime.speculative import SpeculativeDecoder, generate_tokens
+from ..util.prompts import DEFAULT_PROMPTS
 
 REPORT_MAX_TOKENS = 16
 

@@ -10,9 +10,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import EdgeMtpError
 from ..formats.tflite import mapped_file, read_tflite
-from ..quiet import converter_output_quiet
+from ..util.errors import EdgeMtpError
+from ..util.quiet import converter_output_quiet
 from .options import RECIPES, check_recipe
 
 # Relative output error (max |error| / max |output|, random inputs) above which 'mixed' keeps a component at 8 bits.

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..contract import PARAM_TENSOR, Contract, Signature, causal_mask, param_values
+from ..model.contract import PARAM_TENSOR, Contract, Signature, causal_mask, param_values
 
 
 class SignatureModule(torch.nn.Module):

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 from .tables import FLOAT16, FLOAT32, INT4, INT8, TableFormat
 
 

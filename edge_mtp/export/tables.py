@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import EdgeMtpError
 from ..formats.tflite import schema
+from ..util.errors import EdgeMtpError
 from .joiner import BufferData
 
 ROW_CHUNK_BYTES = 64 << 20  # fp32 bytes of table rows quantized at a time

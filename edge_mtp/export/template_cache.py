@@ -19,9 +19,9 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-from ..cache import cache_root
+from ..util.cache import cache_root
 
-_GRAPH_CODE = ("contract.py", "spec.py", "model", "export/pieces.py", "export/litert.py", "export/signatures.py")
+_GRAPH_CODE = ("checkpoint/spec.py", "model", "export/pieces.py", "export/litert.py", "export/signatures.py")
 
 
 @lru_cache(maxsize=1)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 
 ALIGN = 64  # bytes; every weight starts on a cache line
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..contract import k_name, v_name
-from ..spec import FULL, SLIDING, DrafterSpec, TargetSpec
+from ..checkpoint.spec import FULL, SLIDING, DrafterSpec, TargetSpec
+from .contract import k_name, v_name
 from .kv_update import read_cache
 from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq, take
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..spec import TargetSpec
+from ..checkpoint.spec import TargetSpec
 from .layers import embed_scale
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import MASK_HIDDEN
+from .contract import MASK_HIDDEN
 from .layers import KeyView, tracing_for_litert, write_cache
 
 

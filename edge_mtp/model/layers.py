@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..contract import MASK_HIDDEN
-from ..spec import FULL, AttentionGeometry
+from ..checkpoint.spec import FULL, AttentionGeometry
+from .contract import MASK_HIDDEN
 
 
 def stored_scale(value: float, dtype: torch.dtype) -> float:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (CheckpointReader, assign, check_finite, ensure_materialized, open_checkpoint,
-                          resolve_checkpoint, shared_layer_leftovers)
-from ..locate import checkpoint_files
-from ..layout import TensorEntry, drafter_tensors, target_tensors
-from ..spec import DrafterSpec, TargetSpec, check_pair, drafter_spec_from_config, read_config, target_spec_from_config
+from ..checkpoint.layout import TensorEntry, drafter_tensors, target_tensors
+from ..checkpoint.locate import checkpoint_files, resolve_checkpoint
+from ..checkpoint.reading import (CheckpointReader, assign, check_finite, ensure_materialized, open_checkpoint,
+                                  shared_layer_leftovers)
+from ..checkpoint.spec import (DrafterSpec, TargetSpec, check_pair, drafter_spec_from_config, read_config,
+                               target_spec_from_config)
 from .drafter import Drafter
 from .embedder import Embedder, PerLayerEmbedder
 from .target import Target

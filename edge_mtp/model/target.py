@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..contract import INPUT_POS, MASK, PARAM_TENSOR, k_name, v_name
-from ..spec import FULL, SLIDING, TargetSpec
+from ..checkpoint.spec import FULL, SLIDING, TargetSpec
+from .contract import INPUT_POS, MASK, PARAM_TENSOR, k_name, v_name
 from .kv_update import read_cache, write_rows
 from .layers import DecoderLayer, KeyView, RMSNorm, graph_output, rope_cos_sin, rope_inv_freq
 

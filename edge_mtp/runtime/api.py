@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..contract import Contract
-from ..errors import EdgeMtpError
 from ..bundle import ONNX, Bundle, open_bundle
 from ..bundle.tokenizer import Tokenizer
+from ..model.contract import Contract
+from ..util.errors import EdgeMtpError
 from .backends.base import Backend
 from .sampling import SamplingConfig
 from .speculative import SpeculativeDecoder, Stats

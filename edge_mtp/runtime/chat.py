@@ -1,7 +1,7 @@
 """A multi-turn chat on our draft/verify loop that keeps the KV cache across turns.
 
 Every turn renders the whole conversation with the bundle's chat template (as transformers and LiteRT-LM render
-it: see edge_mtp/chat_template.py) and tokenizes it; the tokens the cache already holds from earlier turns (the
+it: see edge_mtp/checkpoint/chat_template.py) and tokenizes it; the tokens the cache already holds from earlier turns (the
 longest common prefix with what it was fed) are not prefilled again.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..chat_template import Message, render
-from ..errors import EdgeMtpError
+from ..checkpoint.chat_template import Message, render
+from ..util.errors import EdgeMtpError
 from .api import Model
 from .sampling import SamplingConfig
 from .speculative import Stats

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..contract import DECODE, LOGITS
+from ..model.contract import DECODE, LOGITS
 from .backends.base import Backend
 from .speculative import generate_tokens
 

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 
 _SUCCESS = re.compile(r"MTP Drafter - Success rate: ([0-9.eE+-]+)")
 
@@ -62,7 +62,7 @@ def run_litertlm(bundle: Path, prompts: list[str], max_tokens: int, context: int
     """Generate greedily from each prompt with LiteRT-LM's CPU or GPU executor (one engine, one session per prompt).
 
     The GPU executor needs a Vulkan device (scripts/install_software_gpu.sh provides a software one) and a fully
-    delegable bundle (edge_mtp.gpu_check).
+    delegable bundle (edge_mtp.runtime.gpu_check).
     """
     try:
         import litert_lm  # noqa: F401

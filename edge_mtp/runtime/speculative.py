@@ -14,9 +14,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..contract import (ACTIVATIONS, DECODE, LOGITS, MASK_HIDDEN, MASK_VISIBLE, PROJECTED, VERIFY,
-                        prefill_name)
-from ..errors import EdgeMtpError
+from ..model.contract import (ACTIVATIONS, DECODE, LOGITS, MASK_HIDDEN, MASK_VISIBLE, PROJECTED, VERIFY,
+                              prefill_name)
+from ..util.errors import EdgeMtpError
 from .backends.base import Backend
 from .sampling import Greedy, Sampled, SamplingConfig
 

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ...contract import Contract
+from ...model.contract import Contract
 
 
 class Backend(ABC):

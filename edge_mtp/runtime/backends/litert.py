@@ -33,9 +33,9 @@ import numpy as np
 
 from ...bundle.litertlm import SECTION_MODEL_TYPES, read_litertlm
 from ...bundle.manifest import checked_contract
-from ...contract import DRAFT, EMBEDDINGS, PARAM_TENSOR, PLE, TOKEN_IDS, param_values
-from ...errors import EdgeMtpError
-from ...gpu_check import check_model
+from ...model.contract import DRAFT, EMBEDDINGS, PARAM_TENSOR, PLE, TOKEN_IDS, param_values
+from ...util.errors import EdgeMtpError
+from ..gpu_check import check_model
 from .base import Backend
 from .inline import inline_composites
 

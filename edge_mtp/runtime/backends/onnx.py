@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ...contract import DECODE, DRAFT, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Signature
-from ...errors import EdgeMtpError
 from ...bundle.onnx import contract_from_manifest, onnx_output_name, read_manifest
+from ...model.contract import DECODE, DRAFT, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Signature
+from ...util.errors import EdgeMtpError
 from .base import Backend
 
 # Short provider names (as on the command line) -> onnxruntime execution providers.

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...contract import Contract
-from ...spec import preset_pair
+from ...checkpoint.spec import preset_pair
+from ...model.contract import Contract
 from .base import Backend
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...contract import ACTIVATIONS, Contract
+from ...model.contract import ACTIVATIONS, Contract
 from ...model.drafter import Drafter
 from ...model.loading import TargetModels
 from .base import Backend

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .formats.tflite import builtin_names, schema
+from ..formats.tflite import builtin_names, schema
 
 _SUPPORTED = frozenset("""
 ABS ADD ADD_N ARG_MAX ATAN2 AVERAGE_POOL_2D BATCH_MATMUL BITCAST BITWISE_XOR CAST CEIL CONCATENATION CONV_2D COS
@@ -120,7 +120,7 @@ def _refusal(name: str, op, graph, tensors: list, root, type_names: dict) -> str
 
 def check_bundle(path: Path) -> dict[str, dict[str, SignatureReport]]:
     """check_model for every model of a .litertlm bundle, keyed by model name (embedder, target, drafter, ...)."""
-    from .bundle.litertlm import SECTION_MODEL_TYPES, read_litertlm
+    from ..bundle.litertlm import SECTION_MODEL_TYPES, read_litertlm
 
     bundle = read_litertlm(path)
     out = {}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import EdgeMtpError
+from ..util.errors import EdgeMtpError
 
 Message = dict[str, Any]
 

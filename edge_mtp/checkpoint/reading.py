@@ -12,10 +12,9 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
+from ..util.errors import CheckpointError
 from .layout import MULTIMODAL_PREFIX, TEXT_PREFIX, TensorEntry
 from .locate import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base
-from .locate import resolve_checkpoint  # noqa: F401 (re-exported: where every reader of checkpoints finds it)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

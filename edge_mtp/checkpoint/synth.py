@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .atomic import atomic_directory, check_output
-from .errors import EdgeMtpError
+from ..util.atomic import atomic_directory, check_output
+from ..util.errors import EdgeMtpError
 from .hf_config import drafter_config, generation_config, target_config
 from .layout import MULTIMODAL_PREFIX, NORM, ORDERING, SCALAR, TEXT_PREFIX, TensorEntry, drafter_tensors, target_tensors
 from .spec import DrafterSpec, TargetSpec

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import open_checkpoint, resolve_checkpoint
-from .contract import MASK_HIDDEN
+from ..checkpoint.locate import resolve_checkpoint
+from ..checkpoint.reading import open_checkpoint
+from ..model.contract import MASK_HIDDEN
 
 
 class TransformersPair:

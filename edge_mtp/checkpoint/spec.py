@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeMtpError, PairMismatchError, UnsupportedModelError
+from ..util.errors import EdgeMtpError, PairMismatchError, UnsupportedModelError
 from .locate import checkpoint_files
 
 SLIDING = "sliding"

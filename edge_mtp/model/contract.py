@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .spec import DrafterSpec, TargetSpec, spec_from_dict
+from ..checkpoint.spec import DrafterSpec, TargetSpec, spec_from_dict
 
 # Model (section) names inside a bundle.
 EMBEDDER, PER_LAYER_EMBEDDER, TARGET, DRAFTER = "embedder", "per_layer_embedder", "target", "drafter"

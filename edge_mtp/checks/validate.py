@@ -23,14 +23,14 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import resolve_checkpoint
-from .contract import DECODE, VERIFY, drafter_mask
-from .errors import EdgeMtpError
+from ..checkpoint.locate import resolve_checkpoint
+from ..model.contract import DECODE, VERIFY, drafter_mask
+from ..runtime.api import Model, load
+from ..runtime.speculative import SpeculativeDecoder
+from ..util.errors import EdgeMtpError
 from .reference import TransformersPair, error_metrics
-from .runtime.api import Model, load
-from .runtime.speculative import SpeculativeDecoder
 
-from .prompts import DEFAULT_PROMPTS
+from ..util.prompts import DEFAULT_PROMPTS
 
 TRANSFORMERS = "transformers fp32"
 ROUNDED_CHECKPOINT = "the checkpoint rounded by the bundle's recipe"
@@ -149,25 +149,25 @@ class _Validator:
     def weights(self, bundle: Path, target_dir: Path, assistant_dir: str | Path | None) -> None:
         """Every checkpoint tensor, rounded as the bundle's recipe rounds it, found in the bundle (checks.weights for
         .litertlm, checks.onnx_weights for ONNX folders)."""
-        from .checks.weights import WeightReport
-        from .model.loading import TargetCheckpoint
+        from .weights import WeightReport
+        from ..model.loading import TargetCheckpoint
 
         source = TargetCheckpoint(target_dir)
         recipes = self.costs.get("recipes", {})
         if bundle.suffix == ".litertlm":
-            from .checks.weights import check_drafter, check_tables, check_target
+            from .weights import check_drafter, check_tables, check_target
 
             tables = lambda r: check_tables(bundle, source, r)  # noqa: E731
             drafter_recipe = recipes.get("drafter", "fp32")
         else:
-            from .checks.onnx_weights import check_drafter, check_tables, check_target
+            from .onnx_weights import check_drafter, check_tables, check_target
 
             recipes = {"target": self.costs.get("recipe", "fp32")} | recipes
             tables = lambda r: check_tables(bundle, source, recipes, r)  # noqa: E731
             drafter_recipe = recipes.get("drafter", self.costs.get("recipe", "fp32"))
         parts = [("target", lambda r: check_target(bundle, source, recipes, r)), ("embedding tables", tables)]
         if assistant_dir is not None and self.backend.has_drafter:
-            from .model.loading import load_drafter
+            from ..model.loading import load_drafter
 
             drafter = load_drafter(assistant_dir, source.spec)
             parts.append(("drafter", lambda r: check_drafter(bundle, drafter, drafter_recipe, r)))
@@ -290,7 +290,7 @@ class _Validator:
             if self.ref.assistant is not None:
                 candidates["transformers assisted"] = self.ref.greedy(ids, max_tokens, stops, assisted=True)
             if torch_backend is not None:
-                from .runtime.speculative import generate_tokens
+                from ..runtime.speculative import generate_tokens
 
                 tokens, stats = generate_tokens(torch_backend, ids, max_tokens=max_tokens, stop_tokens=stops,
                                                 mtp=torch_backend.has_drafter)
@@ -327,8 +327,8 @@ class _Validator:
         """A checkpoint too large for transformers in fp32: the graphs against the streamed PyTorch reference (our
         modules, compared with transformers on every preset in the tests), one layer in memory at a time, along the
         bundle's own greedy continuations; and MTP against plain on the bundle."""
-        from .export.bundle_check import bundle_report
-        from .model.loading import TargetCheckpoint, load_drafter
+        from ..export.bundle_check import bundle_report
+        from ..model.loading import TargetCheckpoint, load_drafter
 
         source = TargetCheckpoint(target_dir)
         drafter = load_drafter(assistant_dir, source.spec) if assistant_dir and self.backend.has_drafter else None
@@ -385,7 +385,7 @@ class _Validator:
         """MTP must not change the bundle's own greedy tokens; every divergence is reported with the plain run's top-2
         gap there (runtime.divergence). An fp32 bundle's verify rows give the bits of a decode at their position, so
         it may not diverge at all; a quantized one passes a divergence only as a quantization tie."""
-        from .runtime.divergence import divergences
+        from ..runtime.divergence import divergences
 
         if mtp == plain:
             self.add("greedy", subject, {"tokens": len(plain)}, True, f"{len(plain)} tokens identical", OWN_PLAIN,
@@ -404,8 +404,8 @@ class _Validator:
     def chat(self, bundle: Path, target_dir: Path, max_tokens: int, use_litert_lm: bool) -> None:
         """The bundle's chat template vs the checkpoint's in transformers, byte for byte on every conversation; then
         one conversation through LiteRT-LM's Conversation API, MTP on and off, vs our loop on the same prompt."""
-        from .chat_template import CONVERSATIONS, checkpoint_specials, litertlm_conversations, references
-        from .export.pipeline import tokenizer_files
+        from ..checkpoint.chat_template import CONVERSATIONS, checkpoint_specials, litertlm_conversations, references
+        from ..export.pipeline import tokenizer_files
 
         stored = self.model.tokenizer.chat_template
         original = tokenizer_files(target_dir)[1].chat_template if (target_dir / "tokenizer.json").is_file() else None
@@ -444,7 +444,7 @@ class _Validator:
 
     def _same_renderings(self, who: str, got: dict[str, str], want: dict[str, str]) -> None:
         """One check: `who` renders every conversation exactly as transformers does."""
-        from .chat_template import first_difference
+        from ..checkpoint.chat_template import first_difference
 
         bad = next((n for n in want if got[n] != want[n]), None)
         self.add("chat", f"template: {who} vs transformers", {"conversations": len(want)}, bad is None,
@@ -505,7 +505,7 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
         v.streamed(ids, max_tokens, resolve_checkpoint(target_dir), assistant_dir, on_stage)
         if use_litert_lm and bundle.suffix == ".litertlm" and model.backend.has_drafter:
             on_stage("running LiteRT-LM")
-            from .runtime.litertlm_engine import run_litertlm
+            from ..runtime.litertlm_engine import run_litertlm
 
             texts = run_litertlm(bundle, prompts or DEFAULT_PROMPTS, max_tokens, model.contract.context).texts
             v.engine_rows(ids, max_tokens, {"LiteRT-LM (MTP)": texts})
@@ -514,15 +514,15 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
     v.graphs(ids)
     torch_backend = None
     if assistant_dir is not None and model.backend.has_drafter:
-        from .model.loading import load_drafter, load_target
-        from .runtime.backends.torch import TorchBackend
+        from ..model.loading import load_drafter, load_target
+        from ..runtime.backends.torch import TorchBackend
 
         models = load_target(target_dir)
         torch_backend = TorchBackend(models, load_drafter(assistant_dir, models.spec), model.contract)
     engine_texts = None
     if use_litert_lm and bundle.suffix == ".litertlm" and model.backend.has_drafter:
         on_stage("running LiteRT-LM")
-        from .runtime.litertlm_engine import run_litertlm
+        from ..runtime.litertlm_engine import run_litertlm
 
         prompt_texts = prompts or DEFAULT_PROMPTS
         engine_texts = {"LiteRT-LM (MTP)": run_litertlm(bundle, prompt_texts, max_tokens, model.contract.context).texts}
@@ -546,7 +546,7 @@ def validate(bundle: str | Path, target_dir: str | Path | None = None, assistant
 
 def _rendered(template: str, messages: list[dict]) -> str:
     """Our runtime's rendering, or the reason it fails (a check then fails instead of validate stopping)."""
-    from .chat_template import render
+    from ..checkpoint.chat_template import render
 
     try:
         return render(template, messages)
@@ -567,7 +567,7 @@ def validate_chat(bundle: str | Path, target_dir: str | Path, max_tokens: int = 
 
 def _gpu_present() -> bool:
     """A Vulkan device (a real GPU or the software one) that LiteRT-LM's GPU executor can use."""
-    from .runtime.backends.litert import vulkan_devices
+    from ..runtime.backends.litert import vulkan_devices
 
     devices = vulkan_devices()
     return isinstance(devices, list) and bool(devices)
@@ -575,9 +575,9 @@ def _gpu_present() -> bool:
 
 def _transformers_fit(target_dir: Path) -> bool:
     """Whether transformers can hold the target in fp32 (twice, for its forward pass) in the memory available now."""
-    from .layout import parameter_count, target_tensors
-    from .memory import available_bytes
-    from .spec import read_config, target_spec_from_config
+    from ..checkpoint.layout import parameter_count, target_tensors
+    from ..util.memory import available_bytes
+    from ..checkpoint.spec import read_config, target_spec_from_config
 
     spec = target_spec_from_config(read_config(target_dir), where=str(target_dir / "config.json"))
     return 2 * 4 * parameter_count(target_tensors(spec)) < available_bytes()
@@ -585,7 +585,7 @@ def _transformers_fit(target_dir: Path) -> bool:
 
 def _manifest(bundle: Path) -> dict:
     if bundle.suffix == ".litertlm":
-        from .bundle.litertlm import read_litertlm
+        from ..bundle.litertlm import read_litertlm
 
         return read_litertlm(bundle).manifest
     manifest = bundle / "manifest.json"

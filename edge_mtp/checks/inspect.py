@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import resolve_checkpoint
-from .layout import drafter_tensors, parameter_count, target_tensors
-from .model.loading import read_drafter_spec
-from .spec import read_config, spec_to_dict, target_spec_from_config
+from ..checkpoint.layout import drafter_tensors, parameter_count, target_tensors
+from ..checkpoint.locate import resolve_checkpoint
+from ..checkpoint.spec import read_config, spec_to_dict, target_spec_from_config
+from ..model.loading import read_drafter_spec
 
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -37,7 +37,7 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
 def describe_bundle(path: Path, verify: bool = True) -> dict[str, Any]:
     """Sections, model types, signatures and tensor names/shapes/dtypes of a .litertlm bundle (with `verify`, only
     after every section matched its recorded sha256, so a corrupt model never reaches the interpreter)."""
-    from .bundle.litertlm import read_litertlm
+    from ..bundle.litertlm import read_litertlm
 
     bundle = read_litertlm(path, verify=verify)
     sections = []

@@ -1,0 +1,1 @@
+"""Small utilities every layer uses: atomic writes, caches, errors, memory, quiet native logs, prompts."""
