@@ -235,7 +235,7 @@ def test_a_bundle_exported_from_an_adapter_holds_the_adapted_weights_and_names_i
 
     from conftest import BUNDLE_CONTEXT, BUNDLE_PREFILL
     from edge_mtp.bundle.litertlm import read_litertlm
-    from edge_mtp.checkpoint import CheckpointReader
+    from edge_mtp.checkpoint.reading import CheckpointReader
     from edge_mtp.cli import main
 
     base = synth_pair / "target"
