@@ -149,7 +149,7 @@ def main() -> None:
 
     from edge_mtp.demo import assistant_dir, target_dir
     from edge_mtp.runtime.backends.litert import LiteRTBackend
-    from edge_mtp.runtime.backends.onnx import OnnxBackend
+    from edge_mtp.runtime.backends.ort import OnnxBackend
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle, folder = args.bundle or Path(tmp) / "demo.litertlm", args.onnx or Path(tmp) / "demo-onnx"
@@ -158,7 +158,7 @@ def main() -> None:
 
             export_litert(target_dir(), assistant_dir(), bundle, context=args.context, prefill=(32, 128))
         if args.onnx is None:
-            from edge_mtp.export.onnx import export_onnx
+            from edge_mtp.export.onnx_export import export_onnx
 
             export_onnx(target_dir(), assistant_dir(), folder, context=args.context, prefill=(32, 128))
         tokenizer = open_bundle(bundle).tokenizer

@@ -66,10 +66,10 @@ def _engine_speed(bundle: Path, context: int, max_tokens: int) -> dict:
 
 def run_onnx(work: Path, recipes, context: int, max_tokens: int, threads: int) -> dict:
     from edge_mtp import demo
-    from edge_mtp.export.onnx import export_onnx, quantize_onnx_bundle
-    from edge_mtp.bundle.onnx import read_manifest
+    from edge_mtp.export.onnx_export import export_onnx, quantize_onnx_bundle
+    from edge_mtp.bundle.onnx_folder import read_manifest
     from edge_mtp.bundle import open_bundle
-    from edge_mtp.runtime.backends.onnx import OnnxBackend
+    from edge_mtp.runtime.backends.ort import OnnxBackend
 
     fp32 = work / "onnx-fp32"
     export_onnx(demo.target_dir(), demo.assistant_dir(), fp32, context=context, prefill=(16,), check=False)

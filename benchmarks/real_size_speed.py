@@ -50,7 +50,7 @@ def main() -> None:
 
     costs = {"LiteRT": signature_ms(backend, args.calls)}
     if args.onnx:
-        from edge_mtp.runtime.backends.onnx import OnnxBackend
+        from edge_mtp.runtime.backends.ort import OnnxBackend
 
         costs["ONNX"] = signature_ms(OnnxBackend(args.onnx, threads=args.threads), args.calls)
     print_costs(costs)

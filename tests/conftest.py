@@ -138,7 +138,7 @@ def onnx_recipe_bundle(synth_pair, tmp_path_factory):
     folder (at the tiny_bundle geometry). The fp32 export runs every check of the export and keeps its summary, with
     the progress steps it reported, in made_with[path] (test_onnx asserts them); the others leave the piece checks
     to that one."""
-    from edge_mtp.export.onnx import export_onnx
+    from edge_mtp.export.onnx_export import export_onnx
 
     made = {}
 

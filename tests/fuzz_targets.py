@@ -178,7 +178,7 @@ class Seeds:
     def __init__(self):
         from edge_mtp.checkpoint.hf_config import drafter_config, target_config
         from edge_mtp.checkpoint.spec import preset_pair
-        from edge_mtp.checkpoint.tokenizer_files import write_char_tokenizer
+        from edge_mtp.checkpoint.char_tokenizer import write_char_tokenizer
 
         self.root = Path(tempfile.mkdtemp(prefix="edge-mtp-fuzz-seeds-"))
         target, drafter = preset_pair("tiny")
@@ -199,7 +199,7 @@ class Seeds:
 
     def _onnx_manifest(self, target, drafter) -> dict:
         from edge_mtp.model.contract import Contract
-        from edge_mtp.bundle.onnx import build_manifest, model_file
+        from edge_mtp.bundle.onnx_folder import build_manifest, model_file
 
         folder = self.root / "onnx"
         folder.mkdir()

@@ -167,7 +167,7 @@ def test_run_cli_sampling_is_seeded_and_torch_backend_and_chat_work(tiny_bundle)
 def test_a_tokenizer_that_loads_but_cannot_encode_is_one_clear_error(tmp_path):
     """Found by scripts/fuzz_readers.py: a BPE model whose unk token is missing from its vocabulary loads, then
     tokenizers raises a plain Exception on the first unknown character."""
-    from edge_mtp.checkpoint.tokenizer_files import write_char_tokenizer
+    from edge_mtp.checkpoint.char_tokenizer import write_char_tokenizer
 
     write_char_tokenizer(tmp_path, 256)
     data = json.loads((tmp_path / "tokenizer.json").read_text())

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from edge_mtp.bundle import open_bundle
-from edge_mtp.bundle.onnx import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
+from edge_mtp.bundle.onnx_folder import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
 from edge_mtp.export.driver import TOLERANCE
-from edge_mtp.export.onnx import export_onnx
+from edge_mtp.export.onnx_export import export_onnx
 from edge_mtp.export.signatures import compare_outputs, run_reference, sample_inputs
 from edge_mtp.model.contract import DECODE, DRAFT, Contract, causal_mask, drafter_mask, k_name
 from edge_mtp.model.loading import load_drafter, load_target
-from edge_mtp.runtime.backends.onnx import OnnxBackend
+from edge_mtp.runtime.backends.ort import OnnxBackend
 from edge_mtp.runtime.backends.torch import TorchBackend
 from edge_mtp.runtime.speculative import SpeculativeDecoder
 from edge_mtp.util.errors import EdgeMtpError

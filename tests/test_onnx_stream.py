@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
-from edge_mtp.export import onnx as onnx_export
+from edge_mtp.export import onnx_export
 from edge_mtp.export import onnx_data, onnx_tables
-from edge_mtp.export.onnx import export_onnx
+from edge_mtp.export.onnx_export import export_onnx
 from edge_mtp.export.onnx_quantize import quantize_graph
 from edge_mtp.export.onnx_stitch import GraphStitcher
 from edge_mtp.export.onnx_tables import locate_table, write_table
@@ -167,7 +167,7 @@ def test_requantizing_a_finished_graph_gives_the_quantizers_bytes(demo_fp32, tmp
     """Each graph of a finished bundle, rewritten group by group (tables in chunks of a few rows), stores exactly
     what onnxruntime's quantizer gives for the whole graph; the drafter, which the export quantizes whole, also gets
     the very same nodes."""
-    from edge_mtp.bundle.onnx import contract_from_manifest, read_manifest
+    from edge_mtp.bundle.onnx_folder import contract_from_manifest, read_manifest
     from edge_mtp.export import onnx_requantize
     from edge_mtp.export.onnx_requantize import requantize_graph
 
@@ -196,7 +196,7 @@ def _bundle_copy(src, dst):
 
 
 def test_quantize_refuses_damaged_input_in_one_sentence(demo_fp32, tmp_path):
-    from edge_mtp.export.onnx import quantize_onnx_bundle
+    from edge_mtp.export.onnx_export import quantize_onnx_bundle
     from edge_mtp.export.onnx_requantize import requantize_graph
 
     modified, truncated = (_bundle_copy(demo_fp32, tmp_path / name) for name in ("modified", "truncated"))
@@ -218,7 +218,7 @@ def test_quantize_refuses_damaged_input_in_one_sentence(demo_fp32, tmp_path):
 @pytest.mark.parametrize("failure", ["disk full", "interrupted"])
 def test_an_interrupted_quantize_leaves_nothing(demo_fp32, tmp_path, monkeypatch, failure):
     from edge_mtp.export import onnx_requantize
-    from edge_mtp.export.onnx import quantize_onnx_bundle
+    from edge_mtp.export.onnx_export import quantize_onnx_bundle
 
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -269,7 +269,7 @@ def test_quantizing_the_wide_preset_holds_one_weight_group_not_the_graph(tmp_pat
     import sys
 
     from edge_mtp.model.contract import Contract
-    from edge_mtp.export.onnx import export_target_graph
+    from edge_mtp.export.onnx_export import export_target_graph
     from edge_mtp.model.loading import load_target
     from edge_mtp.checkpoint.spec import preset_pair
     from edge_mtp.checkpoint.synth import write_target

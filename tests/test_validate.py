@@ -60,7 +60,7 @@ def test_truncated_bundle_exits_2(tiny_bundle, tmp_path):
 
 def test_onnx_bundle_validates(tmp_path):
     from edge_mtp.demo import assistant_dir, target_dir
-    from edge_mtp.export.onnx import export_onnx
+    from edge_mtp.export.onnx_export import export_onnx
 
     out = tmp_path / "demo-onnx"
     export_onnx(target_dir(), assistant_dir(), out, context=128, prefill=(16,))

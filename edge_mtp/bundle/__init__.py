@@ -13,7 +13,7 @@ from ..model.contract import EMBEDDER, TARGET, Contract
 from ..util.errors import EdgeMtpError
 from .litertlm import SECTION_MODEL_TYPES, LitertlmFile, Section, read_litertlm
 from .manifest import checked_contract
-from .onnx import MANIFEST, contract_from_manifest, read_manifest, tokenizer_info
+from .onnx_folder import MANIFEST, contract_from_manifest, read_manifest, tokenizer_info
 from .tokenizer import Tokenizer, bundle_tokenizer
 
 LITERTLM, ONNX = "litertlm", "onnx"

@@ -20,7 +20,7 @@ from ..util.errors import EdgeMtpError
 from .hf_config import drafter_config, generation_config, target_config
 from .layout import MULTIMODAL_PREFIX, NORM, ORDERING, SCALAR, TEXT_PREFIX, TensorEntry, drafter_tensors, target_tensors
 from .spec import DrafterSpec, TargetSpec
-from .tokenizer_files import write_char_tokenizer
+from .char_tokenizer import write_char_tokenizer
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 CHUNK_ELEMENTS = 1 << 20

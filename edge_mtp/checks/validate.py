@@ -405,10 +405,10 @@ class _Validator:
         """The bundle's chat template vs the checkpoint's in transformers, byte for byte on every conversation; then
         one conversation through LiteRT-LM's Conversation API, MTP on and off, vs our loop on the same prompt."""
         from ..checkpoint.chat_template import CONVERSATIONS, checkpoint_specials, litertlm_conversations, references
-        from ..export.pipeline import tokenizer_files
+        from ..export.pipeline import tokenizer_and_metadata
 
         stored = self.model.tokenizer.chat_template
-        original = tokenizer_files(target_dir)[1].chat_template if (target_dir / "tokenizer.json").is_file() else None
+        original = tokenizer_and_metadata(target_dir)[1].chat_template if (target_dir / "tokenizer.json").is_file() else None
         if not stored or not original:  # nothing to compare
             return
         specials = checkpoint_specials(target_dir)

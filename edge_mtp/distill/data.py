@@ -125,9 +125,9 @@ class Renderer:
         from ..checkpoint.chat_template import checkpoint_specials, render
 
         if self._template is None:
-            from ..export.pipeline import tokenizer_files
+            from ..export.pipeline import tokenizer_and_metadata
 
-            template = tokenizer_files(self.target_dir)[1].chat_template
+            template = tokenizer_and_metadata(self.target_dir)[1].chat_template
             if not template:
                 raise EdgeMtpError(f"{where} holds conversations but {self.target_dir} has no chat template "
                                    "(chat_template.jinja or tokenizer_config.json); add the model's template.")

@@ -80,7 +80,7 @@ def parse_prefill(text: str) -> tuple[int, ...]:
 
 def check_out(out: Path, fmt: str) -> None:
     """Refuse an --out that cannot take a bundle of this format (a .litertlm file, or an ONNX bundle folder)."""
-    from ..bundle.onnx import is_onnx_bundle
+    from ..bundle.onnx_folder import is_onnx_bundle
 
     if fmt not in FORMATS:
         raise EdgeMtpError(f"Unknown bundle format '{fmt}'; choose one of {', '.join(FORMATS)}.")

@@ -48,7 +48,7 @@ class ExportSummary:
         return asdict(self)
 
 
-def tokenizer_files(target_dir: Path) -> tuple[Path, BundleMetadata]:
+def tokenizer_and_metadata(target_dir: Path) -> tuple[Path, BundleMetadata]:
     """The checkpoint's tokenizer.json and the start/stop tokens and chat template LiteRT-LM needs (a LoRA adapter's
     are its base's)."""
     target_dir = checkpoint_files(target_dir)
@@ -137,7 +137,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
     quant = resolve_recipe(quant, source.spec)
     contract = Contract(source.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)),
                         param_tensor=in_place_cache)
-    tokenizer, meta = tokenizer_files(source.directory)
+    tokenizer, meta = tokenizer_and_metadata(source.directory)
     manifest = {
         "format": "edge-mtp-litertlm", "format_version": MANIFEST_VERSION, "draft_len": contract.draft_len,
         "param_tensor": contract.param_tensor,

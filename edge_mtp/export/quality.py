@@ -23,7 +23,7 @@ def open_backend(bundle: str | Path | Backend) -> Backend:
         return bundle
     bundle = Path(bundle)
     if bundle.is_dir():
-        from ..runtime.backends.onnx import OnnxBackend
+        from ..runtime.backends.ort import OnnxBackend
 
         return OnnxBackend(bundle, threads=1)
     from ..runtime.backends.litert import LiteRTBackend

@@ -92,7 +92,7 @@ def load(path: str | Path, backend: str | None = None, accelerator: str = "cpu",
         raise EdgeMtpError(f"{path} is an ONNX bundle folder; run it with --backend onnx.")
     bundle = open_bundle(path, verify=verify)
     if bundle.format == ONNX:
-        from .backends.onnx import OnnxBackend
+        from .backends.ort import OnnxBackend
 
         return Model(OnnxBackend(path, provider=accelerator, verify=False), bundle.tokenizer)  # verified above
     if backend == "torch":

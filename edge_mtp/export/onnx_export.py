@@ -4,7 +4,7 @@ Graphs: `embedder.onnx`, `per_layer_embedder.onnx` (with PLE), `target.onnx`, `d
 The target is ONE graph with a dynamic token axis T (1 <= T <= max(prefill, G+1)) that serves `prefill_<T>`,
 `decode` and `verify`: one weight copy on disk and in memory, one session. Its caches are written with
 ScatterElements whose outputs `kv_cache_*_out` are graph outputs, so onnxruntime updates a cache in place when the
-same OrtValue is bound as input and output (runtime/backends/onnx.py).
+same OrtValue is bound as input and output (runtime/backends/ort.py).
 
 One streamed path for every model size, the ONNX twin of export/driver.py: the target is cut into the same pieces
 (export.pieces: prelude, one decoder layer at a time, head), each loaded alone from the checkpoint in fp32, exported
@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..bundle.onnx import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
+from ..bundle.onnx_folder import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
                            contract_from_manifest, model_file, onnx_output_name,
                            read_manifest, tokenizer_info)
 from ..checkpoint.reading import swapped
@@ -52,7 +52,7 @@ from .onnx_tables import HEAD, locate_table, write_table
 from .options import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, DEFAULT_RECIPE, ONNX, check_context,
                       check_export_options, check_quantize_options, resolve_recipe)
 from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_rename
-from .pipeline import ExportSummary, _signature_names, tokenizer_files
+from .pipeline import ExportSummary, _signature_names, tokenizer_and_metadata
 from .quantize import mixed_choice, relative_error
 from .signatures import SignatureModule, compare_outputs, sample_inputs
 from .tables import small_vocab
@@ -548,7 +548,7 @@ def export_onnx_models(source: TargetSource | TargetModels, drafter: Drafter | N
         source = TargetSource(source)
     quant = resolve_recipe(quant, source.spec)
     contract = Contract(source.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)))
-    tokenizer, meta = tokenizer_files(source.directory)
+    tokenizer, meta = tokenizer_and_metadata(source.directory)
     target = source.models.target
     previous_write, target.cache_write = target.cache_write, "scatter"  # in place in onnxruntime (layers.write_cache)
     memory, stages = PeakMemory(), []

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ...bundle.onnx import contract_from_manifest, onnx_output_name, read_manifest
+from ...bundle.onnx_folder import contract_from_manifest, onnx_output_name, read_manifest
 from ...model.contract import DECODE, DRAFT, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Signature
 from ...util.errors import EdgeMtpError
 from .base import Backend
