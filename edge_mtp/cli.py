@@ -143,7 +143,7 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
     assistant_dir = export_assistant(assistant_dir, no_assistant)
     with export_progress() as (stage, progress):
         if fmt == ONNX:
-            from .export.onnx import export_onnx
+            from .export.onnx_export import export_onnx
 
             summary = export_onnx(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
                                   prefill=lengths, quant=quant, on_stage=stage, on_progress=progress)
@@ -592,7 +592,7 @@ def distill_train(shards_dir: Path, out_dir: Path, as_json: bool, **options) -> 
 @click.option("--quant", required=True, help="fp16, int8, int4[-b64|-b128] or mixed.")
 def quantize(bundle: Path, out: Path, quant: str) -> None:
     """Quantize a finished fp32 ONNX bundle folder into a new folder (no re-export), with its quantization report."""
-    from .export.onnx import quantize_onnx_bundle
+    from .export.onnx_export import quantize_onnx_bundle
 
     with export_progress() as (stage, progress):
         q = quantize_onnx_bundle(bundle, out, quant, on_stage=stage, on_progress=progress)["quantization_report"]

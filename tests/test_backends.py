@@ -21,7 +21,9 @@ def backends(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("g6")
     export_litert(target_dir(), assistant_dir(), root / "g6.litertlm", draft_len=G, context=CONTEXT, prefill=PREFILL)
-    export_onnx(target_dir(), assistant_dir(), root / "g6-onnx", draft_len=G, context=CONTEXT, prefill=PREFILL)
+    # The equality below is the check here (test_onnx holds the export's own graph checks)
+    export_onnx(target_dir(), assistant_dir(), root / "g6-onnx", draft_len=G, context=CONTEXT, prefill=PREFILL,
+                check=False)
     litert, onnx = load(root / "g6.litertlm"), load(root / "g6-onnx")
     models = load_target(target_dir())
     torch_backend = TorchBackend(models, load_drafter(assistant_dir(), models.spec), litert.contract)

@@ -58,12 +58,11 @@ def test_truncated_bundle_exits_2(tiny_bundle, tmp_path):
     assert result.exit_code == 2 and "truncated" in result.output
 
 
-def test_onnx_bundle_validates(tmp_path):
+def test_onnx_bundle_validates(tmp_path_factory):
     from edge_mtp.demo import assistant_dir, target_dir
-    from edge_mtp.export.onnx_export import export_onnx
+    from test_onnx import demo_fp32_bundle
 
-    out = tmp_path / "demo-onnx"
-    export_onnx(target_dir(), assistant_dir(), out, context=128, prefill=(16,))
+    out = demo_fp32_bundle(tmp_path_factory)  # the session's demo ONNX bundle: validate checks it here, not its export
     report = validate(out, target_dir(), assistant_dir(), prompts=["The file", "Return the"], max_tokens=8)
     assert report.passed, _failed(report)
     acceptance = next(c for c in report.checks if c.kind == "acceptance")
