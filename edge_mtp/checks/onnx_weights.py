@@ -18,7 +18,7 @@ from ..export.onnx_tables import HEAD, encoders, per_tensor_scalars
 from ..model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET
 from ..model.drafter import Drafter
 from ..model.loading import TargetCheckpoint
-from .weights import TABLE_CHUNK_ROWS, WeightReport, target_parts
+from .weights import TABLE_CHUNK_ROWS, WeightReport, target_weights
 
 
 class Graph:
@@ -136,15 +136,9 @@ def _same_table(graph: Graph, stored: StoredWeight, encode, read_rows, vocab: in
 def check_target(bundle: Path, source: TargetCheckpoint, recipes: dict[str, str], report: WeightReport) -> None:
     """Every decoder weight, norm and RoPE frequency of the checkpoint in the target graph, piece by piece."""
     graph = Graph(bundle / f"{TARGET}.onnx")
-    target = source.models.target
-    for piece, prefix, paths in target_parts(source.spec):
-        source.load(TARGET, prefix)
-        tensors = dict(target.named_parameters()) | dict(target.named_buffers())
-        for name, value in tensors.items():
-            if any(name.startswith(p) for p in paths) and not value.is_meta and value.is_floating_point():
-                check_weight(report, graph, f"{piece}/{name}", f"target {name}", value.detach().float().numpy(),
-                             recipes.get(piece, recipes.get(TARGET, "fp32")))
-        source.release(TARGET, prefix)
+    for piece, name, value in target_weights(source):
+        check_weight(report, graph, f"{piece}/{name}", f"target {name}", value.detach().float().numpy(),
+                     recipes.get(piece, recipes.get(TARGET, "fp32")))
 
 
 def check_drafter(bundle: Path, drafter: Drafter, recipe: str, report: WeightReport) -> None:

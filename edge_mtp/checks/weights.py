@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -73,6 +74,19 @@ def target_parts(spec) -> list[tuple[str, str, list[str]]]:
     return parts
 
 
+def target_weights(source: TargetCheckpoint) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(piece, name, value) of every float decoder weight, norm and RoPE frequency of the target, one piece loaded at
+    a time."""
+    target = source.models.target
+    for piece, prefix, paths in target_parts(source.spec):
+        source.load(TARGET, prefix)
+        tensors = dict(target.named_parameters()) | dict(target.named_buffers())
+        for name, value in tensors.items():
+            if any(name.startswith(p) for p in paths) and not value.is_meta and value.is_floating_point():
+                yield piece, name, value
+        source.release(TARGET, prefix)
+
+
 def _section_constants(raw: mmap.mmap, bundle: Path, model: str) -> ModelConstants | None:
     section = read_litertlm(bundle).model_section(SECTION_MODEL_TYPES[model])
     return None if section is None else ModelConstants(raw, section.begin, section.end, f"{section.model_type} section")
@@ -80,18 +94,12 @@ def _section_constants(raw: mmap.mmap, bundle: Path, model: str) -> ModelConstan
 
 def check_target(bundle: Path, source: TargetCheckpoint, recipes: dict[str, str], report: WeightReport) -> None:
     """Every decoder weight, norm and RoPE frequency of the checkpoint in the target model, piece by piece."""
-    target = source.models.target
     folds = converter_folds(source.spec.hidden_size)
     with open(bundle, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
         constants = _section_constants(raw, bundle, TARGET)
-        for piece, prefix, paths in target_parts(source.spec):
-            source.load(TARGET, prefix)
-            tensors = dict(target.named_parameters()) | dict(target.named_buffers())
-            for name, value in tensors.items():
-                if any(name.startswith(p) for p in paths) and not value.is_meta and value.is_floating_point():
-                    _check(report, constants, f"target {name}", value, piece, recipes.get(piece, "fp32"),
-                           f"{piece}/{name}", folds.get(name, 1.0))
-            source.release(TARGET, prefix)
+        for piece, name, value in target_weights(source):
+            _check(report, constants, f"target {name}", value, piece, recipes.get(piece, "fp32"), f"{piece}/{name}",
+                   folds.get(name, 1.0))
         del constants
 
 
