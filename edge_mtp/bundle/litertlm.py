@@ -76,7 +76,16 @@ def _executor_metadata(contract: Contract) -> bytes:
             local = sliding and not contract.param_tensor
             buf.type = getattr(em.StateBuffer, f"TYPE_{'LOCAL' if local else 'GLOBAL'}_{kind}_CACHE")
             buf.sequence_axis = axis
-    llm.attention_mask_settings.attention_mask_type = em.ATTENTION_MASK_TYPE_CAUSAL
+            if local and contract.ring_size:  # a ring: holds the window (minimum) in ring_size slots (maximum)
+                buf.minimum_sequence_length = t.sliding_window
+                buf.maximum_sequence_length = contract.ring_size
+    masks = llm.attention_mask_settings
+    masks.attention_mask_type = em.ATTENTION_MASK_TYPE_CAUSAL
+    if contract.ring_size:
+        # LiteRT-LM fills a local mask only for an input named local_mask (or its aliases), which our graphs do not
+        # take: they mask ring slots from input_pos and the global mask (layers.KeyView.ring)
+        masks.local_attention_mask_type = em.ATTENTION_MASK_TYPE_CAUSAL
+        masks.sliding_window_size = t.sliding_window
     return meta.SerializeToString()
 
 

@@ -10,6 +10,7 @@ identical inputs, so the only differences are the bundle's graphs and caches).
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 
 from ..bundle.tokenizer import Tokenizer
-from ..model.contract import EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, causal_mask, drafter_mask, k_name, v_name
+from ..model.contract import (DECODE, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, causal_mask, drafter_mask, k_name,
+                              v_name)
 from ..model.drafter import Drafter
 from ..model.loading import TargetSource
 from ..runtime.backends.base import Backend
@@ -57,8 +59,9 @@ def streamed_reference(source: TargetSource, contract: Contract,
         embeddings = embed(EMBEDDER, "embed_tokens.weight", ids)
         ple = embed(PER_LAYER_EMBEDDER, "embed_tokens_per_layer.weight", ids) if spec.ple_dim else None
         mask = torch.from_numpy(causal_mask(0, len(ids), contract.context))
-        context = target.layer_context(embeddings, ple, torch.arange(len(ids), dtype=torch.int32), mask)
-        caches = {s.name: torch.zeros(s.shape) for s in contract.kv_tensors()}
+        # one call from position 0 over whole-context caches: what a ring bundle computes too, whatever the length
+        context = target.layer_context(embeddings, ple, torch.arange(len(ids), dtype=torch.int32), mask, ring=0)
+        caches = {s.name: torch.zeros(s.shape) for s in replace(contract, sliding_ring=False).kv_tensors()}
         states.append({"context": context, "caches": caches, "h": embeddings, "embeddings": embeddings[0].numpy()})
     for part in ("per_layer_model_projection", "per_layer_projection_norm"):
         source.release(TARGET, part)
@@ -94,30 +97,19 @@ def _relative(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
 
 
-def _drafter_rows(backend: Backend, drafter: Drafter | None, contract: Contract, reference: dict,
-                  tokens: Sequence[int]) -> tuple[int, int, int, int, float]:
-    """(bundle right, reference right, same draft, rows, worst logit error) of first-position drafts along the
-    sequence; the backend's caches must hold the whole sequence."""
-    if drafter is None or not backend.has_drafter:
-        return 0, 0, 0, 0, 0.0
-    bundle_right = reference_right = same = rows = 0
-    worst = 0.0
+def _drafter_row(backend: Backend, drafter: Drafter, contract: Contract, reference: dict, p: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(bundle, reference) drafter logits of the first draft at position p (input_pos p - 1); the backend's caches
+    must hold the sequence up to p - 1 and no further than a ring's reach (teacher forcing runs it right after p - 1)."""
     names = [s.name for s in contract.drafter_kv_tensors()]
-    for p in range(1, len(tokens) - 1):
-        activations = np.concatenate([reference["embeddings"][p], reference["activations"][p - 1]])[None, None]
-        input_pos = np.array([p - 1], np.int32)
-        mask = drafter_mask(p - 1, contract.context)
-        got = backend.run_drafter(activations.astype(np.float32), input_pos, mask)["logits"].reshape(-1)
-        with torch.no_grad():
-            want = drafter(torch.from_numpy(activations.astype(np.float32)), torch.from_numpy(input_pos),
-                           torch.from_numpy(mask), **{n: torch.from_numpy(reference[n]) for n in names})
-        want = want["logits"].numpy().reshape(-1)
-        worst = max(worst, _relative(got, want))
-        bundle_right += int(got.argmax() == tokens[p + 1])
-        reference_right += int(want.argmax() == tokens[p + 1])
-        same += int(got.argmax() == want.argmax())
-        rows += 1
-    return bundle_right, reference_right, same, rows, worst
+    activations = np.concatenate([reference["embeddings"][p], reference["activations"][p - 1]])[None, None]
+    input_pos = np.array([p - 1], np.int32)
+    mask = drafter_mask(p - 1, contract.context)
+    got = backend.run_drafter(activations.astype(np.float32), input_pos, mask)["logits"].reshape(-1)
+    with torch.no_grad():
+        want = drafter(torch.from_numpy(activations.astype(np.float32)), torch.from_numpy(input_pos),
+                       torch.from_numpy(mask), **{n: torch.from_numpy(reference[n]) for n in names})
+    return got, want["logits"].numpy().reshape(-1)
 
 
 def bundle_report(open_backend: Callable[[], Backend], source: TargetSource, drafter: Drafter | None,
@@ -127,8 +119,7 @@ def bundle_report(open_backend: Callable[[], Backend], source: TargetSource, dra
 
     The bundle is closed while the reference runs, so the two never hold their weights at the same time.
     """
-    from ..runtime.speculative import generate_tokens
-    from .quality import _teacher_forced_logits
+    from ..runtime.speculative import SpeculativeDecoder, generate_tokens
 
     on_stage("checking: the bundle's greedy continuations")
     backend = open_backend()
@@ -145,15 +136,24 @@ def bundle_report(open_backend: Callable[[], Backend], source: TargetSource, dra
     errors, agree, rows = [], 0, 0
     bundle_hits = reference_hits = same_drafts = draft_rows = 0
     drafter_error = 0.0
+    drafts = drafter is not None and backend.has_drafter
     for sequence, reference in zip(sequences, references):
-        got = _teacher_forced_logits(backend, sequence)  # leaves the whole sequence in the backend's caches
+        decoder = SpeculativeDecoder(backend)
+        backend.reset()
+        got = []
+        for i, token in enumerate(sequence):  # teacher forced, each first draft right after its position
+            got.append(decoder.step(DECODE, [token], i)["logits"][0])
+            if drafts and i + 2 < len(sequence):
+                bundle_draft, reference_draft = _drafter_row(backend, drafter, contract, reference, i + 1)
+                drafter_error = max(drafter_error, _relative(bundle_draft, reference_draft))
+                bundle_hits += int(bundle_draft.argmax() == sequence[i + 2])
+                reference_hits += int(reference_draft.argmax() == sequence[i + 2])
+                same_drafts += int(bundle_draft.argmax() == reference_draft.argmax())
+                draft_rows += 1
+        got = np.concatenate(got)
         errors.append(_relative(got, reference["logits"]))
         agree += int((got.argmax(-1) == reference["logits"].argmax(-1)).sum())
         rows += len(sequence)
-        b, r, same, n, e = _drafter_rows(backend, drafter, contract, reference, sequence)
-        bundle_hits, reference_hits, draft_rows = bundle_hits + b, reference_hits + r, draft_rows + n
-        same_drafts += same
-        drafter_error = max(drafter_error, e)
     report = {"reference": "streamed PyTorch fp32", "logit_relative_error": max(errors), "top1_agreement": agree / rows,
               "prompts": len(prompts), "max_tokens": max_tokens,
               "prompt_token_ids": [list(map(int, p)) for p in prompts]}

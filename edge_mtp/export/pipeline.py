@@ -103,7 +103,8 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
                   prefill: tuple[int, ...] = DEFAULT_PREFILL, quant: str = DEFAULT_RECIPE,
                   on_stage: Callable[[str], None] = lambda s: None,
                   on_progress: Progress = lambda what, done, total: None,
-                  allow_template_mismatch: bool = False, in_place_cache: bool = False) -> ExportSummary:
+                  allow_template_mismatch: bool = False, in_place_cache: bool = False,
+                  sliding_ring: bool = True) -> ExportSummary:
     """Export a target (and its assistant) to a .litertlm bundle at `out`, streaming the checkpoint piece by piece.
 
     `in_place_cache`: the bundle also drafts on LiteRT-LM's GPU executor (see export_litert_models)."""
@@ -115,7 +116,7 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
     return export_litert_models(source, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
                                 quant=quant, on_stage=on_stage, on_progress=on_progress,
                                 source_assistant=assistant_dir, allow_template_mismatch=allow_template_mismatch,
-                                in_place_cache=in_place_cache)
+                                in_place_cache=in_place_cache, sliding_ring=sliding_ring)
 
 
 def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter | None, out: Path, *,
@@ -124,7 +125,8 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
                          on_stage: Callable[[str], None] = lambda s: None,
                          on_progress: Progress = lambda what, done, total: None,
                          source_assistant: str | Path | None = None,
-                         allow_template_mismatch: bool = False, in_place_cache: bool = False) -> ExportSummary:
+                         allow_template_mismatch: bool = False, in_place_cache: bool = False,
+                         sliding_ring: bool = True) -> ExportSummary:
     """Export a target source (a checkpoint opened for streaming, or modules in memory) to a .litertlm at `out`.
 
     `in_place_cache`: the target takes param_tensor and updates its caches in place (model/kv_update.py), which
@@ -136,11 +138,11 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
         source = TargetSource(source)
     quant = resolve_recipe(quant, source.spec)
     contract = Contract(source.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)),
-                        param_tensor=in_place_cache)
+                        param_tensor=in_place_cache, sliding_ring=sliding_ring)
     tokenizer, meta = tokenizer_and_metadata(source.directory)
     manifest = {
         "format": "edge-mtp-litertlm", "format_version": MANIFEST_VERSION, "draft_len": contract.draft_len,
-        "param_tensor": contract.param_tensor,
+        "param_tensor": contract.param_tensor, "sliding_ring": contract.sliding_ring,
         "context": contract.context, "prefill_lengths": list(contract.prefill_lengths),
         "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]", "target": spec_to_dict(source.spec),
         "drafter": spec_to_dict(drafter.spec) if drafter else None, "quantization": quant,
@@ -150,6 +152,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
     }
     target = source.models.target
     previous_write, target.cache_write = target.cache_write, "dus"
+    previous_ring, target.ring = target.ring, contract.ring_size
     previous_gather = getattr(drafter, "gather_rows", None)  # None: no drafter, or a wrapper of one (tests)
     if previous_gather is not None:
         drafter.gather_rows = quant == "fp32"  # its table stays float (model/drafter.py)
@@ -183,7 +186,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
                 write_litertlm(partial, paths, contract, tokenizer, meta, manifest, work)
                 read_litertlm(partial)
     finally:
-        target.cache_write = previous_write
+        target.cache_write, target.ring = previous_write, previous_ring
         if previous_gather is not None:
             drafter.gather_rows = previous_gather
     (out.parent / f"{out.stem}.allowlist.json").write_text(

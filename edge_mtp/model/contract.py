@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.spec import DrafterSpec, TargetSpec, spec_from_dict
+from ..checkpoint.spec import SLIDING, DrafterSpec, TargetSpec, spec_from_dict
 
 # Model (section) names inside a bundle.
 EMBEDDER, PER_LAYER_EMBEDDER, TARGET, DRAFTER = "embedder", "per_layer_embedder", "target", "drafter"
@@ -80,6 +80,7 @@ class Contract:
     prefill_lengths: tuple[int, ...] = (32,)
     kv_dtype: str = "float32"
     param_tensor: bool = False  # LiteRT targets: take PARAM_TENSOR and write the caches in place (model/kv_update.py)
+    sliding_ring: bool = False  # sliding layers keep a ring of `ring_size` slots instead of the whole context
 
     def __post_init__(self) -> None:
         if self.context < max(self.prefill_lengths) or self.context < self.draft_len + 2:
@@ -89,12 +90,31 @@ class Contract:
     def verify_len(self) -> int:
         return self.draft_len + 1
 
+    @property
+    def ring_size(self) -> int:
+        """Slots of a sliding layer's ring cache, or 0 when its cache spans the context.
+
+        Position p lives in slot p mod S. A call of T rows writes all T (LiteRT-LM's prefill padding rows and a
+        verify's rejected drafts too) before it attends, so the ring must still hold the window behind its first
+        row after that write: S = window + T - 1 for the longest call. Caches written in place (param_tensor) keep
+        the context: LiteRT's in-place cache kernel writes one block, which cannot wrap.
+        """
+        size = self.target.sliding_window + max(*self.prefill_lengths, self.verify_len) - 1
+        ring = self.sliding_ring and not self.param_tensor and SLIDING in self.target.layer_types
+        return size if ring and size < self.context else 0
+
+    def cache_length(self, layer: int) -> int:
+        """Slots of target layer `layer`'s cache: the ring size for a sliding layer of a ring contract, else C."""
+        ring = self.ring_size
+        return ring if ring and self.target.layer_types[layer] == SLIDING else self.context
+
     def kv_tensors(self) -> tuple[TensorSpec, ...]:
-        """Every cache tensor of the target: K [1,Hkv,C,hd] and transposed V [1,Hkv,hd,C] per cache-owning layer."""
-        t, c = self.target, self.context
+        """Every cache tensor of the target: K [1,Hkv,S,hd] and transposed V [1,Hkv,hd,S] per cache-owning layer,
+        S = cache_length (the context, or a sliding layer's ring)."""
+        t = self.target
         out = []
         for i in t.kv_layers:
-            hd = t.layer_head_dim(i)
+            hd, c = t.layer_head_dim(i), self.cache_length(i)
             out.append(TensorSpec(k_name(i), (1, t.num_kv_heads, c, hd), self.kv_dtype))
             out.append(TensorSpec(v_name(i), (1, t.num_kv_heads, hd, c), self.kv_dtype))
         return tuple(out)
@@ -160,11 +180,12 @@ class Contract:
 
 
 def contract_from_dict(data: dict[str, Any]) -> Contract:
-    """The Contract a bundle manifest records (specs, context, draft length, prefill lengths, KV dtype, param_tensor;
-    bundles written before param_tensor existed have none)."""
+    """The Contract a bundle manifest records (specs, context, draft length, prefill lengths, KV dtype, param_tensor,
+    sliding_ring; bundles written before param_tensor or sliding_ring existed have none)."""
     drafter = spec_from_dict(DrafterSpec, data["drafter"]) if data.get("drafter") else None
     return Contract(spec_from_dict(TargetSpec, data["target"]), drafter, int(data["context"]), int(data["draft_len"]),
-                    tuple(data["prefill_lengths"]), data.get("kv_dtype", "float32"), bool(data.get("param_tensor")))
+                    tuple(data["prefill_lengths"]), data.get("kv_dtype", "float32"), bool(data.get("param_tensor")),
+                    bool(data.get("sliding_ring")))
 
 
 def param_values(start: int, length: int) -> np.ndarray:

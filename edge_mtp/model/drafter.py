@@ -10,6 +10,7 @@ from ..checkpoint.spec import FULL, SLIDING, DrafterSpec, TargetSpec
 from .contract import k_name, v_name
 from .kv_update import read_cache
 from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq, take
+from .target import ring_of
 
 
 class Drafter(nn.Module):
@@ -18,7 +19,8 @@ class Drafter(nn.Module):
     `input_pos` int32 [1] follows LiteRT-LM: it is N-1 for the token at position N, and the query is roped at
     input_pos + 1 (what transformers does). `mask` [1,1,1,C] is the committed-context mask (keys [0, N-1]); the
     sliding layers also hide keys at or before input_pos - window. The caches are the target's store-layer caches,
-    passed under the target's own names. Every row of a T-row call is an independent query (training batches
+    passed under the target's own names; a sliding one may be a ring (Target), read whole with its newest position
+    taken as input_pos. Every row of a T-row call is an independent query (training batches
     rounds that way with hidden_only=True). With the centroid head, the logits of tokens outside the top clusters are
     min(candidate scores) - 1, computed in-graph (no host sync).
     """
@@ -115,7 +117,10 @@ class Drafter(nn.Module):
         rope = {kind: rope_cos_sin(query_pos, getattr(self, f"inv_freq_{kind}")) for kind in (SLIDING, FULL)}
         one_row = activations.shape[1] == 1  # training passes many independent rows at scattered positions
         gather = one_row and param_tensor is None
-        views = {FULL: KeyView(mask), SLIDING: KeyView.sliding(input_pos, mask, self.window, contiguous=gather)}
+        ring = ring_of(self.store_layers, mask, kv_caches)
+        sliding = KeyView.ring(input_pos, input_pos[:1], mask, self.window, ring) if ring and one_row else \
+            KeyView.sliding(input_pos, mask, self.window, contiguous=gather)
+        views = {FULL: KeyView(mask), SLIDING: sliding}
         x = self.pre_projection(activations)
         for i, layer in enumerate(self.layers):
             kind = s.layer_types[i]

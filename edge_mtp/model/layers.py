@@ -155,6 +155,21 @@ class KeyView:
         window_mask = torch.where(visible, 0.0, MASK_HIDDEN)
         return cls(torch.minimum(take(mask, 3, index), window_mask), index)
 
+    @classmethod
+    def ring(cls, query_pos: torch.Tensor, last: torch.Tensor, mask: torch.Tensor, window: int, size: int) -> "KeyView":
+        """View for a sliding layer's ring cache of `size` slots whose newest written position is `last` [1].
+
+        Column c holds position last - ((last - c) mod size) (negative: never written). Its mask is the column of
+        `mask` [1,1,T,C] at that position (the caller's causal and padding rules), also hidden outside the window.
+        A column whose position lies past the query or outside its window hides itself, whatever the mask says.
+        """
+        offsets = torch.arange(size, dtype=torch.int32)  # int32 throughout: the GPU has no int64
+        held = last - torch.remainder(last - offsets, size)
+        visible = (held[None, :] >= 0) & (held[None, :] <= query_pos[:, None]) & \
+            (held[None, :] > (query_pos[:, None] - window))
+        window_mask = torch.where(visible, 0.0, MASK_HIDDEN)
+        return cls(torch.minimum(take(mask, 3, held.clamp(0, mask.shape[-1] - 1)), window_mask))
+
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """attend() over the viewed slots of K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C]."""
         if self.index is not None:
@@ -182,6 +197,26 @@ def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v
     v_index = input_pos.long().view(1, 1, 1, t).expand(1, hkv, hd, t)
     # rows arrive in the compute dtype (bf16 under autocast), the cache keeps its own
     return k_cache.scatter(2, k_index, k.to(k_cache.dtype)), v_cache.scatter(3, v_index, v.to(v_cache.dtype))
+
+
+def ring_sources(start: torch.Tensor, rows: int, size: int) -> torch.Tensor:
+    """[size] int32: for each ring slot, its column in concat(ring, T new rows) after writing the rows of positions
+    start..start+T-1 (`start` [1]) at slots position mod size; needs T <= size."""
+    offsets = torch.arange(size, dtype=torch.int32)
+    row = torch.remainder(offsets - start, size)
+    return torch.where(row < rows, size + row, offsets)
+
+
+def write_ring(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write rows k, v [1,Hkv,T,hd] into ring caches K [1,Hkv,S,hd] and V^T [1,Hkv,hd,S] by `ring_sources`.
+
+    One gather over the ring and the new rows: it wraps around the ring's end, which a block write cannot, and it
+    is GATHER with int32 indices (GPU-delegable) where a scatter is not.
+    """
+    k_all = torch.cat([k_cache, k.to(k_cache.dtype)], dim=2)
+    v_all = torch.cat([v_cache, v.transpose(2, 3).to(v_cache.dtype)], dim=3)
+    return take(k_all, 2, sources), take(v_all, 3, sources)
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

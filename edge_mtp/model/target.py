@@ -8,7 +8,9 @@ import torch.nn as nn
 from ..checkpoint.spec import FULL, SLIDING, TargetSpec
 from .contract import INPUT_POS, MASK, PARAM_TENSOR, k_name, v_name
 from .kv_update import read_cache, write_rows
-from .layers import DecoderLayer, KeyView, RMSNorm, graph_output, rope_cos_sin, rope_inv_freq
+from .layers import DecoderLayer, KeyView, RMSNorm, graph_output, ring_sources, rope_cos_sin, rope_inv_freq, write_ring
+
+RING_SOURCES = "ring_sources"  # layer-context entry: where each ring slot's row comes from (layers.ring_sources)
 
 
 def ple_name(layer: int) -> str:
@@ -23,7 +25,8 @@ class Target(nn.Module):
     (the token part of PLE, from the PerLayerEmbedder), `input_pos` int32 [T], `mask` [1,1,T,C] additive (causal
     only: sliding windows are applied here), and `kv_cache_k_<i>` [1,Hkv,C,hd] / `kv_cache_v_<i>` [1,Hkv,hd,C] for
     every cache-owning layer i (`contiguous=False` when input_pos is not one run of consecutive positions, as in
-    batched training). Returns a dict with `logits` [1,T,V] (softcapped), `activations` [1,T,H] (the
+    batched training). A sliding layer's cache may instead be a ring of S < C slots (Contract.ring_size; position p
+    in slot p mod S), which the forward tells from the caches' shapes. Returns a dict with `logits` [1,T,V] (softcapped), `activations` [1,T,H] (the
     post-final-norm hidden state) and every cache with the new rows written at `input_pos`.
 
     The forward is three steps that the streamed exporter also converts one by one: `layer_context` (RoPE tables,
@@ -34,6 +37,7 @@ class Target(nn.Module):
         super().__init__()
         self.spec = spec
         self.cache_write = "scatter"  # the LiteRT exporter switches this to "dus" (see layers.write_cache)
+        self.ring = 0  # sliding ring size layer_context assumes when not told (set by the exporter of a ring contract)
         h = spec.hidden_size
         self.embed_tokens = nn.Embedding(spec.vocab_size, h)  # the tied output head
         if spec.ple_dim:
@@ -55,23 +59,30 @@ class Target(nn.Module):
 
     def layer_context(self, embeddings: torch.Tensor, per_layer_embeddings: torch.Tensor | None,
                       input_pos: torch.Tensor, mask: torch.Tensor, contiguous: bool = True,
-                      in_place: bool = False) -> dict[str, torch.Tensor]:
+                      in_place: bool = False, ring: int | None = None) -> dict[str, torch.Tensor]:
         """Everything a layer reads besides the hidden state and the caches, by name.
 
         `rope_{cos,sin}_<kind>` [T, hd], `mask_<kind>` (the key view's mask) and, for a gathered sliding view,
-        `index_sliding`; `ple_<i>` [1,T,P] per layer; `input_pos` and `mask` as given. `in_place` (a LiteRT target
-        taking param_tensor) keeps the sliding view whole: a cache written in place is read whole or not at all.
+        `index_sliding`, for a ring of `ring` slots (default self.ring) `ring_sources`; `ple_<i>` [1,T,P] per layer;
+        `input_pos` and `mask` as given. `in_place` (a LiteRT target taking param_tensor) keeps the sliding view
+        whole: a cache written in place is read whole or not at all.
         """
         s = self.spec
+        ring = self.ring if ring is None else ring
         out = {INPUT_POS: input_pos, MASK: mask}
-        gather = contiguous and not in_place
-        views = {FULL: KeyView(mask), SLIDING: KeyView.sliding(input_pos, mask, s.sliding_window, gather)}
+        rows = input_pos.shape[0]
+        if ring:
+            start = input_pos[:1]
+            sliding = KeyView.ring(input_pos, start + (rows - 1), mask, s.sliding_window, ring)
+            out[RING_SOURCES] = ring_sources(start, rows, ring)
+        else:
+            sliding = KeyView.sliding(input_pos, mask, s.sliding_window, contiguous and not in_place)
         for kind in sorted(set(s.layer_types)):
             out[f"rope_cos_{kind}"], out[f"rope_sin_{kind}"] = rope_cos_sin(input_pos, getattr(self, f"inv_freq_{kind}"))
             if kind == SLIDING:
-                out[f"mask_{kind}"] = views[kind].mask
-                if views[kind].index is not None:
-                    out[f"index_{kind}"] = views[kind].index
+                out[f"mask_{kind}"] = sliding.mask
+                if sliding.index is not None:
+                    out[f"index_{kind}"] = sliding.index
         if s.ple_dim:
             ple = self.per_layer_inputs(embeddings, per_layer_embeddings)
             for i in range(s.num_layers):
@@ -85,6 +96,8 @@ class Target(nn.Module):
         names = [f"rope_cos_{kind}", f"rope_sin_{kind}", MASK if kind == FULL else f"mask_{kind}"]
         if kind == SLIDING:
             names.append(f"index_{kind}")
+            if i == src:
+                names.append(RING_SOURCES)
         if s.ple_dim:
             names.append(ple_name(i))
         names.append(PARAM_TENSOR)  # only where the signature has one
@@ -102,7 +115,11 @@ class Target(nn.Module):
         attn = self.layers[i].self_attn
 
         def attention(x: torch.Tensor) -> torch.Tensor:
-            if attn.own_kv:
+            if attn.own_kv and RING_SOURCES in context and kind == SLIDING:
+                k, v = attn.key_value(x, cos, sin)
+                caches[k_name(i)], caches[v_name(i)] = write_ring(caches[k_name(i)], caches[v_name(i)], k, v,
+                                                                  context[RING_SOURCES])
+            elif attn.own_kv:
                 k, v = attn.key_value(x, cos, sin)
                 caches[k_name(i)], caches[v_name(i)] = write_rows(
                     caches[k_name(i)], caches[v_name(i)], k, v, context[INPUT_POS], self.cache_write,
@@ -124,7 +141,7 @@ class Target(nn.Module):
                 mask: torch.Tensor, contiguous: bool = True, param_tensor: torch.Tensor | None = None,
                 **kv_caches: torch.Tensor) -> dict[str, torch.Tensor]:
         context = self.layer_context(embeddings, per_layer_embeddings, input_pos, mask, contiguous,
-                                     param_tensor is not None)
+                                     param_tensor is not None, ring_of(self.spec.store_layers, mask, kv_caches))
         if param_tensor is not None:  # LiteRT's in-place cache write (model/kv_update.py)
             context[PARAM_TENSOR] = param_tensor
         caches = dict(kv_caches)
@@ -132,3 +149,13 @@ class Target(nn.Module):
         for i in range(self.spec.num_layers):
             h = self.layer(i, h, context, caches)
         return {**self.head(h), **{n: caches[n] for n in kv_caches}}
+
+
+def ring_of(store_layers: dict[str, int], mask: torch.Tensor, caches: dict[str, torch.Tensor]) -> int:
+    """The ring size of the sliding caches among `caches` (0: they span the mask's context), from the shape of the
+    sliding store layer's K cache."""
+    layer = store_layers.get(SLIDING)
+    if layer is None or k_name(layer) not in caches:
+        return 0
+    size = caches[k_name(layer)].shape[2]
+    return size if size < mask.shape[-1] else 0
