@@ -127,10 +127,13 @@ def synth(preset: str, out: Path, seed: int, dtype: str | None, multimodal_layou
 @click.option("--gpu", is_flag=True,
               help="Let LiteRT-LM's GPU executor draft too: the target updates its KV cache in place (it takes "
                    "param_tensor); the CPU executor runs such a bundle as well (README, GPU-delegable graphs).")
+@click.option("--full-sliding-cache", is_flag=True,
+              help="Give sliding-window layers a cache of the whole context instead of a ring of about the window "
+                   "(LiteRT; ONNX and --gpu bundles always have whole caches).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool, fmt: str, out: Path | None,
            draft_len: int, context: int, prefill: str, quant: str, allow_template_mismatch: bool, gpu: bool,
-           as_json: bool) -> None:
+           full_sliding_cache: bool, as_json: bool) -> None:
     """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
     from .export.pipeline import export_litert
 
@@ -150,7 +153,8 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         else:
             summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
                                     prefill=lengths, quant=quant, on_stage=stage, on_progress=progress,
-                                    allow_template_mismatch=allow_template_mismatch, in_place_cache=gpu)
+                                    allow_template_mismatch=allow_template_mismatch, in_place_cache=gpu,
+                                    sliding_ring=not full_sliding_cache)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
