@@ -26,8 +26,9 @@ class Target(nn.Module):
     only: sliding windows are applied here), and `kv_cache_k_<i>` [1,Hkv,C,hd] / `kv_cache_v_<i>` [1,Hkv,hd,C] for
     every cache-owning layer i (`contiguous=False` when input_pos is not one run of consecutive positions, as in
     batched training). A sliding layer's cache may instead be a ring of S < C slots (Contract.ring_size; position p
-    in slot p mod S), which the forward tells from the caches' shapes. Returns a dict with `logits` [1,T,V] (softcapped), `activations` [1,T,H] (the
-    post-final-norm hidden state) and every cache with the new rows written at `input_pos`.
+    in slot p mod S), which the forward tells from the caches' shapes. Returns a dict with `logits` [1,T,V]
+    (softcapped), `activations` [1,T,H] (the post-final-norm hidden state) and every cache with the new rows written
+    at `input_pos`.
 
     The forward is three steps that the streamed exporter also converts one by one: `layer_context` (RoPE tables,
     key views and PLE rows, computed once for all layers), `layer` (one decoder layer), `head`.
@@ -115,15 +116,15 @@ class Target(nn.Module):
         attn = self.layers[i].self_attn
 
         def attention(x: torch.Tensor) -> torch.Tensor:
-            if attn.own_kv and RING_SOURCES in context and kind == SLIDING:
+            if attn.own_kv:
                 k, v = attn.key_value(x, cos, sin)
-                caches[k_name(i)], caches[v_name(i)] = write_ring(caches[k_name(i)], caches[v_name(i)], k, v,
-                                                                  context[RING_SOURCES])
-            elif attn.own_kv:
-                k, v = attn.key_value(x, cos, sin)
-                caches[k_name(i)], caches[v_name(i)] = write_rows(
-                    caches[k_name(i)], caches[v_name(i)], k, v, context[INPUT_POS], self.cache_write,
-                    context.get(PARAM_TENSOR))
+                if kind == SLIDING and RING_SOURCES in context:
+                    caches[k_name(i)], caches[v_name(i)] = write_ring(caches[k_name(i)], caches[v_name(i)], k, v,
+                                                                      context[RING_SOURCES])
+                else:
+                    caches[k_name(i)], caches[v_name(i)] = write_rows(
+                        caches[k_name(i)], caches[v_name(i)], k, v, context[INPUT_POS], self.cache_write,
+                        context.get(PARAM_TENSOR))
             q = attn.query(x, cos, sin)
             return attn.o_proj(read_cache(view, q, caches[k_name(src)], caches[v_name(src)], context.get(PARAM_TENSOR)))
 
