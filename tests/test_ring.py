@@ -83,3 +83,32 @@ def _input_shapes(bundle, model_type: str, signature: str) -> dict[str, list[int
     runner = Interpreter(model_content=bundle.read(bundle.model_section(model_type)))
     details = runner.get_signature_runner(signature).get_input_details()
     return {name: list(d["shape"]) for name, d in details.items()}
+
+
+def test_a_ring_resumes_an_earlier_position_only_within_its_reach(synth_pair):
+    """A chat turn continues the cache from the common prefix; a ring still holds the window behind it only when
+    the rows written past it do not reach around (Contract.can_resume): there the continuation gives a fresh
+    prefill's logits, beyond it the window is lost."""
+    import numpy as np
+
+    from edge_mtp.model.contract import DECODE
+    from edge_mtp.runtime.speculative import SpeculativeDecoder
+
+    models = load_target(synth_pair / "target")
+    drafter = load_drafter(synth_pair / "assistant", models.spec)
+    contract = Contract(models.spec, drafter.spec, CONTEXT, 3, PREFILL, sliding_ring=True)
+    backend = TorchBackend(models, drafter, contract)
+    decoder, rng = SpeculativeDecoder(backend), np.random.default_rng(0)
+    first, end = [int(t) for t in rng.integers(3, 250, 40)], 40
+    reach = RING - 4 + 1
+    for at, resumable in ((end - reach, True), (end - reach - 3, False)):
+        second = first[:at] + [int(t) for t in rng.integers(3, 250, end - at)]
+        backend.reset()
+        decoder.prefill(second[:-1])
+        fresh = decoder.step(DECODE, second[-1:], end - 1)["logits"]
+        backend.reset()
+        decoder.prefill(first)
+        decoder.prefill(second[at:-1], at)
+        resumed = decoder.step(DECODE, second[-1:], end - 1)["logits"]
+        assert contract.can_resume(end, at) is resumable
+        assert np.allclose(resumed, fresh, atol=1e-5) is resumable, at

@@ -103,6 +103,11 @@ class Contract:
         ring = self.sliding_ring and not self.param_tensor and SLIDING in self.target.layer_types
         return size if ring and size < self.context else 0
 
+    def can_resume(self, written: int, at: int) -> bool:
+        """Whether caches holding rows up to position `written` (exclusive) can continue at position `at` <= written:
+        a ring has overwritten the keys of the window behind `at` once the rows past it reach around."""
+        return not self.ring_size or written - at <= self.ring_size - self.target.sliding_window + 1
+
     def cache_length(self, layer: int) -> int:
         """Slots of target layer `layer`'s cache: the ring size for a sliding layer of a ring contract, else C."""
         ring = self.ring_size

@@ -60,6 +60,9 @@ class ChatSession:
         common = next((i for i, (a, b) in enumerate(zip(self.cached, prompt)) if a != b),
                       min(len(self.cached), len(prompt)))
         self.reused = min(common, len(prompt) - 1)  # the last prompt token is always decoded
+        # the last round's verify may have written up to a draft length past what was fed
+        if not self.model.contract.can_resume(len(self.cached) + self.model.contract.verify_len, self.reused):
+            self.reused = 0
         self.last_stats, reply = Stats(), []
         o = self.options
         self.cached = []  # a reply cut short leaves the cache in an unknown state: the next turn starts afresh
