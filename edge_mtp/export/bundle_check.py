@@ -100,7 +100,7 @@ def _relative(got: np.ndarray, want: np.ndarray) -> float:
 def _drafter_row(backend: Backend, drafter: Drafter, contract: Contract, reference: dict, p: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(bundle, reference) drafter logits of the first draft at position p (input_pos p - 1); the backend's caches
-    must hold the sequence up to p - 1 and no further than a ring's reach (teacher forcing runs it right after p - 1)."""
+    must hold the sequence up to p - 1 and no further than a ring reaches (run it right after decoding p - 1)."""
     names = [s.name for s in contract.drafter_kv_tensors()]
     activations = np.concatenate([reference["embeddings"][p], reference["activations"][p - 1]])[None, None]
     input_pos = np.array([p - 1], np.int32)
