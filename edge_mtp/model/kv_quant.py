@@ -7,8 +7,7 @@ constants inside the graphs: no state a runtime would have to know about.
 Gemma 4 caches normalised rows. A value row is RMSNorm'd without a scale, so each element is at most sqrt(head_dim)
 in magnitude; a key row is RMSNorm'd with the k_norm weight w, then rotated (RoPE mixes channel c with c + hd/2), so
 channel c is at most sqrt(head_dim) * max(|w_c|, |w_{c+hd/2}|). An RMS-normalised row rarely comes near that bound,
-so the scales clip at KEY_CLIP / VALUE_CLIP times the row's RMS instead (chosen by measured logit error,
-docs/quantization.md). One set of scales serves all layers of an attention type (the largest weight per channel
+so the scales clip at CLIP times the row's RMS instead (chosen by measured logit error, docs/quantization.md). One set of scales serves all layers of an attention type (the largest weight per channel
 among them): the exporter converts one graph per layer type, and the drafter reads the target's caches by type.
 The cache holds the int8 values; a cache of another dtype (an fp32 reference run) is read and written as it is.
 """
@@ -22,8 +21,7 @@ from typing import Any, Iterable
 import torch
 
 QMAX = 127
-KEY_CLIP = 6.0  # multiples of a row's RMS kept unclipped
-VALUE_CLIP = 6.0
+CLIP = 5.0  # multiples of a row's RMS kept unclipped (docs/quantization.md: the lowest logit error measured)
 
 
 @dataclass(frozen=True)
@@ -44,16 +42,15 @@ def scales_from_dicts(records: Iterable[dict[str, Any]]) -> tuple[KvScales, ...]
     return tuple(KvScales(r["kind"], tuple(float(x) for x in r["key"]), float(r["value"])) for r in records)
 
 
-def derive_scales(kind: str, k_norm_weights: Iterable[torch.Tensor], key_clip: float = KEY_CLIP,
-                  value_clip: float = VALUE_CLIP) -> KvScales:
+def derive_scales(kind: str, k_norm_weights: Iterable[torch.Tensor], clip: float = CLIP) -> KvScales:
     """Scales of one attention type from the k_norm weights of its cache-owning layers (see module doc)."""
     weights = torch.stack([w.detach().float().abs() for w in k_norm_weights])
     hd = weights.shape[-1]
     widest = weights.amax(0)
     paired = torch.maximum(widest, widest.roll(hd // 2))  # RoPE's rotate-half pairs share a bound
-    bound = min(key_clip, math.sqrt(hd))
+    bound = min(clip, math.sqrt(hd))
     key = (paired * bound / QMAX).clamp_min(torch.finfo(torch.float32).tiny)
-    return KvScales(kind, tuple(float(x) for x in key), min(value_clip, math.sqrt(hd)) / QMAX)
+    return KvScales(kind, tuple(float(x) for x in key), bound / QMAX)
 
 
 def quantize_rows(k: torch.Tensor, v: torch.Tensor, scales: KvScales) -> tuple[torch.Tensor, torch.Tensor]:
