@@ -19,7 +19,7 @@ from edge_mtp.checks.validate import validate
 from edge_mtp.cli import main
 from edge_mtp.export.driver import TOLERANCE
 from edge_mtp.model.contract import contract_from_dict
-from edge_mtp.model.kv_quant import QMAX, derive_scales, dequantize_caches, quantize_rows
+from edge_mtp.model.kv_quant import QMAX, KvScales, derive_scales, dequantize_caches, quantize_rows, rounded_as
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.runtime.backends.litert import LiteRTBackend
 from edge_mtp.runtime.backends.torch import TorchBackend
@@ -63,6 +63,18 @@ def test_quantized_rows_round_trip_within_half_a_step_and_zero_stays_zero():
     assert bool(((vd - v).abs() <= scales.value / 2 + 1e-7).all())
     zeros = torch.zeros(1, 2, 5, width, dtype=torch.int8)
     assert not dequantize_caches(zeros, zeros, scales)[0].any()  # LiteRT-LM's zero-filled buffers mean zero
+
+
+def test_a_checked_graph_may_round_apart_only_at_a_rounding_boundary():
+    """The converted graph computes rows in another order, so a value at x.5 may round the other way there; the
+    check adopts such a one-step difference and no other (a wrong quantizer must still fail the check)."""
+    scales = KvScales("sliding", (1.0, 1.0, 1.0, 1.0), 1.0)
+    rows = torch.tensor([2.5 + 1e-4, 0.3, -3.5 - 1e-4, 7.0]).reshape(1, 1, 1, 4)
+    graph = np.array([2, 1, -3, 9], np.int8).reshape(1, 1, 1, 4)  # boundary flip, off-boundary, flip, two steps
+    with rounded_as([(graph, graph)]):
+        k, v = quantize_rows(rows, rows, scales)
+    assert k.flatten().tolist() == v.flatten().tolist() == [2, 0, -3, 7]
+    assert quantize_rows(rows, rows, scales)[0].flatten().tolist() == [3, 0, -4, 7]  # outside a check: its own
 
 
 def test_the_bundle_declares_int8_caches_the_drafter_shares(int8_kv):
