@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 
 from .demo import default_bundle, default_pair
-from .export.options import (COMMAND_RECIPE, DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_OUT, DEFAULT_PREFILL, FORMATS,
-                             LITERT, ONNX, check_export_options, export_assistant, parse_prefill)
+from .export.options import (COMMAND_RECIPE, DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_KV_CACHE, DEFAULT_OUT,
+                             DEFAULT_PREFILL, FORMATS, KV_CACHES, LITERT, ONNX, check_export_options,
+                             export_assistant, parse_prefill)
 from .util.atomic import check_output, interrupt_on_sigterm
 from .util.errors import EdgeMtpError
 from .util.prompts import DEFAULT_PROMPTS, read_prompts
@@ -130,16 +131,19 @@ def synth(preset: str, out: Path, seed: int, dtype: str | None, multimodal_layou
 @click.option("--full-sliding-cache", is_flag=True,
               help="Give sliding-window layers a cache of the whole context instead of a ring of about the window "
                    "(LiteRT; ONNX and --gpu bundles always have whole caches).")
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default=DEFAULT_KV_CACHE, show_default=True,
+              help="The KV cache's type: int8 quarters its memory, at the cost docs/quantization.md reports "
+                   "(LiteRT bundles, not with --gpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool, fmt: str, out: Path | None,
            draft_len: int, context: int, prefill: str, quant: str, allow_template_mismatch: bool, gpu: bool,
-           full_sliding_cache: bool, as_json: bool) -> None:
+           full_sliding_cache: bool, kv_cache: str, as_json: bool) -> None:
     """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
     from .export.pipeline import export_litert
 
     out = out or DEFAULT_OUT[fmt]
     lengths = parse_prefill(prefill)
-    check_export_options(out, fmt, draft_len, context, lengths, quant, in_place_cache=gpu)
+    check_export_options(out, fmt, draft_len, context, lengths, quant, in_place_cache=gpu, kv_cache=kv_cache)
     if target_dir is None:
         target_dir, demo_assistant = default_pair(_say)
         assistant_dir = assistant_dir or demo_assistant
@@ -154,7 +158,7 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
             summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
                                     prefill=lengths, quant=quant, on_stage=stage, on_progress=progress,
                                     allow_template_mismatch=allow_template_mismatch, in_place_cache=gpu,
-                                    sliding_ring=not full_sliding_cache)
+                                    sliding_ring=not full_sliding_cache, kv_cache=kv_cache)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return

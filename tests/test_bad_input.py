@@ -192,6 +192,11 @@ CASES = [
      "Unknown quantization recipe 'int3'"),
     ("export-quant-int8-kv", "export --target {target} --assistant {assistant} --out {out}.litertlm --quant int8-kv",
      "int8-kv"),
+    ("export-kv-cache-int8-gpu",
+     "export --target {target} --assistant {assistant} --out {out}.litertlm --kv-cache int8 --gpu",
+     "--kv-cache int8 cannot be combined with --gpu"),
+    ("export-kv-cache-int8-onnx", "export --format onnx --target {target} --assistant {assistant} --out {out} "
+     "--kv-cache int8", "--kv-cache int8 is for LiteRT bundles"),
     ("export-out-is-a-folder", "export --target {target} --assistant {assistant} --out {not-a-bundle-dir}",
      "should end in .litertlm"),
     ("export-out-existing-folder", "export --target {target} --assistant {assistant} --out {folder-litertlm}",

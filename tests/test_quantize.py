@@ -177,8 +177,8 @@ def test_onnx_mixed_is_decided_per_component(onnx_bundles):
     assert components["embedder"]["recipe"] == components["per_layer_embedder"]["recipe"] == "int4"
 
 
-def test_int8_kv_is_refused_with_the_reason(onnx_bundles, tmp_path):
-    with pytest.raises(EdgeMtpError, match="int8-kv.*not available") as info:
+def test_int8_kv_recipe_points_to_the_kv_cache_option(onnx_bundles, tmp_path):
+    with pytest.raises(EdgeMtpError, match="int8-kv.*--kv-cache int8") as info:
         check_recipe("int8-kv")
     assert str(info.value) == INT8_KV_REASON and "fp32" in INT8_KV_REASON
     with pytest.raises(EdgeMtpError, match="int8-kv"):

@@ -59,9 +59,12 @@ def checked_contract(manifest: dict[str, Any], where: str) -> Contract:
             and all(type(n) is int and 1 <= n <= manifest["context"] for n in lengths)):
         raise EdgeMtpError(f"{where}: prefill_lengths = {lengths!r} is not a list of token counts within the context; "
                            "the manifest is corrupt, re-export the bundle.")
-    if manifest.get("kv_dtype", "float32") not in ("float32", "float16"):
+    if manifest.get("kv_dtype", "float32") not in ("float32", "float16", "int8"):
         raise EdgeMtpError(f"{where}: kv_dtype {manifest.get('kv_dtype')!r} is not supported; re-export the bundle.")
     try:
+        if manifest.get("kv_dtype") == "int8" and not _scales_ok(manifest):
+            raise EdgeMtpError("kv_dtype is int8 but kv_scales does not give a positive scale per channel for each "
+                               "attention type of the target; the manifest is corrupt, re-export the bundle.")
         contract = contract_from_dict(manifest)
         if contract.drafter is not None:
             check_pair(contract.target, contract.drafter)
@@ -70,3 +73,21 @@ def checked_contract(manifest: dict[str, Any], where: str) -> Contract:
         raise EdgeMtpError(f"{where}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise EdgeMtpError(f"{where} is malformed ({type(e).__name__}: {e}); re-export the bundle.") from None
+
+
+def _scales_ok(manifest: dict[str, Any]) -> bool:
+    """Whether an int8-KV manifest's kv_scales hold a finite positive scale per channel and one for values, for
+    every attention type of its target."""
+    records = manifest.get("kv_scales")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return False
+    spec = contract_from_dict({**manifest, "kv_scales": None}).target
+    widths = {spec.layer_types[i]: spec.layer_head_dim(i) for i in spec.kv_layers}
+    by_kind = {r.get("kind"): r for r in records}
+    for kind, width in widths.items():
+        record = by_kind.get(kind, {})
+        values = record.get("key"), [record.get("value")]
+        if not (isinstance(values[0], list) and len(values[0]) == width) or not all(
+                isinstance(x, (int, float)) and 0 < x < float("inf") for part in values for x in part):
+            return False
+    return True

@@ -123,14 +123,15 @@ class _Validator:
 
     @property
     def quantized(self) -> bool:
-        return self.costs.get("recipe", "fp32") != "fp32"
+        """Whether the bundle's weights or its KV cache are quantized (held to the recorded cost, not to fp32)."""
+        return self.costs.get("recipe", "fp32") != "fp32" or self.costs.get("kv_dtype", "float32") == "int8"
 
     def limits(self, component: str) -> Limits:
         """fp32: float rounding. Quantized: COST_MARGIN times what the recipe cost this component at export."""
         t = self.t
         if not self.quantized:
             return Limits(t.max_relative_error, t.min_top1_agreement, "fp32 bundle: float rounding")
-        recipe = self.costs["recipe"]
+        recipe = self.costs["recipe"] + (" + int8 KV" if self.costs.get("kv_dtype") == "int8" else "")
         cost = self.costs.get("components", {}).get(component)
         if component in ("target", "drafter") or cost is None:
             cost = self.costs.get("logit_relative_error")
@@ -613,7 +614,8 @@ def recorded_costs(manifest: dict) -> dict:
     return {"recipe": recipe, "recipes": recipes,
             "components": {name: e for name, record in components.items() if (e := error(record)) is not None},
             "logit_relative_error": report.get("logit_relative_error"), "top1_agreement": report.get("top1_agreement"),
-            "drafter_top1_agreement": report.get("drafter_top1_agreement")}
+            "drafter_top1_agreement": report.get("drafter_top1_agreement"),
+            "kv_dtype": manifest.get("kv_dtype", "float32")}
 
 
 def _decision(got: np.ndarray, want: np.ndarray) -> tuple[bool, float]:

@@ -12,7 +12,10 @@ Recipe names (shared by both formats where they mean the same thing):
   mixed       4-bit for the embedding tables and the target, 8-bit for the drafter and for any component whose
               4-bit error exceeds export.quantize.MIXED_SENSITIVITY
   auto        int4 from AUTO_INT4_PARAMETERS target parameters (E2B, E4B), int8 below
-  int8-kv     (named, refused) a per-tensor int8 KV cache: see INT8_KV_REASON
+  int8-kv     refused with a pointer to --kv-cache: the KV cache's type is an option of its own
+
+KV caches (--kv-cache): float32, or int8 (model/kv_quant.py: static scales from the checkpoint's k_norm weights,
+quantized and dequantized inside the graphs; LiteRT bundles without --gpu).
 """
 
 from __future__ import annotations
@@ -37,15 +40,11 @@ AUTO_INT4_PARAMETERS = 1_000_000_000  # E2B in int8 is a 4.8 GiB phone bundle; i
 # The command asks for what a phone wants; the library keeps the exact numerics a caller measures against.
 COMMAND_RECIPE = AUTO
 DEFAULT_RECIPE = "fp32"
+KV_CACHES = ("float32", "int8")
+DEFAULT_KV_CACHE = "float32"
 KV_RECIPES = ("int8-kv",)
-INT8_KV_REASON = (
-    "Recipe 'int8-kv' (a per-tensor int8 KV cache) is not available in either format yet. The cache is one buffer "
-    "shared by the target and the drafter and written in place, so int8 rows need a fixed per-tensor scale "
-    "calibrated at export time plus quantize-on-write / dequantize-on-read inside every target signature and the "
-    "drafter (the exported graphs take and return fp32 caches). ONNX could express it (ScatterElements writes "
-    "int8 in place), LiteRT-LM 0.18.1 allocates the cache buffers from the graph's own tensor types and fills "
-    "prefill padding itself, which a fixed scale must survive; neither is built. Use one of the weight recipes: "
-    + ", ".join(RECIPES) + ".")
+INT8_KV_REASON = ("Recipe 'int8-kv' is not a weight recipe: an int8 KV cache is chosen with --kv-cache int8 "
+                  "(LiteRT bundles), beside any of the weight recipes " + ", ".join(RECIPES) + ".")
 
 
 def check_recipe(name: str) -> None:
@@ -95,13 +94,26 @@ def check_out(out: Path, fmt: str) -> None:
                            "or new folder so nothing of yours is overwritten.")
 
 
+def check_kv_cache(kv_cache: str, fmt: str, in_place_cache: bool) -> None:
+    """Refuse an unknown --kv-cache, or an int8 one where the bundle cannot hold it."""
+    if kv_cache not in KV_CACHES:
+        raise EdgeMtpError(f"Unknown --kv-cache '{kv_cache}'; choose one of {', '.join(KV_CACHES)}.")
+    if kv_cache == "int8" and fmt != LITERT:
+        raise EdgeMtpError("--kv-cache int8 is for LiteRT bundles (ONNX bundles keep float32 caches); use "
+                           "--format litert or drop --kv-cache.")
+    if kv_cache == "int8" and in_place_cache:
+        raise EdgeMtpError("--kv-cache int8 cannot be combined with --gpu: LiteRT's GPU cache-update kernel writes "
+                           "float rows in place, with no room for the quantize step; drop one of the two.")
+
+
 def check_export_options(out: Path, fmt: str, draft_len: int, context: int, prefill: tuple[int, ...], quant: str,
-                         in_place_cache: bool = False) -> None:
-    """Refuse a bad --out, --draft-len, --context, --prefill, --quant or --gpu before any model is loaded; then
-    create the output's folder (the export's scratch space lives next to the bundle)."""
+                         in_place_cache: bool = False, kv_cache: str = DEFAULT_KV_CACHE) -> None:
+    """Refuse a bad --out, --draft-len, --context, --prefill, --quant, --gpu or --kv-cache before any model is
+    loaded; then create the output's folder (the export's scratch space lives next to the bundle)."""
     check_out(out, fmt)
     if in_place_cache and fmt != LITERT:
         raise EdgeMtpError("--gpu is for LiteRT-LM bundles: drop it, or use --format litert.")
+    check_kv_cache(kv_cache, fmt, in_place_cache)
     if draft_len < 1:
         raise EdgeMtpError(f"--draft-len must be at least 1, not {draft_len}.")
     if not prefill or min(prefill) < 1:

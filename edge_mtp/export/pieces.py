@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..checkpoint.spec import FULL, SLIDING, TargetSpec
 from ..model.contract import INPUT_POS, MASK, Contract, Signature, k_name, v_name
 from ..model.target import Target
+from .signatures import random_cache
 
 HIDDEN = "h"
 
@@ -150,7 +151,8 @@ class PieceInputs:
                 length = base["embeddings"].shape[1]
                 row = {HIDDEN: _rng_array((1, length, self.contract.target.hidden_size), seed, HIDDEN, 2.0)}
                 for generic, real in piece.names.items():
-                    row[generic] = base[real] if real in base else _rng_array(self.caches[real].shape, seed, real)
+                    row[generic] = base[real] if real in base else random_cache(
+                        self.caches[real], np.random.default_rng([seed, sum(map(ord, real))]))
                 rows.append(row)
             out.by_signature[sig.name] = rows
         return out

@@ -16,14 +16,14 @@ from ..checkpoint.locate import checkpoint_files, resolve_checkpoint
 from ..checkpoint.spec import spec_to_dict
 from ..model.contract import Contract
 from ..model.drafter import Drafter
-from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, load_drafter
+from ..model.loading import TargetCheckpoint, TargetModels, TargetSource, kv_scales, load_drafter, use_scales
 from ..util.atomic import atomic_file
 from ..util.errors import EdgeMtpError
 from ..util.memory import PeakMemory
 from .bundle_check import enforce, litert_bundle_report
 from .driver import Progress, StreamedExport, export_resource_errors
-from .options import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_PREFILL, DEFAULT_RECIPE, LITERT, check_context,
-                      check_export_options, resolve_recipe)
+from .options import (DEFAULT_CONTEXT, DEFAULT_DRAFT_LEN, DEFAULT_KV_CACHE, DEFAULT_PREFILL, DEFAULT_RECIPE, LITERT,
+                      check_context, check_export_options, resolve_recipe)
 
 MANIFEST_VERSION = 1
 
@@ -104,19 +104,19 @@ def export_litert(target_dir: str | Path, assistant_dir: str | Path | None, out:
                   on_stage: Callable[[str], None] = lambda s: None,
                   on_progress: Progress = lambda what, done, total: None,
                   allow_template_mismatch: bool = False, in_place_cache: bool = False,
-                  sliding_ring: bool = True) -> ExportSummary:
+                  sliding_ring: bool = True, kv_cache: str = DEFAULT_KV_CACHE) -> ExportSummary:
     """Export a target (and its assistant) to a .litertlm bundle at `out`, streaming the checkpoint piece by piece.
 
     `in_place_cache`: the bundle also drafts on LiteRT-LM's GPU executor (see export_litert_models)."""
     out = Path(out)
-    check_export_options(out, LITERT, draft_len, context, prefill, quant, in_place_cache)
+    check_export_options(out, LITERT, draft_len, context, prefill, quant, in_place_cache, kv_cache)
     check_context(target_dir, context, prefill)
     source = TargetCheckpoint(target_dir)
     drafter = load_drafter(assistant_dir, source.spec) if assistant_dir is not None else None
     return export_litert_models(source, drafter, out, draft_len=draft_len, context=context, prefill=prefill,
                                 quant=quant, on_stage=on_stage, on_progress=on_progress,
                                 source_assistant=assistant_dir, allow_template_mismatch=allow_template_mismatch,
-                                in_place_cache=in_place_cache, sliding_ring=sliding_ring)
+                                in_place_cache=in_place_cache, sliding_ring=sliding_ring, kv_cache=kv_cache)
 
 
 def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter | None, out: Path, *,
@@ -126,23 +126,24 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
                          on_progress: Progress = lambda what, done, total: None,
                          source_assistant: str | Path | None = None,
                          allow_template_mismatch: bool = False, in_place_cache: bool = False,
-                         sliding_ring: bool = True) -> ExportSummary:
+                         sliding_ring: bool = True, kv_cache: str = DEFAULT_KV_CACHE) -> ExportSummary:
     """Export a target source (a checkpoint opened for streaming, or modules in memory) to a .litertlm at `out`.
 
     `in_place_cache`: the target takes param_tensor and updates its caches in place (model/kv_update.py), which
     LiteRT-LM's GPU executor needs for MTP."""
     start = time.time()
     out = Path(out)
-    check_export_options(out, LITERT, draft_len, context, prefill, quant, in_place_cache)
+    check_export_options(out, LITERT, draft_len, context, prefill, quant, in_place_cache, kv_cache)
     if isinstance(source, TargetModels):
         source = TargetSource(source)
     quant = resolve_recipe(quant, source.spec)
     contract = Contract(source.spec, drafter.spec if drafter else None, context, draft_len, tuple(sorted(prefill)),
-                        param_tensor=in_place_cache, sliding_ring=sliding_ring)
+                        kv_dtype=kv_cache, param_tensor=in_place_cache, sliding_ring=sliding_ring,
+                        kv_scales=kv_scales(source) if kv_cache == "int8" else ())
     tokenizer, meta = tokenizer_and_metadata(source.directory)
     manifest = {
         "format": "edge-mtp-litertlm", "format_version": MANIFEST_VERSION, "draft_len": contract.draft_len,
-        "param_tensor": contract.param_tensor, "sliding_ring": contract.sliding_ring,
+        "param_tensor": contract.param_tensor, "sliding_ring": contract.sliding_ring, **contract.kv_record(),
         "context": contract.context, "prefill_lengths": list(contract.prefill_lengths),
         "kv_layout": "K[1,Hkv,C,hd] V[1,Hkv,hd,C]", "target": spec_to_dict(source.spec),
         "drafter": spec_to_dict(drafter.spec) if drafter else None, "quantization": quant,
@@ -153,6 +154,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
     target = source.models.target
     previous_write, target.cache_write = target.cache_write, "dus"
     previous_ring, target.ring = target.ring, contract.ring_size
+    use_scales(contract.scales_by_kind(), target, drafter)
     previous_gather = getattr(drafter, "gather_rows", None)  # None: no drafter, or a wrapper of one (tests)
     if previous_gather is not None:
         drafter.gather_rows = quant == "fp32"  # its table stays float (model/drafter.py)
@@ -173,7 +175,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
             write_litertlm(candidate, paths, contract, tokenizer, meta, manifest, work)
             report = litert_bundle_report(candidate, source, drafter, contract,
                                           Tokenizer(tokenizer.read_text(), meta.start_token, meta.stop_tokens), stage)
-            enforce(report, str(out), exact=quant == "fp32")
+            enforce(report, str(out), exact=quant == "fp32" and kv_cache == "float32")
             report["components"] = {name: {k: v for k, v in asdict(r).items() if k != "seconds"}  # reproducible
                                     for name, r in job.reports.items()}
             manifest["quantization_report"] = report
@@ -187,6 +189,7 @@ def export_litert_models(source: TargetSource | TargetModels, drafter: Drafter |
                 read_litertlm(partial)
     finally:
         target.cache_write, target.ring = previous_write, previous_ring
+        use_scales({}, target, drafter)
         if previous_gather is not None:
             drafter.gather_rows = previous_gather
     (out.parent / f"{out.stem}.allowlist.json").write_text(

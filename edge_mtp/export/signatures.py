@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..model.contract import PARAM_TENSOR, Contract, Signature, causal_mask, param_values
+from ..model.contract import PARAM_TENSOR, Contract, Signature, TensorSpec, causal_mask, param_values
+from ..model.kv_quant import QMAX
 
 
 class SignatureModule(torch.nn.Module):
@@ -58,10 +59,18 @@ def sample_inputs(signature: Signature, contract: Contract, seed: int = 0, start
             out[spec.name] = causal_mask(start, spec.shape[2], contract.context)
         elif spec.name == PARAM_TENSOR:
             out[spec.name] = param_values(start, length)
+        elif spec.name.startswith("kv_cache"):
+            out[spec.name] = random_cache(spec, rng)
         else:
-            scale = 1.0 if spec.name.startswith("kv_cache") else 2.0
-            out[spec.name] = (rng.standard_normal(spec.shape) * scale).astype(spec.dtype)
+            out[spec.name] = (rng.standard_normal(spec.shape) * 2.0).astype(spec.dtype)
     return out
+
+
+def random_cache(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
+    """Random contents of a cache: unit normal values, or int8 values spread over the whole range."""
+    if spec.dtype == "int8":
+        return rng.integers(-QMAX, QMAX + 1, spec.shape).astype(np.int8)
+    return rng.standard_normal(spec.shape).astype(spec.dtype)
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ def template_key(spec, contract, first_layer: int, cache_write: str, samples: di
     shapes = {sig: {k: [list(v.shape), str(v.dtype)] for k, v in rows[0].items()} for sig, rows in samples.items()}
     described = {"spec": dataclasses.asdict(spec), "context": contract.context, "draft_len": contract.draft_len,
                  "prefill": list(contract.prefill_lengths), "layer": first_layer, "cache_write": cache_write,
+                 "kv": contract.kv_record(),  # int8 caches: the scales are constants of the graph
                  "inputs": shapes, "code": _code_digest()}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint.spec import SLIDING, DrafterSpec, TargetSpec, spec_from_dict
+from .kv_quant import KvScales, scales_from_dicts
 
 # Model (section) names inside a bundle.
 EMBEDDER, PER_LAYER_EMBEDDER, TARGET, DRAFTER = "embedder", "per_layer_embedder", "target", "drafter"
@@ -81,10 +82,22 @@ class Contract:
     kv_dtype: str = "float32"
     param_tensor: bool = False  # LiteRT targets: take PARAM_TENSOR and write the caches in place (model/kv_update.py)
     sliding_ring: bool = False  # sliding layers keep a ring of `ring_size` slots instead of the whole context
+    kv_scales: tuple[KvScales, ...] = ()  # int8 caches: the static scales per attention type (model/kv_quant.py)
 
     def __post_init__(self) -> None:
         if self.context < max(self.prefill_lengths) or self.context < self.draft_len + 2:
             raise ValueError(f"context {self.context} is smaller than a prefill or verify window")
+
+    def scales_by_kind(self) -> dict[str, KvScales]:
+        """The int8 caches' scales by attention type, as Target.kv_scales and Drafter.kv_scales take them."""
+        return {s.kind: s for s in self.kv_scales}
+
+    def kv_record(self) -> dict[str, Any]:
+        """The manifest's record of the caches' type (and int8 scales), which contract_from_dict reads back."""
+        record: dict[str, Any] = {"kv_dtype": self.kv_dtype}
+        if self.kv_scales:
+            record["kv_scales"] = [s.to_dict() for s in self.kv_scales]
+        return record
 
     @property
     def verify_len(self) -> int:
@@ -185,12 +198,12 @@ class Contract:
 
 
 def contract_from_dict(data: dict[str, Any]) -> Contract:
-    """The Contract a bundle manifest records (specs, context, draft length, prefill lengths, KV dtype, param_tensor,
-    sliding_ring; bundles written before param_tensor or sliding_ring existed have none)."""
+    """The Contract a bundle manifest records (specs, context, draft length, prefill lengths, KV dtype and int8
+    scales, param_tensor, sliding_ring; bundles written before param_tensor or sliding_ring existed have none)."""
     drafter = spec_from_dict(DrafterSpec, data["drafter"]) if data.get("drafter") else None
     return Contract(spec_from_dict(TargetSpec, data["target"]), drafter, int(data["context"]), int(data["draft_len"]),
                     tuple(data["prefill_lengths"]), data.get("kv_dtype", "float32"), bool(data.get("param_tensor")),
-                    bool(data.get("sliding_ring")))
+                    bool(data.get("sliding_ring")), scales_from_dicts(data.get("kv_scales") or ()))
 
 
 def param_values(start: int, length: int) -> np.ndarray:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..checkpoint.spec import FULL, SLIDING, DrafterSpec, TargetSpec
 from .contract import k_name, v_name
+from .kv_quant import KvScales
 from .kv_update import read_cache
 from .layers import DecoderLayer, KeyView, RMSNorm, rope_cos_sin, rope_inv_freq, take
 from .target import ring_of
@@ -50,6 +51,7 @@ class Drafter(nn.Module):
         # in fp32 bundles: LiteRT-LM compiles the drafter for the GPU with constant-tensor sharing, under which ML
         # Drift takes EMBEDDING_LOOKUP tables only in int8/int4/int2 and aborts on a float one. Both copy rows.
         self.gather_rows = False
+        self.kv_scales: dict[str, KvScales] = {}  # the target's, for int8 caches (model/kv_quant.py)
         for kind in (SLIDING, FULL):
             self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(spec, kind), persistent=False)
 
@@ -130,7 +132,7 @@ class Drafter(nn.Module):
             def attention(a: torch.Tensor, attn=attn, kind=kind, src=src) -> torch.Tensor:
                 q = attn.query(a, *rope[kind])
                 return attn.o_proj(read_cache(views[kind], q, kv_caches[k_name(src)], kv_caches[v_name(src)],
-                                              param_tensor))
+                                              param_tensor, self.kv_scales.get(kind)))
 
             x = layer(x, attention)
         y = self.norm(x)

@@ -24,19 +24,21 @@ from __future__ import annotations
 import torch
 
 from .contract import MASK_HIDDEN
+from .kv_quant import KvScales
 from .layers import KeyView, tracing_for_litert, write_cache
 
 
 def write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               input_pos: torch.Tensor, mode: str, param: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """write_cache(k_cache, v_cache, k, v, input_pos, mode), as `odml.cache_update` when `param` is given.
+               input_pos: torch.Tensor, mode: str, param: torch.Tensor | None = None,
+               scales: KvScales | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """write_cache(k_cache, v_cache, k, v, input_pos, mode, scales), as `odml.cache_update` when `param` is given
+    (fp32 caches only: export.options refuses an int8 cache written in place).
 
     Without `param` (ONNX, bundles without param_tensor) this is layers.write_cache. With it, the T rows are written
     as one block at input_pos[0] (the "dus" form); traced for LiteRT, that block write is wrapped in the composite.
     """
     if param is None:
-        return write_cache(k_cache, v_cache, k, v, input_pos, mode)
+        return write_cache(k_cache, v_cache, k, v, input_pos, mode, scales)
     if not tracing_for_litert():
         return write_cache(k_cache, v_cache, k, v, input_pos, "dus")
     from litert_torch.backend.composite import StableHLOCompositeBuilder
@@ -100,8 +102,8 @@ def attend_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def read_cache(view: KeyView, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               param: torch.Tensor | None) -> torch.Tensor:
+               param: torch.Tensor | None, scales: KvScales | None = None) -> torch.Tensor:
     """Attention of q over a key view of the caches: the in-place way when they are written in place (`param`)."""
     if param is None:
-        return view.attend(q, k_cache, v_cache)
+        return view.attend(q, k_cache, v_cache, scales)
     return attend_in_place(q, k_cache, v_cache, view.mask, param)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..checkpoint.spec import FULL, AttentionGeometry
 from .contract import MASK_HIDDEN
+from .kv_quant import KvScales, dequantize_caches, is_quantized, quantize_rows
 
 
 def stored_scale(value: float, dtype: torch.dtype) -> float:
@@ -170,21 +171,28 @@ class KeyView:
         window_mask = torch.where(visible, 0.0, MASK_HIDDEN)
         return cls(torch.minimum(take(mask, 3, held.clamp(0, mask.shape[-1] - 1)), window_mask))
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """attend() over the viewed slots of K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C]."""
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               scales: KvScales | None = None) -> torch.Tensor:
+        """attend() over the viewed slots of K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C] (int8 ones dequantized by `scales`)."""
         if self.index is not None:
             k_cache, v_cache = take(k_cache, 2, self.index), take(v_cache, 3, self.index)
+        if is_quantized(k_cache):
+            k_cache, v_cache = dequantize_caches(k_cache, v_cache, scales)
         return attend(q, k_cache, v_cache, self.mask)
 
 
 def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                input_pos: torch.Tensor, mode: str = "scatter") -> tuple[torch.Tensor, torch.Tensor]:
-    """Write rows k [1,Hkv,T,hd] and v [1,Hkv,T,hd] at input_pos into K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C].
+                input_pos: torch.Tensor, mode: str = "scatter", scales: KvScales | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write rows k [1,Hkv,T,hd] and v [1,Hkv,T,hd] at input_pos into K [1,Hkv,C,hd] and V^T [1,Hkv,hd,C]
+    (quantized by `scales` into int8 caches).
 
     "scatter" writes row i at input_pos[i] (ONNX ScatterElements, done in place by onnxruntime); "dus" writes the
     T rows as one block starting at input_pos[0] (LiteRT DYNAMIC_UPDATE_SLICE: the only form LiteRT-LM's runtime
     updates correctly, since it fills the padding rows of a prefill chunk with positions of its own).
     """
+    if is_quantized(k_cache):
+        k, v = quantize_rows(k, v, scales)
     _, hkv, t, hd = k.shape
     v = v.transpose(2, 3)
     if mode == "dus":
@@ -208,12 +216,15 @@ def ring_sources(start: torch.Tensor, rows: int, size: int) -> torch.Tensor:
 
 
 def write_ring(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write rows k, v [1,Hkv,T,hd] into ring caches K [1,Hkv,S,hd] and V^T [1,Hkv,hd,S] by `ring_sources`.
+               sources: torch.Tensor, scales: KvScales | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write rows k, v [1,Hkv,T,hd] into ring caches K [1,Hkv,S,hd] and V^T [1,Hkv,hd,S] by `ring_sources`
+    (quantized by `scales` into int8 caches).
 
     One gather over the ring and the new rows: it wraps around the ring's end, which a block write cannot, and it
     is GATHER with int32 indices (GPU-delegable) where a scatter is not.
     """
+    if is_quantized(k_cache):
+        k, v = quantize_rows(k, v, scales)
     k_all = torch.cat([k_cache, k.to(k_cache.dtype)], dim=2)
     v_all = torch.cat([v_cache, v.transpose(2, 3).to(v_cache.dtype)], dim=3)
     return take(k_all, 2, sources), take(v_all, 3, sources)

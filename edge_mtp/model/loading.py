@@ -16,6 +16,7 @@ from ..checkpoint.spec import (DrafterSpec, TargetSpec, check_pair, drafter_spec
                                target_spec_from_config)
 from .drafter import Drafter
 from .embedder import Embedder, PerLayerEmbedder
+from .kv_quant import KvScales, derive_scales
 from .target import Target
 
 
@@ -106,6 +107,25 @@ class TargetCheckpoint(TargetSource):
         """Return those tensors to the meta device, freeing their memory."""
         for entry in self._entries(owner, local_prefix):
             assign(self.modules[owner], entry.local, torch.empty(entry.shape, device="meta"))
+
+
+def kv_scales(source: TargetSource) -> tuple[KvScales, ...]:
+    """The int8 KV cache's scales per attention type, from the k_norm weights of the target's cache-owning layers."""
+    spec, target = source.spec, source.models.target
+    weights: dict[str, list] = {}
+    for i in spec.kv_layers:
+        local = f"layers.{i}.self_attn.k_norm."
+        source.load("target", local)
+        weights.setdefault(spec.layer_types[i], []).append(target.layers[i].self_attn.k_norm.weight.detach().clone())
+        source.release("target", local)
+    return tuple(derive_scales(kind, w) for kind, w in sorted(weights.items()))
+
+
+def use_scales(scales: dict[str, KvScales], target: Target, drafter: Drafter | None) -> None:
+    """Give the target and drafter modules the scales of the int8 caches they will be run or traced on."""
+    target.kv_scales = scales
+    if isinstance(drafter, Drafter):
+        drafter.kv_scales = scales
 
 
 def load_target(path: str | Path, dtype: torch.dtype = torch.float32) -> TargetModels:

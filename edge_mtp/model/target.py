@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ..checkpoint.spec import FULL, SLIDING, TargetSpec
 from .contract import INPUT_POS, MASK, PARAM_TENSOR, k_name, v_name
+from .kv_quant import KvScales
 from .kv_update import read_cache, write_rows
 from .layers import DecoderLayer, KeyView, RMSNorm, graph_output, ring_sources, rope_cos_sin, rope_inv_freq, write_ring
 
@@ -39,6 +40,7 @@ class Target(nn.Module):
         self.spec = spec
         self.cache_write = "scatter"  # the LiteRT exporter switches this to "dus" (see layers.write_cache)
         self.ring = 0  # sliding ring size layer_context assumes when not told (set by the exporter of a ring contract)
+        self.kv_scales: dict[str, KvScales] = {}  # per attention type, for int8 caches (model/kv_quant.py)
         h = spec.hidden_size
         self.embed_tokens = nn.Embedding(spec.vocab_size, h)  # the tied output head
         if spec.ple_dim:
@@ -114,19 +116,21 @@ class Target(nn.Module):
         cos, sin = context[f"rope_cos_{kind}"], context[f"rope_sin_{kind}"]
         view = KeyView(context[MASK]) if kind == FULL else KeyView(context[f"mask_{kind}"], context.get(f"index_{kind}"))
         attn = self.layers[i].self_attn
+        scales = self.kv_scales.get(kind)
 
         def attention(x: torch.Tensor) -> torch.Tensor:
             if attn.own_kv:
                 k, v = attn.key_value(x, cos, sin)
                 if kind == SLIDING and RING_SOURCES in context:
                     caches[k_name(i)], caches[v_name(i)] = write_ring(caches[k_name(i)], caches[v_name(i)], k, v,
-                                                                      context[RING_SOURCES])
+                                                                      context[RING_SOURCES], scales)
                 else:
                     caches[k_name(i)], caches[v_name(i)] = write_rows(
                         caches[k_name(i)], caches[v_name(i)], k, v, context[INPUT_POS], self.cache_write,
-                        context.get(PARAM_TENSOR))
+                        context.get(PARAM_TENSOR), scales)
             q = attn.query(x, cos, sin)
-            return attn.o_proj(read_cache(view, q, caches[k_name(src)], caches[v_name(src)], context.get(PARAM_TENSOR)))
+            return attn.o_proj(read_cache(view, q, caches[k_name(src)], caches[v_name(src)], context.get(PARAM_TENSOR),
+                                          scales))
 
         return self.layers[i](h, attention, context.get(ple_name(i)))
 

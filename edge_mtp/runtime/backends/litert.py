@@ -197,8 +197,8 @@ class LiteRTBackend(Backend):
 
     def read_kv(self, name: str) -> np.ndarray:
         """A copy of one cache (for tests and debugging; the loop never reads caches)."""
-        shape = self._zeros[name].shape
-        return self.kv[name].read(int(np.prod(shape)), np.float32).reshape(shape)
+        zeros = self._zeros[name]
+        return self.kv[name].read(zeros.size, zeros.dtype).reshape(zeros.shape)
 
     def embed(self, token: int) -> tuple[np.ndarray, np.ndarray | None]:
         ids = {TOKEN_IDS: np.array([[token]], dtype=np.int32)}

@@ -7,7 +7,7 @@ import torch
 
 from ...model.contract import ACTIVATIONS, Contract
 from ...model.drafter import Drafter
-from ...model.loading import TargetModels
+from ...model.loading import TargetModels, use_scales
 from .base import Backend
 
 
@@ -18,6 +18,7 @@ class TorchBackend(Backend):
 
     def __init__(self, models: TargetModels, drafter: Drafter | None, contract: Contract):
         self.models, self.drafter, self.contract = models, drafter, contract
+        use_scales(contract.scales_by_kind(), models.target, drafter)
         self.kv: dict[str, torch.Tensor] = {}
         self.reset()
 
