@@ -44,12 +44,14 @@ def unit_samples(unit: ExportUnit, contract: Contract, seeds: Sequence[int] = (0
 def written_rows(outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray]
                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The int8 K and V rows [1,Hkv,T,hd] a converted graph wrote at input_pos, per written cache in layer order
-    (a layer piece's `k_cache`, or a whole target's kv_cache_k_<i>): what kv_quant.rounded_as checks."""
+    (a layer piece's `k_cache`, or a whole target's kv_cache_k_<i>): what kv_quant.rounded_as checks. Position p
+    sits in slot p mod S of a cache of S slots (a sliding layer's ring; p < S elsewhere)."""
     keys = [n for n, a in outputs.items() if a.dtype == np.int8 and (n == "k_cache" or n.startswith("kv_cache_k_"))]
     keys.sort(key=lambda n: int(n.rsplit("_", 1)[1]) if n[-1].isdigit() else 0)
     pos = np.asarray(inputs[INPUT_POS]).astype(np.int64) if keys else None
     values = {k: "v_cache" if k == "k_cache" else k.replace("_k_", "_v_") for k in keys}
-    return [(outputs[k][:, :, pos, :], np.swapaxes(outputs[values[k]][:, :, :, pos], 2, 3)) for k in keys]
+    slots = {k: pos % outputs[k].shape[2] for k in keys}
+    return [(outputs[k][:, :, slots[k], :], np.swapaxes(outputs[values[k]][:, :, :, slots[k]], 2, 3)) for k in keys]
 
 
 class TfliteRunner:
