@@ -1,4 +1,4 @@
-"""Convert PyTorch modules to LiteRT (.tflite) with litert_torch, and check converted signatures against PyTorch."""
+"""Convert PyTorch modules to LiteRT (.tflite) with litert_torch, and run converted signatures."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..model.contract import Contract
 from ..util.errors import EdgeMtpError
 from ..util.quiet import converter_output_quiet
-from .signatures import ExportUnit, compare_outputs, run_reference, sample_inputs
 
 Samples = Mapping[str, Sequence[Mapping[str, np.ndarray]]]  # signature -> inputs per seed
 
@@ -35,11 +33,6 @@ def convert_module(modules: Mapping[str, torch.nn.Module], samples: Samples, pat
     return path
 
 
-def unit_samples(unit: ExportUnit, contract: Contract, seeds: Sequence[int] = (0, 100, 101)) -> dict:
-    """Contract sample inputs for every signature of a unit (the first seed traces, the others check)."""
-    return {sig.name: [sample_inputs(sig, contract, seed=seed) for seed in seeds] for sig, _ in unit.signatures}
-
-
 class TfliteRunner:
     """Runs signatures of one .tflite with a single LiteRT interpreter (made once: it packs the weights)."""
 
@@ -53,18 +46,3 @@ class TfliteRunner:
         if signature not in self.runners:
             self.runners[signature] = self.interpreter.get_signature_runner(signature)
         return self.runners[signature](**inputs)
-
-
-def check_module(path: Path, modules: Mapping[str, torch.nn.Module], samples: Samples) -> dict[str, dict]:
-    """Compare every converted signature with its PyTorch module on the checking samples; worst error per output."""
-    runner = TfliteRunner(path)
-    report: dict[str, dict] = {}
-    for name, module in modules.items():
-        worst: dict[str, dict[str, float]] = {}
-        for inputs in samples[name][1:]:
-            for output, row in compare_outputs(runner(name, inputs), run_reference(module, inputs)).items():
-                if output not in worst or row["relative"] > worst[output]["relative"]:
-                    worst[output] = row
-        report[name] = worst
-    return report
-

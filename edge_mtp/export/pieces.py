@@ -77,6 +77,9 @@ class LayerPiece(nn.Module):
         return out
 
 
+HEAD = "head"  # the LM head's piece; the embedders' pieces are named after their models
+
+
 class Head(nn.Module):
     """h -> final norm, tied softcapped LM head: logits, activations."""
 

@@ -5,8 +5,6 @@ Both exporters trace these, and the numerical checks run them, so a signature's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -27,14 +25,6 @@ class SignatureModule(torch.nn.Module):
         args = [inputs.pop(name, None) for name in self.positional]
         out = self.model(*args, **inputs)
         return {name: out[name] for name in self.output_names}
-
-
-@dataclass
-class ExportUnit:
-    """One model of the bundle: its name, the module and the signatures to trace on it."""
-
-    name: str
-    signatures: list[tuple[Signature, SignatureModule]]
 
 
 def sample_inputs(signature: Signature, contract: Contract, seed: int = 0, start: int | None = None,
@@ -80,3 +70,9 @@ def compare_outputs(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> 
         scale = float(np.abs(want).max()) if want.size else 0.0
         report[name] = {"max_abs_error": err, "scale": scale, "relative": err / scale if scale else err}
     return report
+
+
+def relative_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray], key: str) -> float:
+    """max |got - want| / max |want| of one output."""
+    scale = float(np.abs(want[key]).max()) or 1.0
+    return float(np.abs(np.asarray(got[key]).reshape(want[key].shape) - want[key]).max()) / scale
