@@ -26,7 +26,7 @@ from ..checkpoint.locate import resolve_checkpoint
 from ..checkpoint.reading import assign, swapped
 from ..checkpoint.spec import spec_to_dict
 from ..formats.tflite import read_tflite
-from ..model.contract import DRAFTER, EMBEDDER, TARGET, Contract
+from ..model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
 from ..model.drafter import Drafter
 from ..model.loading import TargetSource
 from ..util.atomic import atomic_file
@@ -83,7 +83,8 @@ class LitertFormat:
     def convert(self, name: str, module: torch.nn.Module, samples: PieceSamples, weights: dict[str, np.ndarray],
                 layer: int | None) -> Path:
         """The piece's fp32 .tflite: converted, or a layer kind's template refilled with this layer's weights."""
-        path = self.work / f"{name}.tflite"
+        few_rows = ".small" if name in (EMBEDDER, PER_LAYER_EMBEDDER) else ""  # the widened model takes <name>.tflite
+        path = self.work / f"{name}{few_rows}.tflite"
         modules = {sig: module for sig in samples.by_signature}
         if layer is None:
             return convert_module(modules, samples.by_signature, path)
@@ -197,6 +198,8 @@ class LitertFormat:
         """Write a joined model (a drafter is its piece already); a widened embedder must give back its rows."""
         if name == DRAFTER:
             return model
+        if name == TARGET:
+            self.on_stage("writing the target model")
         path = model.finish(self.work / f"{name}.tflite")
         if name in self.widened:
             table, values, report = self.widened.pop(name)
