@@ -31,9 +31,8 @@ from ..model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Cont
 from ..model.drafter import Drafter
 from ..model.loading import TargetSource
 from ..util.errors import EdgeMtpError
-from .pieces import HEAD, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_rename
+from .pieces import HEAD, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_rename, small_vocab
 from .signatures import SignatureModule, compare_outputs, relative_error, run_reference, sample_inputs
-from .tables import small_vocab
 
 TOLERANCE = 1e-4  # max abs error / reference magnitude, per output of every converted signature
 SEEDS = (0, 100, 101)  # seed 0 traces; every seed checks

@@ -22,12 +22,11 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..bundle.litertlm import BundleMetadata
 from ..bundle.onnx_folder import (CHAT_TEMPLATE, MANIFEST, TOKEN_AXIS, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
                                   model_file, onnx_output_name, read_manifest)
 from ..model.contract import DECODE, DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, Signature, kv_output_name
@@ -42,6 +41,9 @@ from .onnx_stitch import PIECE_OUTPUT_SUFFIX, GraphStitcher
 from .onnx_stored import name_weights
 from .onnx_tables import locate_table, write_table
 from .pieces import HIDDEN, PieceSamples
+
+if TYPE_CHECKING:
+    from ..bundle.litertlm import BundleMetadata  # the tokenizer's metadata, shared with the LiteRT bundle
 
 OPSET = 20
 _TOKEN_AXES = {"embeddings": 1, "per_layer_embeddings": 1, "input_pos": 0, "mask": 2, "logits": 1, "activations": 1}

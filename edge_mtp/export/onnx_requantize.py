@@ -41,9 +41,9 @@ from .onnx_quantize import (FP16_MIN_ELEMENTS, INLINE_BYTES, data_file, fp16_cas
                             quantize_graph, remove_graph, save_graph, weight_bytes)
 from .onnx_tables import TABLE_PIECES, locate_table, write_table
 from .options import check_quantize_options
+from .pieces import ROW_CHUNK_BYTES, small_vocab
 from .quality import quantization_report, report_prompts
 from .signatures import relative_error, sample_inputs
-from .tables import ROW_CHUNK_BYTES, small_vocab
 
 _WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}  # the ops a recipe quantizes, and which input is the weight
 _ACTIVATION_INPUT = {"MatMul": 0, "Gather": 1}

@@ -18,7 +18,7 @@ import numpy as np
 from ..util.errors import EdgeMtpError
 from .onnx_data import stored_bytes
 from .onnx_quantize import FP16_MIN_ELEMENTS, INT4_BLOCKS, fp16_name
-from .stored import digest
+from .pieces import digest
 
 TRANSPOSED = ".T"  # an initializer holding the transpose of the weight it is named after
 FLOAT32, FLOAT16, INT8, INT4 = "float32", "float16", "int8", "int4"

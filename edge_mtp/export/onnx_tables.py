@@ -21,8 +21,7 @@ import numpy as np
 from ..model.contract import EMBEDDER, PER_LAYER_EMBEDDER
 from ..util.errors import EdgeMtpError
 from .onnx_data import DataFile, Placed, stored_bytes
-from .pieces import HEAD
-from .tables import ROW_CHUNK_BYTES
+from .pieces import HEAD, ROW_CHUNK_BYTES
 
 Encoder = Callable[[np.ndarray], dict[str, np.ndarray]]  # rows [n, W] fp32 -> stored arrays by initializer name
 TABLE_PIECES = (EMBEDDER, PER_LAYER_EMBEDDER, HEAD)  # the pieces whose tables export/onnx_format.py writes through here
