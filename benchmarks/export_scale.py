@@ -62,7 +62,7 @@ def run_bundle(bundle: Path, max_tokens: int) -> dict:
 
 def main() -> None:
     """Export one preset and print what it cost (or, with --run, run a bundle)."""
-    from edge_mtp.export.onnx_export import export_onnx
+    from edge_mtp.export.pipeline import export_onnx
     from edge_mtp.export.pipeline import export_litert
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

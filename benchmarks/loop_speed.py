@@ -158,7 +158,7 @@ def main() -> None:
 
             export_litert(target_dir(), assistant_dir(), bundle, context=args.context, prefill=(32, 128))
         if args.onnx is None:
-            from edge_mtp.export.onnx_export import export_onnx
+            from edge_mtp.export.pipeline import export_onnx
 
             export_onnx(target_dir(), assistant_dir(), folder, context=args.context, prefill=(32, 128))
         tokenizer = open_bundle(bundle).tokenizer

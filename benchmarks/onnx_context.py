@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from edge_mtp.checkpoint.spec import TARGET_PRESETS
-from edge_mtp.export.onnx_export import export_target_graph
+from edge_mtp.export.onnx_format import export_target_graph
 from edge_mtp.model.contract import DECODE, Contract, causal_mask, kv_output_name
 from edge_mtp.model.target import Target
 

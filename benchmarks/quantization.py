@@ -66,7 +66,8 @@ def _engine_speed(bundle: Path, context: int, max_tokens: int) -> dict:
 
 def run_onnx(work: Path, recipes, context: int, max_tokens: int, threads: int) -> dict:
     from edge_mtp import demo
-    from edge_mtp.export.onnx_export import export_onnx, quantize_onnx_bundle
+    from edge_mtp.export.onnx_requantize import quantize_onnx_bundle
+    from edge_mtp.export.pipeline import export_onnx
     from edge_mtp.bundle.onnx_folder import read_manifest
     from edge_mtp.bundle import open_bundle
     from edge_mtp.runtime.backends.ort import OnnxBackend

@@ -19,7 +19,7 @@ from edge_mtp.util.memory import PeakMemory
 
 def main() -> None:
     """Quantize one bundle and print what it cost."""
-    from edge_mtp.export.onnx_export import quantize_onnx_bundle
+    from edge_mtp.export.onnx_requantize import quantize_onnx_bundle
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)

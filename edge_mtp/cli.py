@@ -139,7 +139,7 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
            draft_len: int, context: int, prefill: str, quant: str, allow_template_mismatch: bool, gpu: bool,
            full_sliding_cache: bool, kv_cache: str, as_json: bool) -> None:
     """Export a target and its MTP assistant to one .litertlm bundle, checking every graph against PyTorch."""
-    from .export.pipeline import export_litert
+    from .export.pipeline import export_bundle
 
     out = out or DEFAULT_OUT[fmt]
     lengths = parse_prefill(prefill)
@@ -149,16 +149,10 @@ def export(target_dir: str | None, assistant_dir: str | None, no_assistant: bool
         assistant_dir = assistant_dir or demo_assistant
     assistant_dir = export_assistant(assistant_dir, no_assistant)
     with export_progress() as (stage, progress):
-        if fmt == ONNX:
-            from .export.onnx_export import export_onnx
-
-            summary = export_onnx(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
-                                  prefill=lengths, quant=quant, on_stage=stage, on_progress=progress)
-        else:
-            summary = export_litert(target_dir, assistant_dir, out, draft_len=draft_len, context=context,
-                                    prefill=lengths, quant=quant, on_stage=stage, on_progress=progress,
-                                    allow_template_mismatch=allow_template_mismatch, in_place_cache=gpu,
-                                    sliding_ring=not full_sliding_cache, kv_cache=kv_cache)
+        summary = export_bundle(fmt, target_dir, assistant_dir, out, draft_len=draft_len, context=context,
+                                prefill=lengths, quant=quant, on_stage=stage, on_progress=progress,
+                                allow_template_mismatch=allow_template_mismatch, in_place_cache=gpu,
+                                sliding_ring=not full_sliding_cache, kv_cache=kv_cache)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -600,7 +594,7 @@ def distill_train(shards_dir: Path, out_dir: Path, as_json: bool, **options) -> 
 @click.option("--quant", required=True, help="fp16, int8, int4[-b64|-b128] or mixed.")
 def quantize(bundle: Path, out: Path, quant: str) -> None:
     """Quantize a finished fp32 ONNX bundle folder into a new folder (no re-export), with its quantization report."""
-    from .export.onnx_export import quantize_onnx_bundle
+    from .export.onnx_requantize import quantize_onnx_bundle
 
     with export_progress() as (stage, progress):
         q = quantize_onnx_bundle(bundle, out, quant, on_stage=stage, on_progress=progress)["quantization_report"]

@@ -134,25 +134,21 @@ def gpu_demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def onnx_recipe_bundle(synth_pair, tmp_path_factory):
-    """onnx_recipe_bundle(recipe) -> the synthetic tiny pair exported once per recipe in the session to an ONNX bundle
-    folder (at the tiny_bundle geometry). The fp32 export runs every check of the export and keeps its summary, with
-    the progress steps it reported, in made_with[path] (test_onnx asserts them); the others leave the piece checks
-    to that one."""
-    from edge_mtp.export.onnx_export import export_onnx
+    """onnx_recipe_bundle(recipe) -> (folder, export summary, progress steps (done, total)): the synthetic tiny pair
+    exported once per recipe in the session to an ONNX bundle folder (at the tiny_bundle geometry). The fp32 export
+    runs every check of the export; the others leave the piece checks to that one."""
+    from edge_mtp.export.pipeline import export_onnx
 
     made = {}
 
-    def get(recipe: str) -> Path:
+    def get(recipe: str) -> tuple[Path, object, list[tuple[int, int]]]:
         if recipe not in made:
             out = tmp_path_factory.mktemp(f"onnx-{recipe}") / f"tiny-{recipe}"
             steps = []
             summary = export_onnx(synth_pair / "target", synth_pair / "assistant", out, context=BUNDLE_CONTEXT,
                                   prefill=BUNDLE_PREFILL, quant=recipe, check=recipe == "fp32",
                                   on_progress=lambda what, done, total: steps.append((done, total)))
-            summary.progress = steps
-            made[recipe] = out
-            get.made_with[out] = summary
+            made[recipe] = out, summary, steps
         return made[recipe]
 
-    get.made_with = {}
     return get

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from edge_mtp.export.driver import TOLERANCE
-from edge_mtp.export.signatures import ExportUnit, SignatureModule
-from edge_mtp.model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
+from edge_mtp.export.signatures import SignatureModule
+from edge_mtp.model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract, Signature
 from edge_mtp.model.drafter import Drafter
 from edge_mtp.model.loading import TargetModels
 
@@ -29,6 +30,14 @@ def assert_streamed_export(summary, layers: int = 6) -> None:
     assert report["reference"] == "streamed PyTorch fp32"
     assert report["logit_relative_error"] <= 1e-4 and report["top1_agreement"] == 1.0
     assert report["drafter_logit_relative_error"] <= 1e-4 and report["drafter_top1_agreement"] == 1.0
+
+
+@dataclass
+class ExportUnit:
+    """One model of the bundle: its name, the module and the signatures to trace on it."""
+
+    name: str
+    signatures: list[tuple[Signature, SignatureModule]]
 
 
 def export_units(models: TargetModels, drafter: Drafter | None, contract: Contract) -> list[ExportUnit]:

@@ -16,7 +16,7 @@ CONTEXT, PREFILL, G = 128, (16,), 6
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
-    from edge_mtp.export.onnx_export import export_onnx
+    from edge_mtp.export.pipeline import export_onnx
     from edge_mtp.export.pipeline import export_litert
 
     root = tmp_path_factory.mktemp("g6")

@@ -263,7 +263,7 @@ LIBRARY_CASES = {  # the sentences the export cases of the catalogue above asser
 def test_the_library_refuses_what_the_command_refuses(fmt, options, fragment, synth_pair, tmp_path, monkeypatch):
     """export_litert / export_onnx give the command's sentence for a bad option before any checkpoint is opened."""
     from edge_mtp.util.errors import EdgeMtpError
-    from edge_mtp.export.onnx_export import export_onnx
+    from edge_mtp.export.pipeline import export_onnx
     from edge_mtp.export.pipeline import export_litert
     from edge_mtp.model.loading import TargetCheckpoint
 
@@ -280,13 +280,14 @@ def test_the_library_refuses_what_the_command_refuses(fmt, options, fragment, sy
 
 @pytest.mark.parametrize("fmt", ["litert", "onnx"])
 def test_exports_of_models_in_memory_check_their_options_too(fmt, tmp_path):
-    """export_litert_models / export_onnx_models refuse a bad option before touching the models they are given."""
+    """export_bundle refuses a bad option before touching the models it is given."""
     from edge_mtp.util.errors import EdgeMtpError
-    from edge_mtp.export.onnx_export import export_onnx_models
-    from edge_mtp.export.pipeline import export_litert_models
+    from edge_mtp.export.pipeline import export_bundle
 
-    export, out = ((export_litert_models, tmp_path / "m.litertlm") if fmt == "litert"
-                   else (export_onnx_models, tmp_path / "m"))
+    out = tmp_path / ("m.litertlm" if fmt == "litert" else "m")
+
+    def export(*args, **kwargs):
+        return export_bundle(fmt, *args, **kwargs)
     with pytest.raises(EdgeMtpError, match="--draft-len must be at least 1, not 0"):
         export(None, None, out, draft_len=0, context=64, prefill=(8,))
     (tmp_path / "a-file").write_text("x")

@@ -140,7 +140,7 @@ ONNX_ENCODINGS = {"fp32": "float32", "int8": "int8", "int4": "int4"}  # what eac
 def test_an_onnx_bundle_passes_and_every_defect_fails(recipe, onnx_recipe_bundle, pair_dirs, defective):
     """ONNX initializers are named after the checkpoint's weights and hold them as the recipe rounds them: the faithful
     folder passes the whole verdict, each defect fails its weights rows with the tensor named."""
-    bundle = onnx_recipe_bundle(recipe)
+    bundle = onnx_recipe_bundle(recipe)[0]
     target, assistant = pair_dirs["tiny"]
     report = validate(bundle, target, assistant, prompts=PROMPTS, max_tokens=4)
     assert report.passed, [(c.subject, c.detail, c.criterion) for c in _failed(report)]
@@ -169,7 +169,7 @@ def test_weights_only_certifies_an_onnx_folder_from_the_cli(onnx_recipe_bundle, 
     from edge_mtp.checks import onnx_weights
 
     monkeypatch.setattr(onnx_weights, "TABLE_CHUNK_ROWS", 37)
-    bundle = onnx_recipe_bundle("int8")
+    bundle = onnx_recipe_bundle("int8")[0]
     args = ["validate", str(bundle), "--assistant", str(pair_dirs["tiny"][1]), "--weights-only", "--json"]
     result = CliRunner().invoke(main, args + ["--target", str(pair_dirs["tiny"][0])])
     assert result.exit_code == 0, result.output[-2000:]

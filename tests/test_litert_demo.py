@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edge_mtp.demo import assistant_dir, target_dir
-from edge_mtp.export.pipeline import export_litert_models
+from edge_mtp.export.pipeline import export_bundle
 from edge_mtp.model.contract import Contract, k_name, v_name
 from edge_mtp.model.loading import load_drafter, load_target
 from edge_mtp.runtime.api import load
@@ -72,7 +72,7 @@ def test_a_drafter_reading_the_wrong_cache_breaks_the_acceptance_equality(demo_b
     monkeypatch.setattr(Contract, "drafter_kv_tensors",
                         lambda self: tuple(t for t in self.kv_tensors() if t.name in names))
     out = tmp_path / "miswired.litertlm"
-    export_litert_models(models, drafter, out, context=DEMO_CONTEXT, prefill=DEMO_PREFILL)
+    export_bundle("litert", models, drafter, out, context=DEMO_CONTEXT, prefill=DEMO_PREFILL)
     run = run_litertlm(out, PROMPTS, MAX_TOKENS, DEMO_CONTEXT, mtp=True)
     off = run_litertlm(demo_bundle, PROMPTS, MAX_TOKENS, DEMO_CONTEXT, mtp=False)
     assert all(a.startswith(b) for a, b in zip(run.texts, off.texts))  # output stays correct...

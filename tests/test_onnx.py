@@ -14,7 +14,7 @@ import torch
 from edge_mtp.bundle import open_bundle
 from edge_mtp.bundle.onnx_folder import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest
 from edge_mtp.export.driver import TOLERANCE
-from edge_mtp.export.onnx_export import export_onnx
+from edge_mtp.export.pipeline import export_onnx
 from edge_mtp.export.signatures import compare_outputs, run_reference, sample_inputs
 from edge_mtp.model.contract import DECODE, DRAFT, Contract, causal_mask, drafter_mask, k_name
 from edge_mtp.model.loading import load_drafter, load_target
@@ -31,9 +31,9 @@ PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on
 
 @pytest.fixture(scope="module")
 def onnx_bundle(onnx_recipe_bundle):
-    """The synthetic tiny pair exported once to an ONNX bundle folder, every check on: (path, export summary)."""
-    out = onnx_recipe_bundle("fp32")
-    return out, onnx_recipe_bundle.made_with[out]
+    """The synthetic tiny pair exported once to an ONNX bundle folder, every check on: (path, export summary,
+    progress steps)."""
+    return onnx_recipe_bundle("fp32")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,10 @@ def backend(onnx_bundle):
 
 
 def test_export_checks_every_graph_and_signature(onnx_bundle):
-    path, summary = onnx_bundle
+    path, summary, progress = onnx_bundle
     assert_streamed_export(summary)  # every piece vs PyTorch, and the whole bundle vs the streamed reference
-    done = [d for d, _ in summary.progress]
-    assert done == list(range(len(done))) and summary.progress[-1][0] == summary.progress[-1][1] == 6 + 5  # for an ETA
+    done = [d for d, _ in progress]
+    assert done == list(range(len(done))) and progress[-1][0] == progress[-1][1] == 6 + 5  # for an ETA
     files = sorted(p.name for p in path.iterdir())
     assert files == sorted(["manifest.json", "tokenizer.json", "tokenizer_config.json"] +
                            [f"{m}.onnx{x}" for m in ("embedder", "per_layer_embedder", "target", "drafter")
@@ -61,7 +61,7 @@ def test_export_checks_every_graph_and_signature(onnx_bundle):
 
 
 def test_manifest_records_the_contract(onnx_bundle, reference):
-    path, _ = onnx_bundle
+    path = onnx_bundle[0]
     manifest = read_manifest(path)
     assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
     assert manifest["quantization"] == "fp32" and manifest["kv_output_name"] == "{name}_out"

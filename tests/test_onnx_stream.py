@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
-from edge_mtp.export import onnx_export
+from edge_mtp.export import driver, onnx_format
 from edge_mtp.export import onnx_data, onnx_tables
-from edge_mtp.export.onnx_export import export_onnx
+from edge_mtp.export.pipeline import export_onnx
 from edge_mtp.export.onnx_quantize import quantize_graph
 from edge_mtp.export.onnx_stitch import GraphStitcher
 from edge_mtp.export.onnx_tables import locate_table, write_table
@@ -88,7 +88,7 @@ def test_joined_target_streams_every_layer_into_one_data_file(synth_pair, tmp_pa
 
     models = load_target(synth_pair / "target")
     contract = Contract(models.spec, None, CONTEXT, 3, PREFILL)
-    path = onnx_export.export_target_graph(models.target, contract, tmp_path / "t.onnx")
+    path = onnx_format.export_target_graph(models.target, contract, tmp_path / "t.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx", "t.onnx.data"]  # no scratch left
     graph = onnx.load(str(path), load_external_data=False).graph
     external = [i for i in graph.initializer if i.data_location == TensorProto.EXTERNAL]
@@ -106,7 +106,7 @@ def test_joined_target_streams_every_layer_into_one_data_file(synth_pair, tmp_pa
 def test_a_miscompiled_piece_stops_the_export(synth_pair, tmp_path, monkeypatch):
     """A layer whose exported graph is not its PyTorch module (here: one weight row negated while exporting; a
     uniform scale would vanish in the post-norm) is refused by its own check, before anything is published."""
-    real = onnx_export.export_piece
+    real = onnx_format.export_piece
 
     def wrong_layer_2(module, samples, path, inputs=None):
         if path.name != "layer_2.onnx":
@@ -119,7 +119,7 @@ def test_a_miscompiled_piece_stops_the_export(synth_pair, tmp_path, monkeypatch)
         finally:
             weight.data.copy_(saved)
 
-    monkeypatch.setattr(onnx_export, "export_piece", wrong_layer_2)
+    monkeypatch.setattr(onnx_format, "export_piece", wrong_layer_2)
     with pytest.raises(EdgeMtpError, match="converted layer_2 signature .* differs from PyTorch"):
         export_onnx(synth_pair / "target", None, tmp_path / "b", context=CONTEXT, prefill=PREFILL)
     assert list(tmp_path.iterdir()) == []
@@ -127,7 +127,7 @@ def test_a_miscompiled_piece_stops_the_export(synth_pair, tmp_path, monkeypatch)
 
 def test_a_miswired_join_fails_the_end_to_end_check(synth_pair, tmp_path, monkeypatch):
     """Every piece right but a KV-shared layer joined to another layer's cache: only the bundle check can see it."""
-    real = onnx_export.layer_rename
+    real = driver.layer_rename
 
     def miswired(target, i, piece):
         names = real(target, i, piece)
@@ -135,7 +135,7 @@ def test_a_miswired_join_fails_the_end_to_end_check(synth_pair, tmp_path, monkey
             names.update(k_cache="kv_cache_k_0", v_cache="kv_cache_v_0")
         return names
 
-    monkeypatch.setattr(onnx_export, "layer_rename", miswired)
+    monkeypatch.setattr(driver, "layer_rename", miswired)
     with pytest.raises(EdgeMtpError, match="does not reproduce the model: logit error .* nothing was written"):
         export_onnx(synth_pair / "target", None, tmp_path / "b", context=CONTEXT, prefill=PREFILL)
     assert list(tmp_path.iterdir()) == []
@@ -196,7 +196,7 @@ def _bundle_copy(src, dst):
 
 
 def test_quantize_refuses_damaged_input_in_one_sentence(demo_fp32, tmp_path):
-    from edge_mtp.export.onnx_export import quantize_onnx_bundle
+    from edge_mtp.export.onnx_requantize import quantize_onnx_bundle
     from edge_mtp.export.onnx_requantize import requantize_graph
 
     modified, truncated = (_bundle_copy(demo_fp32, tmp_path / name) for name in ("modified", "truncated"))
@@ -218,7 +218,7 @@ def test_quantize_refuses_damaged_input_in_one_sentence(demo_fp32, tmp_path):
 @pytest.mark.parametrize("failure", ["disk full", "interrupted"])
 def test_an_interrupted_quantize_leaves_nothing(demo_fp32, tmp_path, monkeypatch, failure):
     from edge_mtp.export import onnx_requantize
-    from edge_mtp.export.onnx_export import quantize_onnx_bundle
+    from edge_mtp.export.onnx_requantize import quantize_onnx_bundle
 
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -269,7 +269,7 @@ def test_quantizing_the_wide_preset_holds_one_weight_group_not_the_graph(tmp_pat
     import sys
 
     from edge_mtp.model.contract import Contract
-    from edge_mtp.export.onnx_export import export_target_graph
+    from edge_mtp.export.onnx_format import export_target_graph
     from edge_mtp.model.loading import load_target
     from edge_mtp.checkpoint.spec import preset_pair
     from edge_mtp.checkpoint.synth import write_target

@@ -15,10 +15,11 @@ from test_onnx import DEMO_CONTEXT as CONTEXT, PREFILL, demo_fp32_bundle
 from edge_mtp import demo
 from edge_mtp.bundle import open_bundle
 from edge_mtp.bundle.onnx_folder import MANIFEST, read_manifest
-from edge_mtp.export.onnx_export import export_onnx, quantize_onnx_bundle
+from edge_mtp.export.driver import MIXED_SENSITIVITY
 from edge_mtp.export.onnx_quantize import graph_bytes, weight_bytes
+from edge_mtp.export.onnx_requantize import quantize_onnx_bundle
 from edge_mtp.export.options import INT8_KV_REASON, RECIPES, check_recipe
-from edge_mtp.export.quantize import MIXED_SENSITIVITY
+from edge_mtp.export.pipeline import export_onnx
 from edge_mtp.runtime.backends.ort import OnnxBackend
 from edge_mtp.runtime.speculative import SpeculativeDecoder, generate_tokens
 from edge_mtp.util.errors import EdgeMtpError

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edge_mtp.export import driver as driver_module
+from edge_mtp.export import litert_format
 from edge_mtp.export.pipeline import export_litert
 from edge_mtp.export.quantize import component_recipe, quantize_file
 from edge_mtp.export.tables import TableFormat, check_format, find_table
@@ -65,14 +66,14 @@ def test_table_dequantization_inverts_quantization_within_half_a_step(fmt):
 
 def test_a_table_streamed_wrongly_is_caught_before_anything_is_written(synth_pair, tmp_path, monkeypatch):
     """A join that streams wrong rows into the LM head (here: all zeros, a pad-only model) fails the bundle check."""
-    real = driver_module.QuantizedTable
+    real = litert_format.QuantizedTable
 
     class ZeroHead(real):
         def __init__(self, fmt, read_rows, rows, width, path, on_rows=lambda n: None):
             zero = (lambda a, b: 0 * read_rows(a, b)) if path.name == "head.table" else read_rows
             super().__init__(fmt, zero, rows, width, path, on_rows)
 
-    monkeypatch.setattr(driver_module, "QuantizedTable", ZeroHead)
+    monkeypatch.setattr(litert_format, "QuantizedTable", ZeroHead)
     out = tmp_path / "broken.litertlm"
     with pytest.raises(EdgeMtpError, match="does not reproduce the model"):
         export_litert(synth_pair / "target", None, out, context=CONTEXT, prefill=(8,), quant="fp32")
@@ -103,7 +104,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(synth_pair, tmp_path,
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(driver_module.GraphJoiner, "append_buffer", full)
+    monkeypatch.setattr(litert_format.GraphJoiner, "append_buffer", full)
     with pytest.raises(EdgeMtpError, match="disk .* is full"):
         export_litert(synth_pair / "target", None, tmp_path / "m.litertlm", context=CONTEXT, prefill=(8,))
     assert list(tmp_path.iterdir()) == []
@@ -206,7 +207,7 @@ def test_a_second_export_takes_layer_templates_from_the_cache(tiny_bundle, synth
     from edge_mtp.checkpoint.spec import preset_pair
 
     converted, fetched = [], []
-    real_convert, real_fetch = driver_module.convert_module, template_cache.fetch
+    real_convert, real_fetch = litert_format.convert_module, template_cache.fetch
 
     def counting_convert(modules, samples, path):
         converted.append(path.name)
@@ -219,7 +220,7 @@ def test_a_second_export_takes_layer_templates_from_the_cache(tiny_bundle, synth
             to.write_bytes(to.read_bytes()[:1000])
         return found
 
-    monkeypatch.setattr(driver_module, "convert_module", counting_convert)
+    monkeypatch.setattr(litert_format, "convert_module", counting_convert)
     monkeypatch.setattr(template_cache, "fetch", damaging_fetch)
     summary = export_litert(synth_pair / "target", synth_pair / "assistant", tmp_path / "again.litertlm",
                             context=CONTEXT, prefill=BUNDLE_PREFILL, quant="fp32")
@@ -257,8 +258,10 @@ def test_the_drafter_head_at_gemma_vocabulary_size_holds_its_inverse_ordering_as
     import torch
 
     from edge_mtp.model.contract import Contract
-    from edge_mtp.export.litert import check_module, convert_module, unit_samples
-    from edge_mtp.export.signatures import ExportUnit, SignatureModule
+    from edge_mtp.export.driver import check_piece
+    from edge_mtp.export.litert import TfliteRunner, convert_module
+    from edge_mtp.export.pieces import PieceSamples
+    from edge_mtp.export.signatures import SignatureModule, sample_inputs
     from edge_mtp.formats.tflite import op_name
     from edge_mtp.model.drafter import Drafter
     from edge_mtp.checkpoint.spec import preset_pair
@@ -274,10 +277,10 @@ def test_the_drafter_head_at_gemma_vocabulary_size_holds_its_inverse_ordering_as
     contract = Contract(target, spec, 32, 3, (8,))
     sig = contract.drafter_signature()
     module = SignatureModule(drafter, sig, ("activations", "input_pos", "mask"))
-    samples = unit_samples(ExportUnit("drafter", [(sig, module)]), contract)
+    samples = {sig.name: [sample_inputs(sig, contract, seed=seed) for seed in (0, 100, 101)]}
     path = convert_module({sig.name: module}, samples, tmp_path / "drafter.tflite")
     model = read_tflite(path)
     ops = {op_name(model, op) for g in model.subgraphs for op in g.operators}
     assert not {o for o in ops if "SCATTER" in o}, ops
-    report = check_module(path, {sig.name: module}, samples)[sig.name]
+    report = check_piece(TfliteRunner(path), module, PieceSamples(samples))[sig.name]
     assert report["logits"]["relative"] <= 1e-4, report

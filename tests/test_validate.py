@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from edge_mtp.checks.validate import validate
 from edge_mtp.cli import main
-from edge_mtp.export.pipeline import export_litert_models
+from edge_mtp.export.pipeline import export_bundle
 from edge_mtp.model.loading import load_drafter, load_target
 
 from helpers import ShiftedCaches
@@ -42,7 +42,7 @@ def test_drafter_reading_the_wrong_cache_fails(synth_pair, tmp_path):
     models = load_target(synth_pair / "target")
     drafter = ShiftedCaches(load_drafter(synth_pair / "assistant", models.spec))
     out = tmp_path / "wired-wrong.litertlm"
-    export_litert_models(models, drafter, out, context=BUNDLE_CONTEXT, prefill=(8,),
+    export_bundle("litert", models, drafter, out, context=BUNDLE_CONTEXT, prefill=(8,),
                          source_assistant=synth_pair / "assistant")
     report = validate(out, prompts=PROMPTS, max_tokens=8, use_litert_lm=False)
     assert not report.passed
@@ -78,7 +78,7 @@ def test_mtp_may_not_diverge_from_plain_on_an_fp32_bundle(onnx_recipe_bundle, mo
     from edge_mtp.runtime.speculative import SpeculativeDecoder
     from edge_mtp.checks.validate import STRICT_MTP, Report, Thresholds, _Validator
 
-    model = load(onnx_recipe_bundle("fp32"))
+    model = load(onnx_recipe_bundle("fp32")[0])
     ids = model.tokenizer.encode(PROMPTS[0])
     plain = list(model.generate(ids, max_tokens=8, mtp=False))
 

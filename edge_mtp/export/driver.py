@@ -1,42 +1,49 @@
-"""The streamed export driver: one path for every model size.
+"""The streamed export driver: one path for every model size and both formats.
 
 Peak memory is bounded by a piece, never by the model. The target is cut into pieces (export.pieces): a prelude,
 one piece per decoder layer and the LM head. For each piece the driver loads only its weights from the checkpoint
-(fp32), converts it (layers of one kind are converted once, with placeholder weights, and every layer of the kind
-is that graph refilled with its own weights), checks each signature against the PyTorch piece, quantizes the piece,
-and appends it to the joined model, whose weights stream into a data file. Vocabulary-sized tables (embedder,
-per-layer embedder, LM head) are converted with a few rows, quantized here in row chunks and widened
-(export.tables). The drafter (78 M parameters) converts whole.
+(fp32), has the format convert it, checks every signature against the PyTorch piece, quantizes it under the recipe
+rules below, and has the format append it to the joined model, whose weights stream into a data file. Vocabulary-
+sized tables (embedder, per-layer embedder, LM head) are converted on a few rows and widened to the whole vocabulary
+by the format, in row chunks. The drafter (78 M parameters) converts whole.
+
+A format is an adapter (export/litert_format.py, export/onnx_format.py) that does the work on one piece: `convert`
+(fp32, its weights named), `runner` (to check it against PyTorch and its quantized versions against it), `quantize`
+(one uniform recipe), `name`, `size`, `remove`; and on a joined model: `model` (a new one), `join` (a piece), `widen` (a table piece
+to the whole vocabulary), `finish`. The driver decides what is made, in which order, and with which recipe.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..checkpoint.reading import assign, swapped
-from ..formats.tflite import read_tflite
+from ..checkpoint.reading import swapped
 from ..model.contract import DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, Contract
 from ..model.drafter import Drafter
-from ..model.loading import TargetCheckpoint
+from ..model.kv_quant import rounded_as
+from ..model.loading import TargetSource
 from ..util.errors import EdgeMtpError
-from . import template_cache
-from .joiner import GraphJoiner, WeightSlot, locate_weights, refill_weights
-from .litert import TfliteRunner, check_module, convert_module
-from .pieces import HIDDEN, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_kind, layer_rename
-from .quantize import MIXED_SENSITIVITY, component_recipe, quantize_file
-from .signatures import ExportUnit, SignatureModule, run_reference
-from .stored import converter_folds, name_weights
-from .tables import QuantizedTable, check_format, find_table, folded_factor, small_vocab, widen
+from .pieces import HEAD, Head, LayerPiece, PieceInputs, PieceSamples, Prelude, layer_rename, small_vocab
+from .signatures import (SignatureModule, compare_outputs, relative_error, run_reference, sample_inputs,
+                         written_rows)
 
 TOLERANCE = 1e-4  # max abs error / reference magnitude, per output of every converted signature
+SEEDS = (0, 100, 101)  # seed 0 traces; every seed checks
+# Relative output error (max |error| / max |output|, random inputs) above which 'mixed' keeps a component at 8 bits.
+# A 4-bit symmetric grid's half-step is 1/14 ~ 0.071 of a block's largest weight, so a bare table lookup already
+# shows ~0.06-0.07 (measured on the demo pair: embedder 0.060 / 0.071, per-layer embedder 0.062 / 0.068 in ONNX /
+# LiteRT); at 0.05 every component counted as sensitive and 'mixed' was int8 everywhere. 0.1 flags a component
+# only when 4 bits cost clearly more than the grid itself (the demo target in LiteRT: 0.197 -> int8).
+MIXED_SENSITIVITY = 0.1
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
@@ -54,19 +61,101 @@ class PieceReport:
 
 
 @dataclass
-class Template:
-    """A layer kind's conversion with placeholder weights, and where each weight sits in it (None: convert each)."""
+class Table:
+    """A vocabulary table's piece, converted on its first `small` rows: what the format widens to `vocab` rows."""
 
-    path: Path
-    slots: dict[str, WeightSlot] | None
+    name: str
+    fp32: Path
+    piece: Path
+    rows: np.ndarray
+    read_rows: Callable[[int, int], np.ndarray]  # (start, stop) -> fp32 rows of the checkpoint
+    vocab: int
+    module: SignatureModule | Head
 
 
-class PieceOrder:
-    """The order of a bundle's pieces and the progress count over them, shared by the LiteRT and ONNX exporters.
+def mixed_choice(name: str, int4_error: Callable[[], float] | None) -> tuple[str, float | None]:
+    """The recipe 'mixed' gives one component, and the measured 4-bit error it was decided on (None: not measured).
 
-    A subclass has `contract`, `drafter`, `on_progress`, a `_done` counter and builds each model with `embedder`,
-    `target_model` and `drafter_model`, each calling `_step` once per finished piece.
+    The drafter stays at 8 bits (a quantized drafter loses acceptance first); any other component gets 4 bits
+    unless `int4_error()` (relative error of its 4-bit version on random inputs) exceeds MIXED_SENSITIVITY.
     """
+    if name == DRAFTER:
+        return "int8", None
+    error = int4_error() if int4_error else 0.0
+    return ("int4" if error <= MIXED_SENSITIVITY else "int8"), error
+
+
+def signature_names(contract: Contract) -> dict[str, list]:
+    """The signatures of each bundle model."""
+    out = {EMBEDDER: [contract.embedder()], TARGET: list(contract.target_signatures())}
+    if contract.target.ple_dim:
+        out[PER_LAYER_EMBEDDER] = [contract.per_layer_embedder()]
+    if contract.drafter is not None:
+        out[DRAFTER] = [contract.drafter_signature()]
+    return out
+
+
+def check_piece(run: Callable[[str, dict], dict], module: torch.nn.Module, samples: PieceSamples,
+                first: int = 1) -> dict[str, dict]:
+    """Compare a converted piece (`run(signature, inputs)`) with its PyTorch module on every signature's samples
+    from the `first` on; the worst error per output."""
+    report: dict[str, dict] = {}
+    for signature, rows in samples.by_signature.items():
+        worst: dict[str, dict[str, float]] = {}
+        for row in rows[first:]:
+            got = run(signature, row)
+            with rounded_as(written_rows(got, row)):  # int8 caches: see kv_quant.rounded_as
+                want = run_reference(module, row)
+            for output, r in compare_outputs(got, want).items():
+                if output not in worst or r["relative"] > worst[output]["relative"]:
+                    worst[output] = r
+        report[signature] = worst
+    return report
+
+
+def enforce_tolerance(model: str, report: dict[str, dict]) -> float:
+    """The worst relative error of a checked piece; a converter miscompile stops the export."""
+    worst = 0.0
+    for signature, outputs in report.items():
+        for name, row in outputs.items():
+            if row["relative"] > TOLERANCE:
+                raise EdgeMtpError(
+                    f"The converted {model} signature '{signature}' differs from PyTorch on '{name}' "
+                    f"(max error {row['max_abs_error']:.3g} vs magnitude {row['scale']:.3g}); this is a converter "
+                    "miscompile: please report it with the checkpoint's config.json.")
+            worst = max(worst, row["relative"])
+    return worst
+
+
+@contextmanager
+def export_resource_errors(out: Path) -> Iterator[None]:
+    """A full disk or exhausted memory during an export, as one sentence saying what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise EdgeMtpError(f"The disk holding {out.parent} is full; free space (a real-size export needs "
+                               "about three times the bundle's size while it works) and export again.") from None
+        raise
+    except MemoryError:
+        raise EdgeMtpError("The export ran out of memory; close other programs or export with a smaller "
+                           "--prefill/--context.") from None
+
+
+@dataclass
+class StreamedExport:
+    """Builds the bundle's models from a target source, piece by piece, through a format adapter (see module doc)."""
+
+    source: TargetSource
+    drafter: Drafter | None
+    contract: Contract
+    fmt: Any  # the format adapter (see module doc)
+    quant: str
+    check: bool = True  # compare every piece with PyTorch (off only where a caller checks the whole model itself)
+    on_stage: Callable[[str], None] = lambda s: None
+    on_progress: Progress = lambda what, done, total: None
+    reports: dict[str, PieceReport] = field(default_factory=dict)
+    _done: int = 0
 
     def total_steps(self) -> int:
         """Pieces to make: embedder(s), prelude, layers, head, drafter."""
@@ -88,298 +177,129 @@ class PieceOrder:
             paths[DRAFTER] = self.drafter_model()
         return paths
 
+    # -- one piece: convert, check, quantize ----------------------------------------------------------------------
 
-@contextmanager
-def export_resource_errors(out: Path) -> Iterator[None]:
-    """A full disk or exhausted memory during an export, as one sentence saying what to do."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise EdgeMtpError(f"The disk holding {out.parent} is full; free space (a real-size export needs "
-                               "about three times the bundle's size while it works) and export again.") from None
-        raise
-    except MemoryError:
-        raise EdgeMtpError("The export ran out of memory; close other programs or export with a smaller "
-                           "--prefill/--context.") from None
-
-
-@dataclass
-class StreamedExport(PieceOrder):
-    """Builds the bundle's .tflite models from a checkpoint opened for streaming (see module doc)."""
-
-    checkpoint: TargetCheckpoint
-    drafter: Drafter | None
-    contract: Contract
-    work: Path
-    quant: str
-    on_stage: Callable[[str], None] = lambda s: None
-    on_progress: Progress = lambda what, done, total: None
-    reports: dict[str, PieceReport] = field(default_factory=dict)
-    templates: dict[tuple, Template] = field(default_factory=dict)
-    embedding: QuantizedTable | None = None  # the embedder's table, kept for the tied LM head
-    _done: int = 0
-
-    @property
-    def target(self):
-        return self.checkpoint.models.target
-
-
-    # ---------------------------------------------------------------------------------------------------------
-    # One piece: convert (or refill a template), check, quantize
-
-    def _recipe(self, name: str, fp32: Path, modules: dict,
-                samples: PieceSamples) -> tuple[str, Path, float | None, float | None]:
-        """Quantize a checked fp32 piece: (recipe it got, path, its quantization error, the int4 error 'mixed' saw)."""
-        if self.quant == "fp32":
-            return "fp32", fp32, None, None
-        recipe = self.quant
-        if recipe == "mixed":
-            recipe = "int8" if name == "drafter" else "int4"
-        out = quantize_file(fp32, component_recipe(recipe), fp32.with_suffix(f".{recipe}.tflite"))
-        error = _output_error(fp32, out, modules, samples)
-        int4_error = error if self.quant == "mixed" and recipe == "int4" else None
-        if int4_error is not None and int4_error > MIXED_SENSITIVITY:
-            out.unlink()
-            recipe = "int8"
-            out = quantize_file(fp32, component_recipe(recipe), fp32.with_suffix(f".{recipe}.tflite"))
-            error = _output_error(fp32, out, modules, samples)
-        return recipe, out, error, int4_error
-
-    def _piece(self, name: str, modules: dict, samples: PieceSamples, fp32: Path,
-               convert: Callable[[], Path] | None = None) -> Path:
-        """Convert (or build with `convert`), check against PyTorch, quantize; returns the quantized piece."""
+    def _piece(self, name: str, module: torch.nn.Module, samples: PieceSamples, weights: dict[str, torch.Tensor],
+               table: str | None = None, layer: int | None = None) -> tuple[Path, Path]:
+        """Convert a piece, check it against PyTorch, quantize it; (its fp32 file, the file to use). Its checkpoint
+        `weights` are named in it (validate finds each weight there); `table`: the one widened afterwards."""
         start = time.time()
-        fp32 = convert() if convert is not None else convert_module(modules, samples.by_signature, fp32)
-        worst = enforce_tolerance(name, check_module(fp32, modules, samples.by_signature))
-        recipe, path, error, int4_error = self._recipe(name, fp32, modules, samples)
-        self.reports[name] = PieceReport(recipe, worst, error, path.stat().st_size, fp32.stat().st_size,
+        values = {n: t.detach().float().numpy() for n, t in weights.items() if t.is_floating_point()}
+        fp32 = self.fmt.convert(name, module, samples, values, layer)
+        worst = enforce_tolerance(name, check_piece(self.fmt.runner(fp32), module, samples,
+                                                    self.fmt.FIRST_CHECKED)) if self.check else 0.0
+        made: dict[str, tuple[Path, float | None]] = {}
+
+        def quantized(recipe: str) -> tuple[Path, float | None]:
+            if recipe not in made:
+                path = self.fmt.quantize(name, fp32, recipe)
+                made[recipe] = path, None if recipe == "fp32" else self._error(fp32, path, samples)
+            return made[recipe]
+
+        recipe, int4_error = self.quant, None
+        if recipe == "mixed":
+            recipe, int4_error = mixed_choice(name, lambda: quantized("int4")[1])
+        path, error = quantized(recipe)
+        self.fmt.remove(*(p for r, (p, _) in made.items() if r != recipe))
+        self.reports[name] = PieceReport(recipe, worst, error, self.fmt.size(path), self.fmt.size(fp32),
                                          time.time() - start, int4_error)
-        return path
+        self.fmt.name(path, {n: v for n, v in values.items() if n != table}, recipe)
+        if table is None and path != fp32:
+            self.fmt.remove(fp32)
+        gc.collect()
+        return fp32, path
 
-    def _name(self, piece: str, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        """Give each weight's tensor in the quantized piece the weight's checkpoint name (export.stored.name_weights):
-        validate checks the checkpoint's values there, so a weight read under the wrong name cannot pass."""
-        values = {n: t.detach().float().numpy() for n, t in tensors.items() if t.is_floating_point()}
-        name_weights(path, values, self.reports[piece].recipe, converter_folds(self.contract.target.hidden_size))
+    def _error(self, fp32: Path, quantized: Path, samples: PieceSamples) -> float:
+        """Relative error of a quantized piece's first non-cache output against its fp32 version (checking seeds)."""
+        reference, candidate = self.fmt.runner(fp32), self.fmt.runner(quantized)
+        worst = 0.0
+        for signature, rows in samples.by_signature.items():
+            for row in rows[1:]:
+                want, got = reference(signature, row), candidate(signature, row)
+                worst = max(worst, relative_error(got, want, next(k for k in want if "cache" not in k)))
+        return worst
 
-    # ---------------------------------------------------------------------------------------------------------
-    # The target
+    def _table(self, name: str, module: SignatureModule | Head, holder: torch.nn.Module, local: str, owner: str,
+               samples: PieceSamples, weights: dict[str, torch.Tensor]) -> Table:
+        """A table's piece on a few rows of the checkpoint's table `local` (its other checkpoint `weights`)."""
+        src = self.source
+        entry = src.entry(local, owner)
+        vocab, width = entry.shape
+        rows = src.rows(entry, 0, small_vocab(self._dimensions(), vocab))
+        with swapped(holder, local, rows):
+            fp32, piece = self._piece(name, module, samples, weights | {local: rows}, table=local)
+        return Table(name, fp32, piece, rows.numpy(), lambda a, b: src.rows(entry, a, b).numpy(), vocab, module)
+
+    def _dimensions(self) -> set[int]:
+        """Every size of the model a table's few rows must not share (so widening finds exactly the vocabulary axes)."""
+        c, s = self.contract, self.contract.target
+        return {c.context, c.verify_len, *c.prefill_lengths, s.hidden_size, s.num_layers, s.ple_dim,
+                s.num_layers * s.ple_dim, s.head_dim, s.global_head_dim, s.intermediate_size * 2, s.intermediate_size,
+                s.num_kv_heads, s.num_heads, *{s.layer_intermediate_size(i) for i in range(s.num_layers)}}
+
+    # -- the target -----------------------------------------------------------------------------------------------
 
     def target_model(self) -> Path:
-        """prelude + layers + head, joined into one model with every target signature."""
-        spec, ck = self.contract.target, self.checkpoint
-        joiner = GraphJoiner(self.contract.target_signatures(), self.work / "target.data")
-        joiner.alias(HIDDEN, "embeddings")
-        self.on_stage("converting the target layer by layer")
-        ck.load(TARGET, "per_layer_model_projection")
-        ck.load(TARGET, "per_layer_projection_norm")
-        prelude = Prelude(self.target)
-        inputs = PieceInputs(self.contract, prelude)
-        samples = inputs.prelude()
-        modules = {sig: prelude for sig in samples.by_signature}
-        path = self._piece("prelude", modules, samples, self.work / "prelude.tflite")
-        self._name("prelude", path, {**dict(prelude.named_parameters()), **dict(prelude.named_buffers())})
-        joiner.add(path, "prelude")
-        ck.release(TARGET, "per_layer_model_projection")
-        ck.release(TARGET, "per_layer_projection_norm")
+        """prelude + layers + head, joined into one model serving every target signature."""
+        spec, src, fmt = self.contract.target, self.source, self.fmt
+        model = fmt.model(TARGET)
+        self.on_stage(f"{fmt.VERB} the target layer by layer")
+        parts = ("per_layer_model_projection", "per_layer_projection_norm") if spec.ple_dim else ()
+        for part in parts:
+            src.load(TARGET, part)
+        prelude = Prelude(src.models.target)
+        inputs = PieceInputs(self.contract, prelude, SEEDS)
+        _, piece = self._piece("prelude", prelude, inputs.prelude(),
+                               dict(prelude.named_parameters()) | dict(prelude.named_buffers()))
+        fmt.join(model, "prelude", piece)
+        for part in parts:
+            src.release(TARGET, part)
         self._step("prelude")
         available = inputs.available()
         for i in range(spec.num_layers):
-            ck.load(TARGET, f"layers.{i}.")
-            piece = LayerPiece(self.target, i, available)
-            samples = inputs.layer(piece)
-            modules = {sig: piece for sig in samples.by_signature}
-            kind = layer_kind(spec, i)
-            if kind not in self.templates:
-                self.templates[kind] = self._template(i, piece, samples, self.work / f"kind{len(self.templates)}.tflite")
-            template = self.templates[kind]
-            fp32 = self.work / f"layer_{i}.tflite"
-            refill = None
-            if template.slots is not None:
-                weights = {n: t.numpy() for n, t in piece.state_dict().items()}
-                refill = lambda: refill_weights(template.path, template.slots, weights, fp32)  # noqa: E731
-            path = self._piece(f"layer_{i}", modules, samples, fp32, refill)
-            self._name(f"layer_{i}", path, {f"layers.{i}.{n.removeprefix('layer.')}": t
-                                            for n, t in piece.state_dict().items()})
-            joiner.add(path, f"layer_{i}", layer_rename(self.target, i, piece))
-            _remove(fp32, path)
-            ck.release(TARGET, f"layers.{i}.")
+            src.load(TARGET, f"layers.{i}.")
+            layer = LayerPiece(src.models.target, i, available)
+            _, piece = self._piece(f"layer_{i}", layer, inputs.layer(layer),
+                                   {f"layers.{i}.{n.removeprefix('layer.')}": t for n, t in layer.state_dict().items()},
+                                   layer=i)
+            fmt.join(model, f"layer_{i}", piece, layer_rename(src.models.target, i, layer))
+            src.release(TARGET, f"layers.{i}.")
             self._step(f"layer {i + 1}/{spec.num_layers}")
-        for template in self.templates.values():
-            _remove(template.path)
-        self._head(joiner, inputs)
-        self.on_stage("writing the target model")
-        return joiner.finish(self.work / "target.tflite")
+        src.load(TARGET, "norm")
+        target = src.models.target
+        table = self._table(HEAD, Head(target), target, "embed_tokens.weight", TARGET, inputs.head(),
+                            {"norm.weight": target.norm.weight})
+        src.release(TARGET, "norm")
+        fmt.widen(model, table, self.reports[HEAD])
+        self._step(HEAD)
+        return fmt.finish(model, TARGET)
 
-    def _template(self, i: int, piece: LayerPiece, samples: PieceSamples, path: Path) -> Template:
-        """A layer kind converted once with distinct placeholder weights (or taken from the template cache), and
-        where each weight's buffer is."""
-        real = {n: t.clone() for n, t in piece.state_dict().items()}
-        placeholders = {n: _placeholder(n, t.shape, k) for k, (n, t) in enumerate(real.items())}
-        wanted = {n: v.numpy() for n, v in placeholders.items()}
-        key = template_cache.template_key(self.contract.target, self.contract, i, self.target.cache_write,
-                                          samples.by_signature)
-        if template_cache.fetch(key, path):
-            try:
-                return Template(path, locate_weights(read_tflite(path), wanted))
-            except EdgeMtpError:  # a damaged or foreign file: convert afresh
-                pass
-        for n, value in placeholders.items():
-            assign(piece, n, value)
-        try:
-            convert_module({sig: piece for sig in samples.by_signature}, samples.by_signature, path)
-        finally:
-            for n, value in real.items():
-                assign(piece, n, value)
-        try:
-            slots = locate_weights(read_tflite(path), wanted)
-        except EdgeMtpError:
-            return Template(path, None)  # the converter folded a weight: convert every layer of this kind instead
-        template_cache.store(key, path)
-        return Template(path, slots)
-
-    def _head(self, joiner: GraphJoiner, inputs: PieceInputs) -> None:
-        """The LM head, converted on a few rows of the tied embedding and widened to the whole vocabulary."""
-        spec, ck = self.contract.target, self.checkpoint
-        ck.load(TARGET, "norm")
-        entry = ck.entry("embed_tokens.weight")
-        small = small_vocab(self._dimensions(), spec.vocab_size)
-        rows = ck.rows(entry, 0, small)
-        head = Head(self.target)
-        samples = inputs.head()
-        with swapped(self.target, "embed_tokens.weight", rows):
-            path = self._piece("head", {sig: head for sig in samples.by_signature}, samples, self.work / "head.tflite")
-        self._name("head", path, {"norm.weight": self.target.norm.weight})
-        ck.release(TARGET, "norm")
-        factor = folded_factor(read_tflite(self.work / "head.tflite"), small, spec.hidden_size, rows.numpy())
-        model = read_tflite(path)
-        slot = find_table(model, small, spec.hidden_size)
-        check_format(model, slot, rows.numpy() * factor)
-        tied = self.embedding
-        if tied is not None and tied.format == slot.format and (tied.scales is not None or factor == 1):
-            table = tied.scaled(factor)  # the embedder's very bytes: the bundle stores them once (bundle.litertlm)
-        else:
-            self.on_stage("quantizing the LM head table")
-            table = QuantizedTable(slot.format, lambda a, b: ck.rows(entry, a, b).numpy() * factor, spec.vocab_size,
-                                   spec.hidden_size, self.work / "head.table")
-        replace = widen(model, slot, small, spec.vocab_size, table)
-        replace[slot.buffer] = joiner.append_buffer(replace[slot.buffer], lead=True)
-        joiner.add(path, "head", replace=replace, model=model)
-        self.reports["head"].bytes, self.reports["head"].fp32_bytes = table.bytes, 4 * spec.vocab_size * spec.hidden_size
-        _remove(path, self.work / "head.tflite", table.path, *([tied.path] if tied is not None else []))
-        self._step("head")
-
-    def _dimensions(self) -> set[int]:
-        c, s = self.contract, self.contract.target
-        return {c.context, c.verify_len, *c.prefill_lengths, s.hidden_size, s.num_layers, s.ple_dim,
-                s.num_layers * s.ple_dim, s.head_dim, s.global_head_dim, s.intermediate_size * 2, s.intermediate_size}
-
-    # ---------------------------------------------------------------------------------------------------------
-    # Embedders and drafter
+    # -- embedders and drafter ------------------------------------------------------------------------------------
 
     def embedder(self, name: str) -> Path:
         """The (per-layer) embedder: converted on a few rows, its table quantized in chunks and widened."""
-        ck = self.checkpoint
-        module = ck.modules[name]
-        local = "embed_tokens.weight" if name == EMBEDDER else "embed_tokens_per_layer.weight"
-        entry = ck.entry(local, name)
-        vocab, width = entry.shape
-        small = small_vocab(self._dimensions(), vocab)
-        rows = ck.rows(entry, 0, small)
         signature = self.contract.embedder() if name == EMBEDDER else self.contract.per_layer_embedder()
-        wrapped = SignatureModule(module, signature)
-        rng = np.random.default_rng(5)
-        samples = PieceSamples({signature.name: [{"token_ids": rng.integers(0, small, (1, 1)).astype(np.int32)}
-                                                 for _ in range(3)]})
-        self.on_stage(f"converting the {name.replace('_', ' ')}")
-        with swapped(module, local, rows):
-            path = self._piece(name, {signature.name: wrapped}, samples, self.work / f"{name}.small.tflite")
-        model = read_tflite(path)
-        slot = find_table(model, small, width)
-        check_format(model, slot, rows.numpy())
-        self.on_stage(f"quantizing the {name.replace('_', ' ')} table")
-        table = QuantizedTable(slot.format, lambda a, b: ck.rows(entry, a, b).numpy(), vocab, width,
-                               self.work / f"{name}.table")
-        joiner = GraphJoiner([signature], self.work / f"{name}.data")
-        joiner.add(path, name, replace=widen(model, slot, small, vocab, table), model=model)
-        out = joiner.finish(self.work / f"{name}.tflite")
-        self._check_table(name, out, wrapped, table)
-        self.reports[name].bytes, self.reports[name].fp32_bytes = out.stat().st_size, 4 * vocab * width
-        _remove(path, self.work / f"{name}.small.tflite")
-        if name == EMBEDDER:
-            self.embedding = table
-        else:
-            _remove(table.path)
-        self._step(name.replace("_", " "))
-        return out
-
-    def _check_table(self, name: str, path: Path, wrapped: SignatureModule, table: QuantizedTable) -> None:
-        """The widened model must return exactly the dequantized rows (times its scale) for ids across the table."""
+        holder = self.source.modules[name]
         local = "embed_tokens.weight" if name == EMBEDDER else "embed_tokens_per_layer.weight"
-        ids = np.unique(np.r_[0, 1, table.rows // 2, table.rows - 1,
-                              np.random.default_rng(3).integers(0, table.rows, 4)])
-        runner = TfliteRunner(path)
-        with swapped(wrapped.model, local, torch.from_numpy(table.rows_back(ids))):
-            for k, token in enumerate(ids):
-                got = runner(wrapped.signature_name, {"token_ids": np.array([[token]], np.int32)})
-                want = run_reference(wrapped, {"token_ids": np.array([[k]], np.int32)})
-                for key, value in want.items():
-                    err = float(np.abs(got[key].reshape(value.shape) - value).max())
-                    if err > TOLERANCE * max(float(np.abs(value).max()), 1e-6):
-                        raise EdgeMtpError(f"internal: the widened {name} returns wrong rows for token {token} "
-                                           f"(error {err:.3g}); please report it with the checkpoint's config.json.")
+        ids = small_vocab(self._dimensions(), self.contract.target.vocab_size)  # within the few rows
+        rng = np.random.default_rng(5)
+        samples = PieceSamples({signature.name: [{"token_ids": rng.integers(0, ids, (1, 1)).astype(np.int32)}
+                                                 for _ in SEEDS]})
+        self.on_stage(f"{self.fmt.VERB} the {name.replace('_', ' ')}")
+        model = self.fmt.model(name)
+        table = self._table(name, SignatureModule(holder, signature), holder, local, name, samples, {})
+        self.fmt.widen(model, table, self.reports[name])
+        path = self.fmt.finish(model, name)
+        self._step(name.replace("_", " "))
+        return path
 
     def drafter_model(self) -> Path:
         """The MTP drafter, converted whole (78 M parameters), checked and quantized."""
-        self.on_stage("converting the MTP drafter")
+        self.on_stage(f"{self.fmt.VERB} the MTP drafter")
         sig = self.contract.drafter_signature()
         module = SignatureModule(self.drafter, sig, ("activations", "input_pos", "mask"))
-        from .litert import unit_samples
-
-        samples = PieceSamples(unit_samples(ExportUnit("drafter", [(sig, module)]), self.contract))
-        path = self._piece("drafter", {sig.name: module}, samples, self.work / "drafter.tflite")
-        self._name("drafter", path, dict(self.drafter.named_parameters()))
+        samples = PieceSamples({sig.name: [sample_inputs(sig, self.contract, seed=s) for s in SEEDS]})
+        _, path = self._piece(DRAFTER, module, samples, dict(self.drafter.named_parameters()))
+        path = self.fmt.finish(path, DRAFTER)
         self._step("drafter")
         return path
-
-
-def _placeholder(name: str, shape: torch.Size, k: int) -> torch.Tensor:
-    """Distinct random values per tensor, so each weight's buffer can be found by content."""
-    g = torch.Generator().manual_seed(1000 + k)
-    if len(shape) >= 2:
-        return torch.randn(shape, generator=g) * 0.02
-    return 1.0 + 0.1 * torch.randn(shape, generator=g)
-
-
-def _output_error(fp32: Path, quantized: Path, modules: dict, samples: PieceSamples) -> float:
-    """Relative error of a quantized piece's first non-cache output against its fp32 version (checking seeds)."""
-    worst = 0.0
-    reference, candidate = TfliteRunner(fp32), TfliteRunner(quantized)
-    for name in modules:
-        for inputs in samples.by_signature[name][1:]:
-            want, got = reference(name, inputs), candidate(name, inputs)
-            key = next(k for k in want if "cache" not in k)
-            scale = float(np.abs(want[key]).max()) or 1.0
-            worst = max(worst, float(np.abs(got[key] - want[key]).max()) / scale)
-    return worst
-
-
-def enforce_tolerance(model: str, report: dict[str, dict]) -> float:
-    """The worst relative error of a checked piece; a converter miscompile stops the export."""
-    worst = 0.0
-    for signature, outputs in report.items():
-        for name, row in outputs.items():
-            if row["relative"] > TOLERANCE:
-                raise EdgeMtpError(
-                    f"The converted {model} signature '{signature}' differs from PyTorch on '{name}' "
-                    f"(max error {row['max_abs_error']:.3g} vs magnitude {row['scale']:.3g}); this is a converter "
-                    "miscompile: please report it with the checkpoint's config.json.")
-            worst = max(worst, row["relative"])
-    return worst
-
-
-def _remove(*paths: Path) -> None:
-    for path in paths:
-        if path.exists():
-            path.unlink()

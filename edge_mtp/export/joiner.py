@@ -11,7 +11,6 @@ appended to a data file as the piece is added, and the final file carries them a
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..formats.tflite import ALIGN, op_name, pack, read_tflite, signature_io, si
 from ..formats.tflite import schema as tflite_schema
 from ..model.contract import Signature, TensorSpec
 from ..util.errors import EdgeMtpError
+from .pieces import digest
 
 _TYPES = {"float32": 0, "float16": 1, "int32": 2, "int64": 4, "bool": 6, "int8": 9}
 # Ops whose options name other subgraphs: a piece holding one cannot be joined by renumbering tensors alone.
@@ -31,10 +31,6 @@ _SUBGRAPH_OPS = ("WHILE", "IF", "CALL_ONCE", "STABLEHLO_WHILE", "STABLEHLO_CASE"
 
 # -------------------------------------------------------------------------------------------------------------
 # Weights of a converted piece
-
-
-def _digest(array: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -51,16 +47,16 @@ def locate_weights(model, weights: dict[str, np.ndarray]) -> dict[str, WeightSlo
     Raises EdgeMtpError naming the first weight the converter folded into other constants or duplicated, since
     its buffer then cannot be refilled with another layer's values.
     """
-    by_digest: dict[str, list[int]] = {}
+    by_digest: dict[bytes, list[int]] = {}
     for index, buffer in enumerate(model.buffers):
         if buffer.data is not None and len(buffer.data):
-            by_digest.setdefault(_digest(np.asarray(buffer.data)), []).append(index)
+            by_digest.setdefault(digest(np.ascontiguousarray(buffer.data)), []).append(index)
     slots = {}
     for name, value in weights.items():
         value = np.asarray(value, dtype=np.float32)
-        found = [WeightSlot(b) for b in by_digest.get(_digest(value), [])]
+        found = [WeightSlot(b) for b in by_digest.get(digest(np.ascontiguousarray(value)), [])]
         if value.ndim == 2:
-            found += [WeightSlot(b, True) for b in by_digest.get(_digest(value.T), [])]
+            found += [WeightSlot(b, True) for b in by_digest.get(digest(np.ascontiguousarray(value.T)), [])]
         if len(found) != 1:
             raise EdgeMtpError(f"weight {name} appears {len(found)} times in the converted piece")
         slots[name] = found[0]

@@ -8,7 +8,7 @@ The recipe names are export/options.py's, shared with LiteRT, and mean the same 
   int4        4-bit blockwise MatMul weights (MatMulNBits, block 32, accuracy level 4 = int8 activations) and 4-bit
               blockwise embedding tables (GatherBlockQuantized); int4-b32 / int4-b64 / int4-b128 pick the block
   mixed       4-bit for the embedding tables and the target, 8-bit for the drafter and for any component whose
-              4-bit error, measured on random inputs, exceeds quantize.MIXED_SENSITIVITY (the LiteRT rule)
+              4-bit error, measured on random inputs, exceeds driver.MIXED_SENSITIVITY (the LiteRT rule)
 
 Both onnxruntime writers append to an existing external-data file, so the destination is always removed first.
 """

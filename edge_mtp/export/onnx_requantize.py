@@ -9,24 +9,41 @@ chunked table path (`onnx_tables`: the small graph gets the table's first rows, 
 chunks). Every other weight is copied byte for byte (in the kernel). Memory holds one group's weights (a layer's largest
 is E2B's 2 x 75 MB gate and up projections) or one table chunk, never the model; the output's names, operators and
 weight bytes are those a direct export with the same recipe gives (tests/test_quantize.py compares them).
+
+`quantize_onnx_bundle` applies a recipe to a finished fp32 bundle folder this way, graph by graph, and measures the
+result against its source.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
+import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ..bundle.onnx_folder import (CHAT_TEMPLATE, MANIFEST, TOKENIZER_CONFIG, TOKENIZER_FILE, build_manifest,
+                                  contract_from_manifest, read_manifest, tokenizer_info)
+from ..bundle.tokenizer import Tokenizer
+from ..model.contract import DECODE, DRAFTER, EMBEDDER, PER_LAYER_EMBEDDER, TARGET, VERIFY, Contract, Signature
+from ..util.atomic import atomic_directory
 from ..util.errors import EdgeMtpError
+from .driver import Progress, export_resource_errors, mixed_choice
+from .onnx_format import ort_session, run_onnx
 from .onnx_data import DataFile, stored_array, stored_nbytes, stored_rows
-from .onnx_quantize import (FP16_MIN_ELEMENTS, INLINE_BYTES, data_file, fp16_cast, fp16_name, quantize_graph,
-                            remove_graph, save_graph)
+from .onnx_quantize import (FP16_MIN_ELEMENTS, INLINE_BYTES, data_file, fp16_cast, fp16_name, graph_bytes,
+                            quantize_graph, remove_graph, save_graph, weight_bytes)
 from .onnx_tables import TABLE_PIECES, locate_table, write_table
-from .tables import ROW_CHUNK_BYTES, small_vocab
+from .options import check_quantize_options
+from .pieces import ROW_CHUNK_BYTES, small_vocab
+from .quality import quantization_report, report_prompts
+from .signatures import relative_error, sample_inputs
 
 _WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}  # the ops a recipe quantizes, and which input is the weight
 _ACTIVATION_INPUT = {"MatMul": 0, "Gather": 1}
@@ -332,3 +349,106 @@ def _copy_node(node):
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
     return copy
+
+
+def _sensitivity_signature(contract: Contract, model: str) -> Signature:
+    """The signature a component's 4-bit sensitivity is measured on: verify for the target, else its only one."""
+    if model == TARGET:
+        return contract.target_signature(VERIFY, contract.verify_len) if contract.drafter is not None else \
+            contract.target_signature(DECODE, 1)
+    return {EMBEDDER: contract.embedder, PER_LAYER_EMBEDDER: contract.per_layer_embedder,
+            DRAFTER: contract.drafter_signature}[model]()
+
+
+class _Quantization:
+    """Applies a recipe to a finished fp32 bundle graph by graph, one weight group at a time (onnx_requantize), and
+    records what each component got; `report` then measures the quantized bundle against its fp32 twin."""
+
+    def __init__(self, recipe: str, contract: Contract, scratch: Path,
+                 on_progress: Progress = lambda what, done, total: None):
+        self.recipe, self.contract, self.scratch, self.on_progress = recipe, contract, scratch, on_progress
+        self.components: dict[str, dict] = {}
+
+    def apply(self, model: str, fp32: Path, path: Path) -> None:
+        """Write `path` (+ .data): the fp32 graph `fp32` under the recipe ('mixed' decides per component)."""
+        error = None
+        if self.recipe == "mixed":
+            chosen, error = mixed_choice(model, lambda: self._int4_error(model, fp32))
+        else:
+            chosen = self.recipe
+        self._requantize(model, fp32, chosen, path)
+        record = {"recipe": chosen, "bytes": graph_bytes(path), "fp32_bytes": graph_bytes(fp32),
+                  "matmul_weight_bytes": weight_bytes(path)["matmul"],
+                  "fp32_matmul_weight_bytes": weight_bytes(fp32)["matmul"]}
+        if error is not None:
+            record["int4_error"] = error
+        self.components[model] = record
+
+    def _requantize(self, model: str, fp32: Path, recipe: str, path: Path) -> Path:
+        def progress(done: int, total: int) -> None:
+            self.on_progress(f"{model} weight groups", done, total)
+        return requantize_graph(fp32, recipe, path, self.contract.target.vocab_size, self.scratch, progress)
+
+    def _int4_error(self, model: str, fp32: Path) -> float:
+        """Relative error of the component's main output under int4, on random inputs (the LiteRT rule); the fp32
+        graph and its int4 trial run one after the other, so memory holds one session at a time."""
+        trial_dir = self.scratch / "trial"
+        trial_dir.mkdir(exist_ok=True)
+        try:
+            signature = _sensitivity_signature(self.contract, model)
+            inputs = sample_inputs(signature, self.contract, seed=7)
+            key = next(o.name for o in signature.outputs if not o.name.startswith("kv_cache"))
+            want = run_onnx(ort_session(fp32), self.contract, signature, inputs)
+            gc.collect()
+            trial = self._requantize(model, fp32, "int4", trial_dir / fp32.name)
+            got = run_onnx(ort_session(trial), self.contract, signature, inputs)
+            return relative_error(got, want, key)
+        finally:
+            shutil.rmtree(trial_dir, ignore_errors=True)
+            gc.collect()
+
+    def report(self, bundle: Path, manifest: dict, fp32_bundle: Path) -> dict:
+        """The quantization report of the (manifest-complete) bundle folder against the fp32 bundle folder."""
+        prompts = report_prompts(Tokenizer(**tokenizer_info(bundle, manifest)), self.contract.context)
+        report = quantization_report(fp32_bundle, bundle, prompts)  # bundle folders open in onnxruntime
+        report["components"] = self.components
+        gc.collect()
+        return report
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG, CHAT_TEMPLATE):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def quantize_onnx_bundle(src_dir: str | Path, out_dir: str | Path, quant: str,
+                         on_stage: Callable[[str], None] = lambda s: None,
+                         on_progress: Progress = lambda what, done, total: None) -> dict:
+    """Quantize a finished fp32 ONNX bundle folder into a new bundle folder (no re-export), one weight group at a
+    time, and measure it against the source; returns the new manifest (with its quantization_report)."""
+    src, out = Path(src_dir), Path(out_dir)
+    check_quantize_options(src, out, quant)
+    source = read_manifest(src)
+    if source.get("quantization", "fp32") != "fp32":
+        raise EdgeMtpError(f"{src} is already quantized ({source['quantization']}); quantize an fp32 bundle.")
+    contract = contract_from_manifest(source, str(src / MANIFEST))
+    records = json.loads(json.dumps(source["models"]))
+    with export_resource_errors(out), atomic_directory(out) as work, \
+            tempfile.TemporaryDirectory(prefix=".edge-mtp-", dir=out.parent) as scratch:
+        quantization = _Quantization(quant, contract, Path(scratch), on_progress)
+        for model, record in records.items():
+            if quant != "fp32":
+                on_stage(f"quantizing {model} ({quant})")
+            quantization.apply(model, src / record["file"], work / record["file"])
+            record["external_data"] = sorted(p.name for p in work.glob(f"{record['file']}.data"))
+        _copy_tokenizer(src, work)
+        manifest = build_manifest(contract, records, source["tokenizer"], work, quantization=quant)
+        manifest["source"] = source.get("source")
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if quant != "fp32":
+            on_stage("measuring the quantization cost against fp32")
+            manifest["quantization_report"] = quantization.report(work, manifest, src)
+            (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        read_manifest(work)
+    return manifest

@@ -1,6 +1,6 @@
 """Join ONNX piece graphs by tensor name into one graph whose weights stream into one external-data file.
 
-A piece is a graph file (+ its .data) exported and quantized on its own (export/onnx_export.py). `GraphStitcher.add` appends
+A piece is a graph file (+ its .data) exported and quantized on its own (export/onnx_format.py). `GraphStitcher.add` appends
 its nodes under a per-piece prefix (so every layer's weights and intermediates get their own names), connects its
 inputs to the latest tensor of the same interface name (a graph input, or the output of an earlier piece: the hidden
 state, a cache a KV-shared layer reads after its owner wrote it) and copies its weights, one tensor at a time, into

@@ -18,6 +18,7 @@ import numpy as np
 from ..util.errors import EdgeMtpError
 from .onnx_data import stored_bytes
 from .onnx_quantize import FP16_MIN_ELEMENTS, INT4_BLOCKS, fp16_name
+from .pieces import digest
 
 TRANSPOSED = ".T"  # an initializer holding the transpose of the weight it is named after
 FLOAT32, FLOAT16, INT8, INT4 = "float32", "float16", "int8", "int4"
@@ -38,28 +39,28 @@ def _common_tail(a: str, b: str) -> int:
 
 def name_weights(path: Path, tensors: dict[str, np.ndarray]) -> int:
     """Rename the initializers of an fp32 piece graph (`path`, its .data untouched) that hold `tensors` (weight name
-    -> value, as is or transposed) to the weights' names; returns how many were named. Among initializers of equal
-    bytes, the one the exporter named after the weight's own module path is taken."""
+    -> value, as is or transposed) to the weights' names; returns how many were named. Initializers are found by shape
+    and the digest of their bytes; among equal ones, the one the exporter named after the weight's module path."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     floats = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
-    values = {i.name: stored_bytes(i, path.parent) for i in floats}
-    dims = {i.name: _squeezed(i.dims) for i in floats}
+    held: dict[tuple, list[str]] = {}  # (squeezed shape, digest of the bytes) -> initializers holding them
+    for init in floats:
+        held.setdefault((_squeezed(init.dims), digest(stored_bytes(init, path.parent))), []).append(init.name)
     renamed: dict[str, str] = {}
     for name, value in tensors.items():
         value = np.ascontiguousarray(value, np.float32)
         forms = [("", value)] + ([(TRANSPOSED, np.ascontiguousarray(value.T))] if value.ndim == 2 else [])
         for suffix, oriented in forms:
-            data = oriented.tobytes()
-            hits = [n for n in values if n not in renamed and dims[n] == _squeezed(oriented.shape)
-                    and values[n] == data]
+            key = (_squeezed(oriented.shape), digest(oriented.tobytes()))
+            hits = [n for n in held.get(key, []) if n not in renamed]
             if hits:
                 hit = max(hits, key=lambda n: _common_tail(n, name))
                 renamed[hit] = name + suffix
                 break
-    taken = {o for n in graph.node for o in n.output} | {v.name for v in graph.input} | set(values)
+    taken = {o for n in graph.node for o in n.output} | {v.name for v in graph.input} | {i.name for i in floats}
     clash = (set(renamed.values()) & taken) - set(renamed)
     if clash:
         raise EdgeMtpError(f"internal: {path.name} already has a tensor named {sorted(clash)[0]!r}; the weights "

@@ -21,11 +21,10 @@ import numpy as np
 from ..model.contract import EMBEDDER, PER_LAYER_EMBEDDER
 from ..util.errors import EdgeMtpError
 from .onnx_data import DataFile, Placed, stored_bytes
-from .tables import ROW_CHUNK_BYTES
+from .pieces import HEAD, ROW_CHUNK_BYTES
 
 Encoder = Callable[[np.ndarray], dict[str, np.ndarray]]  # rows [n, W] fp32 -> stored arrays by initializer name
-HEAD = "head"  # the LM head's piece; the embedders' pieces are named after their models
-TABLE_PIECES = (EMBEDDER, PER_LAYER_EMBEDDER, HEAD)  # the pieces whose tables export/onnx_export.py writes through here
+TABLE_PIECES = (EMBEDDER, PER_LAYER_EMBEDDER, HEAD)  # the pieces whose tables export/onnx_format.py writes through here
 
 
 @dataclass

@@ -10,7 +10,7 @@ Recipe names (shared by both formats where they mean the same thing):
               blocks of 32 in ONNX; int4-b32 / int4-b64 / int4-b128 are blockwise 4-bit (one scale per block of the
               row: less rounding error, far slower verify and prefill on LiteRT's CPU)
   mixed       4-bit for the embedding tables and the target, 8-bit for the drafter and for any component whose
-              4-bit error exceeds export.quantize.MIXED_SENSITIVITY
+              4-bit error exceeds export.driver.MIXED_SENSITIVITY
   auto        int4 from AUTO_INT4_PARAMETERS target parameters (E2B, E4B), int8 below
   int8-kv     refused with a pointer to --kv-cache: the KV cache's type is an option of its own
 

@@ -10,6 +10,7 @@ gives the joined names.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +77,10 @@ class LayerPiece(nn.Module):
         if self.writes:
             out["k_cache"], out["v_cache"] = caches[k_name(self.index)], caches[v_name(self.index)]
         return out
+
+
+HEAD = "head"  # the LM head's piece; the embedders' pieces are named after their models
+ROW_CHUNK_BYTES = 64 << 20  # fp32 bytes of table rows quantized at a time
 
 
 class Head(nn.Module):
@@ -176,3 +181,16 @@ def layer_rename(target: Target, i: int, piece: LayerPiece) -> dict[str, str]:
         names["k_cache"], names["v_cache"] = k_name(i), v_name(i)
     return names
 
+
+def small_vocab(avoid: set[int], vocab: int) -> int:
+    """Rows of the small table: a prime no other dimension of the model shares (so widening finds exactly the
+    vocabulary axes), or the whole vocabulary when it is that small already."""
+    n = 97
+    while n in avoid or any(n % k == 0 for k in range(2, int(n ** 0.5) + 1)):
+        n += 1
+    return min(n, vocab)
+
+
+def digest(data) -> bytes:
+    """A short digest of a buffer's bytes: how a piece's weights are found by content in a converted graph."""
+    return hashlib.blake2b(data, digest_size=16).digest()

@@ -6,21 +6,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from ..formats.tflite import mapped_file, read_tflite
 from ..util.errors import EdgeMtpError
 from ..util.quiet import converter_output_quiet
 from .options import RECIPES, check_recipe
 
-# Relative output error (max |error| / max |output|, random inputs) above which 'mixed' keeps a component at 8 bits.
-# A 4-bit symmetric grid's half-step is 1/14 ~ 0.071 of a block's largest weight, so a bare table lookup already
-# shows ~0.06-0.07 (measured on the demo pair: embedder 0.060 / 0.071, per-layer embedder 0.062 / 0.068 in ONNX /
-# LiteRT); at 0.05 every component counted as sensitive and 'mixed' was int8 everywhere. 0.1 flags a component
-# only when 4 bits cost clearly more than the grid itself (the demo target in LiteRT: 0.197 -> int8).
-MIXED_SENSITIVITY = 0.1
 # Why 'int4' is channelwise on LiteRT: XNNPACK (ai-edge-litert 2.3, x86 with AVX-512 VNNI, 2 threads) multiplies
 # blockwise 4-bit weights fast only for one input row. python -m benchmarks.int4_layout, ms for 8 FC layers
 # 1536 <-> 6144 at 1 / 4 / 32 rows: block 32 1.03 / 6.42 / 18.4, block 128 0.95 / 4.17 / 19.5, channelwise
@@ -117,21 +108,3 @@ def quantize_file(path: Path, recipe: list[dict] | None, out: Path) -> Path:
         raise EdgeMtpError(f"ai-edge-quantizer could not quantize {path.name} with this recipe.")
     out.write_bytes(result.quantized_model)
     return out
-
-
-def mixed_choice(name: str, int4_error: Callable[[], float] | None) -> tuple[str, float | None]:
-    """The recipe 'mixed' gives one component, and the measured 4-bit error it was decided on (None: not measured).
-
-    The drafter stays at 8 bits (a quantized drafter loses acceptance first); any other component gets 4 bits
-    unless `int4_error()` (relative error of its 4-bit version on random inputs) exceeds MIXED_SENSITIVITY.
-    """
-    if name == "drafter":
-        return "int8", None
-    error = int4_error() if int4_error else 0.0
-    return ("int4" if error <= MIXED_SENSITIVITY else "int8"), error
-
-
-def relative_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray], key: str) -> float:
-    """max |got - want| / max |want| of one output."""
-    scale = float(np.abs(want[key]).max()) or 1.0
-    return float(np.abs(np.asarray(got[key]).reshape(want[key].shape) - want[key]).max()) / scale

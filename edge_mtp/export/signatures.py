@@ -5,12 +5,12 @@ Both exporters trace these, and the numerical checks run them, so a signature's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
 
-from ..model.contract import PARAM_TENSOR, Contract, Signature, TensorSpec, causal_mask, param_values
+from ..model.contract import INPUT_POS, PARAM_TENSOR, Contract, Signature, TensorSpec, causal_mask, param_values
 from ..model.kv_quant import QMAX
 
 
@@ -28,14 +28,6 @@ class SignatureModule(torch.nn.Module):
         args = [inputs.pop(name, None) for name in self.positional]
         out = self.model(*args, **inputs)
         return {name: out[name] for name in self.output_names}
-
-
-@dataclass
-class ExportUnit:
-    """One model of the bundle: its name, the module and the signatures to trace on it."""
-
-    name: str
-    signatures: list[tuple[Signature, SignatureModule]]
 
 
 def sample_inputs(signature: Signature, contract: Contract, seed: int = 0, start: int | None = None,
@@ -89,3 +81,22 @@ def compare_outputs(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> 
         scale = float(np.abs(want).max()) if want.size else 0.0
         report[name] = {"max_abs_error": err, "scale": scale, "relative": err / scale if scale else err}
     return report
+
+
+def relative_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray], key: str) -> float:
+    """max |got - want| / max |want| of one output."""
+    scale = float(np.abs(want[key]).max()) or 1.0
+    return float(np.abs(np.asarray(got[key]).reshape(want[key].shape) - want[key]).max()) / scale
+
+
+def written_rows(outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray]
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The int8 K and V rows [1,Hkv,T,hd] a converted graph wrote at input_pos, per written cache in layer order
+    (a layer piece's `k_cache`, or a whole target's kv_cache_k_<i>): what kv_quant.rounded_as checks. Position p
+    sits in slot p mod S of a cache of S slots (a sliding layer's ring; p < S elsewhere)."""
+    keys = [n for n, a in outputs.items() if a.dtype == np.int8 and (n == "k_cache" or n.startswith("kv_cache_k_"))]
+    keys.sort(key=lambda n: int(n.rsplit("_", 1)[1]) if n[-1].isdigit() else 0)
+    pos = np.asarray(inputs[INPUT_POS]).astype(np.int64) if keys else None
+    values = {k: "v_cache" if k == "k_cache" else k.replace("_k_", "_v_") for k in keys}
+    slots = {k: pos % outputs[k].shape[2] for k in keys}
+    return [(outputs[k][:, :, slots[k], :], np.swapaxes(outputs[values[k]][:, :, :, slots[k]], 2, 3)) for k in keys]

@@ -8,13 +8,13 @@ there again (checks/weights.py).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from ..util.errors import EdgeMtpError
+from .pieces import digest
 from .tables import FLOAT16, FLOAT32, INT4, INT8, TableFormat
 
 
@@ -92,10 +92,6 @@ class ModelConstants:
     def find(self, stored: bytes) -> list[Constant]:
         """The constants holding exactly these bytes."""
         return self.by_digest.get(digest(stored), [])
-
-
-def digest(data) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def encodings(value: np.ndarray, recipe: str) -> Iterator[tuple[str, TableFormat, np.ndarray]]:

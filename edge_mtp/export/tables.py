@@ -21,19 +21,10 @@ import numpy as np
 from ..formats.tflite import schema
 from ..util.errors import EdgeMtpError
 from .joiner import BufferData
+from .pieces import ROW_CHUNK_BYTES
 
-ROW_CHUNK_BYTES = 64 << 20  # fp32 bytes of table rows quantized at a time
 FLOAT32, FLOAT16, INT8, INT4 = 0, 1, 9, 17  # TFLite tensor types
 FLOAT_TYPES = (FLOAT32, FLOAT16)
-
-
-def small_vocab(avoid: set[int], vocab: int) -> int:
-    """Rows of the small table: a prime no other dimension of the model shares (so widening finds exactly the
-    vocabulary axes), or the whole vocabulary when it is that small already."""
-    n = 97
-    while n in avoid or any(n % k == 0 for k in range(2, int(n ** 0.5) + 1)):
-        n += 1
-    return min(n, vocab)
 
 
 @dataclass
