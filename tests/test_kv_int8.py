@@ -27,6 +27,7 @@ from edge_mtp.runtime.litertlm_engine import run_litertlm
 from edge_mtp.runtime.speculative import generate_tokens
 from edge_mtp.util.errors import EdgeMtpError
 
+from bundle_tools import rewrap
 from conftest import BUNDLE_CONTEXT as CONTEXT, BUNDLE_PREFILL as PREFILL
 
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Speculative decoding on a phone, exactly."]
@@ -52,15 +53,18 @@ def test_quantized_rows_round_trip_within_half_a_step_and_zero_stays_zero():
     # a channel's scale is its RoPE pair's larger weight times the clip (capped at sqrt(hd)), over QMAX
     pair_max = torch.maximum(weight, weight.roll(width // 2))
     assert torch.allclose(key, pair_max * min(5.0, math.sqrt(width)) / QMAX)
-    k = torch.randn(1, 2, 5, width)
-    v = torch.randn(1, 2, 5, width)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 5, width, generator=g), torch.randn(1, 2, 5, width, generator=g)
+    k[0, 0, 0], k[0, 0, 1] = 2 * key * QMAX, -2 * key * QMAX  # beyond the clip
     kq, vq = quantize_rows(k, v, scales)
     assert kq.dtype == vq.dtype == torch.int8 and int(kq.abs().max()) <= QMAX
     kd, vd = dequantize_caches(kq, vq, scales)
     inside = k.abs() <= key * QMAX
-    assert bool(((kd - k).abs() <= key / 2 + 1e-7)[inside].all())
+    assert int((~inside).sum()) >= 2 * width
+    half_step = 0.5 + 1e-4  # and float rounding of the scaling
+    assert bool(((kd - k).abs() <= key * half_step)[inside].all())
     assert torch.equal(kd[~inside].abs(), (key * QMAX).expand_as(k)[~inside])  # clipped to the range, sign kept
-    assert bool(((vd - v).abs() <= scales.value / 2 + 1e-7).all())
+    assert bool(((vd - v).abs() <= scales.value * half_step).all())
     zeros = torch.zeros(1, 2, 5, width, dtype=torch.int8)
     assert not dequantize_caches(zeros, zeros, scales)[0].any()  # LiteRT-LM's zero-filled buffers mean zero
 
@@ -126,7 +130,7 @@ def test_litert_lm_and_our_loops_run_it_with_mtp_identically(int8_kv, synth_pair
     assert all(t.dtype == torch.int8 for t in ours["torch"].kv.values())
 
 
-def test_the_export_records_the_kv_cost_and_validate_holds_the_bundle_to_it(int8_kv, synth_pair):
+def test_the_export_records_the_kv_cost_and_validate_holds_the_bundle_to_it(int8_kv, synth_pair, tmp_path):
     path, summary = int8_kv
     report = read_litertlm(path).manifest["quantization_report"]
     # measured against the fp32-KV PyTorch reference: the rounding of the cache shows, and it keeps top-1
@@ -137,6 +141,15 @@ def test_the_export_records_the_kv_cost_and_validate_holds_the_bundle_to_it(int8
     assert result.passed, [c for c in result.checks if not c.passed]
     graphs = [c for c in result.checks if c.kind == "graph" and c.subject.startswith("target")]
     assert graphs and all("int8 KV cost measured at export" in c.criterion for c in graphs)
+
+    def understate(manifest: dict) -> None:  # the same graphs, recorded as if the int8 cache cost nothing
+        manifest["quantization_report"]["logit_relative_error"] = 1e-6
+
+    understated = rewrap(path, tmp_path / "understated.litertlm", understate)
+    result = validate(understated, synth_pair / "target", synth_pair / "assistant", prompts=PROMPTS[:2],
+                      max_tokens=8, use_litert_lm=False)
+    failed = {c.subject for c in result.checks if not c.passed}
+    assert not result.passed and failed and all(s.startswith(("target", "drafter")) for s in failed), failed
 
 
 def test_an_int8_manifest_without_scales_is_refused(int8_kv):
