@@ -157,3 +157,33 @@ def test_an_int8_manifest_without_scales_is_refused(int8_kv):
     manifest["kv_scales"] = manifest["kv_scales"][:1]
     with pytest.raises(EdgeMtpError, match="kv_dtype is int8 but kv_scales"):
         checked_contract(manifest, "m.litertlm")
+    corrupt = dict(manifest, kv_scales=[dict(r, key_half_f32="not base64!") for r in read_litertlm(int8_kv[0]).manifest[
+        "kv_scales"]])
+    with pytest.raises(EdgeMtpError, match="kv_dtype is int8 but kv_scales"):
+        checked_contract(corrupt, "m.litertlm")
+
+
+def test_gemma_4_scales_fit_the_header_litert_lm_reads_and_a_larger_header_is_refused(int8_kv, synth_pair, tmp_path):
+    """E2B's scales (head dims 256 and 512) take under 3 KB of the manifest and read back exactly; a bundle whose
+    header would pass the 16 KiB LiteRT-LM reads is refused at export instead of failing at load."""
+    from edge_mtp.bundle.litertlm import HEADER_READ, SECTION_MODEL_TYPES, BundleMetadata, write_litertlm
+    from edge_mtp.model.kv_quant import derive_scales, scales_from_dicts
+
+    gen = torch.Generator().manual_seed(0)
+    scales = tuple(derive_scales(kind, [torch.rand(hd, generator=gen) + 0.5 for _ in range(3)])
+                   for kind, hd in (("sliding", 256), ("full", 512)))
+    records = [s.to_dict() for s in scales]
+    assert len(json.dumps(records)) < 3000 and scales_from_dicts(records) == scales
+    bundle = read_litertlm(int8_kv[0])
+    models = {}
+    for name, model_type in SECTION_MODEL_TYPES.items():
+        section = bundle.model_section(model_type)
+        if section is not None:
+            models[name] = tmp_path / f"{name}.tflite"
+            models[name].write_bytes(bundle.read(section))
+    manifest = {k: v for k, v in bundle.manifest.items() if k != "sections"}
+    too_big = dict(manifest, padding="x" * HEADER_READ)
+    (tmp_path / "work").mkdir()
+    with pytest.raises(EdgeMtpError, match="more than the 16384 LiteRT-LM reads"):
+        write_litertlm(tmp_path / "big.litertlm", models, checked_contract(manifest, "m"),
+                       synth_pair / "target" / "tokenizer.json", BundleMetadata(2, [1]), too_big, tmp_path / "work")

@@ -27,6 +27,7 @@ SECTION_TYPES = {3: "tflite_model", 4: "sp_tokenizer", 5: "llm_metadata", 6: "hf
 MANIFEST_KEY = "edge_mtp_manifest"
 MANIFEST_FORMAT, MANIFEST_VERSION = "edge-mtp-litertlm", 1
 CONTAINER_MAJOR = 1  # the .litertlm major version LiteRT-LM 0.18 reads
+HEADER_READ = 16 * 1024  # bytes of a .litertlm header LiteRT-LM 0.18.1 reads ("Failed to read header data" past it)
 SECTIONS_KEY = "sections"  # manifest entry: type, model type, size and sha256 of every section, in file order
 MAX_SECTIONS, MAX_ITEMS = 256, 1024  # far above any real bundle; a header claiming more is corrupt
 MAX_TOKENIZER_BYTES = 1 << 30
@@ -126,6 +127,11 @@ def write_litertlm(out: Path, models: dict[str, Path], contract: Contract, token
     builder.add_executor_metadata(str(executor))
     with open(out, "wb") as f, _stable_header(sections, manifest):
         builder.build(f, validate_metadata=True)
+    with open(out, "rb") as f:
+        header_end = struct.unpack("<Q", f.read(32)[24:32])[0]
+    if header_end > HEADER_READ:
+        raise EdgeMtpError(f"internal: the bundle's header (with its manifest) takes {header_end} bytes, more than the "
+                           f"{HEADER_READ} LiteRT-LM reads; please report it with the checkpoint's config.json.")
     if shared is not None:
         _extend_section(out, embedder, shared)
 

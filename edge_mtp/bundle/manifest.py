@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from ..checkpoint.spec import check_pair
 from ..model.contract import Contract, contract_from_dict
+from ..model.kv_quant import scales_from_dicts
 from ..util.errors import EdgeMtpError
 
 MAX_CONTEXT = 1 << 20  # tokens; far beyond Gemma 4's 128k, below what would allocate absurd caches
@@ -81,13 +82,12 @@ def _scales_ok(manifest: dict[str, Any]) -> bool:
     records = manifest.get("kv_scales")
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         return False
+    try:
+        scales = {s.kind: s for s in scales_from_dicts(records)}
+    except (KeyError, TypeError, ValueError):  # binascii.Error is a ValueError
+        return False
     spec = contract_from_dict({**manifest, "kv_scales": None}).target
     widths = {spec.layer_types[i]: spec.layer_head_dim(i) for i in spec.kv_layers}
-    by_kind = {r.get("kind"): r for r in records}
-    for kind, width in widths.items():
-        record = by_kind.get(kind, {})
-        values = record.get("key"), [record.get("value")]
-        if not (isinstance(values[0], list) and len(values[0]) == width) or not all(
-                isinstance(x, (int, float)) and 0 < x < float("inf") for part in values for x in part):
-            return False
-    return True
+    return all(kind in scales and len(scales[kind].key) == width
+               and all(0 < x < float("inf") for x in (*scales[kind].key, scales[kind].value))
+               for kind, width in widths.items())
