@@ -42,9 +42,9 @@ def test_drafter_reading_the_wrong_cache_fails(synth_pair, tmp_path):
     models = load_target(synth_pair / "target")
     drafter = ShiftedCaches(load_drafter(synth_pair / "assistant", models.spec))
     out = tmp_path / "wired-wrong.litertlm"
-    export_bundle("litert", models, drafter, out, context=BUNDLE_CONTEXT, prefill=(8,),
-                         source_assistant=synth_pair / "assistant")
-    report = validate(out, prompts=PROMPTS, max_tokens=8, use_litert_lm=False)
+    export_bundle("litert", models, drafter, out, context=BUNDLE_CONTEXT, prefill=(8,))
+    report = validate(out, synth_pair / "target", synth_pair / "assistant", prompts=PROMPTS, max_tokens=8,
+                      use_litert_lm=False)
     assert not report.passed
     assert _failed(report) == ["graph: drafter: mtp_drafter decisions (drafted token, scored candidates) + projected "
                                "activations"]
